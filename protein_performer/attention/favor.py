@@ -1,0 +1,186 @@
+"""FAVOR+ attention: bidirectional, and causal in O(L) memory by chunks.
+
+Shapes: q, k (B, H, L, d); v (B, H, L, d_v); features f (B, H, L, F); key_padding_mask (B, L), True = real.
+Both directions compute D^-1 phi(Q) (phi(K)^T V) with the denominator D carried as an extra column of
+ones appended to V, so numerator and denominator come out of the same matrix products.
+
+Key stabiliser: phi(k_j) = f_j exp(r_j - g) with g the maximum of r over real keys (bidirectional) or the
+running maximum g_i = max_{j<=i} r_j (causal). A running maximum never lets the future move the past;
+it makes causal FAVOR a linear recurrence with scalar decay exp(g_j - g_i) <= 1 (the form of gated
+linear attention), computed here in chunks of C positions: inside a chunk an explicit masked C x C
+product, across chunks a carried (F, d_v) state that is rescaled when the maximum grows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .features import Kernel, feature_map
+
+DEFAULT_CHUNK = 64
+
+
+def favor_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor | None,
+    *,
+    kernel: Kernel = "softmax",
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """FAVOR+ attention output (B, H, L, d_v) for q, k (B, H, L, d) and v (B, H, L, d_v).
+
+    kernel "softmax" approximates softmax(q k^T / sqrt(d)) v with positive random features; "relu" is the
+    generalized ReLU kernel (projection=None: the deterministic relu(x) + 1e-3 map); "trig" is the
+    sin/cos estimator of the original Performer ablation. Features and sums run in float32 (or float64
+    when given float64), also under autocast; the output has v's dtype.
+    """
+    out_dtype = v.dtype
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q, k, v = q.to(work), k.to(work), v.to(work)
+        if projection is not None:
+            projection = projection.to(work)
+        f_q, _ = feature_map(q, projection, kernel)
+        phi_k, g = feature_map(k, projection, kernel, key_stabiliser="running" if causal else "shared",
+                               key_padding_mask=key_padding_mask)
+        v1 = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1)  # (B, H, L, d_v + 1)
+        if causal:
+            y = _CausalLinearAttention.apply(f_q, phi_k, v1, g, chunk_size)
+        else:
+            y = f_q @ (phi_k.transpose(-1, -2) @ v1)  # (B, H, L, F) @ (B, H, F, d_v + 1)
+        out = y[..., :-1] / _safe_denominator(y[..., -1:], kernel)
+    return out.to(out_dtype)
+
+
+def attention_matrix(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    projection: torch.Tensor | None = None,
+    *,
+    kernel: Kernel | str = "softmax",
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The explicit row-normalised (B, H, L, L) attention matrix that each attention kind applies.
+
+    kernel="exact" gives softmax(q k^T / sqrt(d)); the FAVOR kernels give D^-1 phi(Q) phi(K)^T with the
+    same features and stabiliser as favor_attention, so attention_matrix(...) @ v equals its output.
+    O(L^2) memory: for analysis of single proteins, not for training.
+    """
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k = q.to(work), k.to(work)
+    length = q.shape[-2]
+    allowed = _allowed(length, q.device, causal, key_padding_mask)  # (B or 1, 1, L, L) bool
+    if kernel == "exact":
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    if projection is not None:
+        projection = projection.to(work)
+    f_q, _ = feature_map(q, projection, kernel)
+    phi_k, g = feature_map(k, projection, kernel, key_stabiliser="running" if causal else "shared",
+                           key_padding_mask=key_padding_mask)
+    a = f_q @ phi_k.transpose(-1, -2)  # (B, H, L, L)
+    if causal:  # phi_k_j was scaled by exp(-g_j); row i needs exp(-g_i): decay exp(g_j - g_i) <= 1
+        a = a * torch.exp((g[..., None, :] - g[..., :, None]).masked_fill(~allowed, float("-inf")))
+    a = a.masked_fill(~allowed, 0.0)
+    return a / _safe_denominator(a.sum(-1, keepdim=True), kernel)
+
+
+def _safe_denominator(den: torch.Tensor, kernel: str) -> torch.Tensor:
+    # Positive kernels give den > 0 unless every feature underflowed (or no key is real): clamping to the
+    # smallest normal number then yields 0 instead of NaN, and leaves every other value untouched.
+    # Trig features are signed, so its denominator is left as it is.
+    return den if kernel == "trig" else den.clamp_min(torch.finfo(den.dtype).tiny)
+
+
+def _allowed(length, device, causal, key_padding_mask):
+    allowed = torch.ones(1, 1, length, length, dtype=torch.bool, device=device)
+    if causal:
+        allowed = allowed.tril()
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :].to(torch.bool)
+    return allowed
+
+
+def _chunked(x: torch.Tensor, chunk: int, pad_value_last: bool = False) -> torch.Tensor:
+    """(B, H, L, ...) -> (B, H, N, C, ...), padding L up to N * C (with zeros, or the last value)."""
+    length = x.shape[2]
+    pad = -length % chunk
+    if pad:
+        fill = x[:, :, -1:].expand(*x.shape[:2], pad, *x.shape[3:]) if pad_value_last else x.new_zeros(
+            *x.shape[:2], pad, *x.shape[3:])
+        x = torch.cat([x, fill], 2)
+    return x.view(*x.shape[:2], -1, chunk, *x.shape[3:])
+
+
+class _CausalLinearAttention(torch.autograd.Function):
+    """y_i = sum_{j<=i} (q_i . k_j) exp(g_j - g_i) v_j for non-decreasing g, in chunks of C.
+
+    Saves only its inputs: backward recomputes the per-chunk states (forward scan for dq, reverse scan
+    for dk, dv) instead of storing N x F x d_v states, so memory stays O(L (F + d_v + C)).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, chunk):
+        ctx.save_for_backward(q, k, v, g)
+        ctx.chunk = chunk
+        length = q.shape[2]
+        qc, kc, vc, gc, g_prev, g_end, decay = _chunk_inputs(q, k, v, g, chunk)
+        scores = (qc @ kc.transpose(-1, -2)) * decay  # (B, H, N, C, C)
+        y = scores @ vc  # intra-chunk part
+        states = _forward_states(kc, vc, gc, g_prev, g_end)  # (B, H, N, F, D): state before each chunk
+        y = y + torch.exp(g_prev[..., None] - gc)[..., None] * (qc @ states)
+        return y.flatten(2, 3)[:, :, :length]
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, g = ctx.saved_tensors
+        length = q.shape[2]
+        qc, kc, vc, gc, g_prev, g_end, decay = _chunk_inputs(q, k, v, g, ctx.chunk)
+        dyc = _chunked(dy.contiguous(), ctx.chunk)  # (B, H, N, C, D)
+        # intra-chunk
+        da = (dyc @ vc.transpose(-1, -2)) * decay  # (B, H, N, C, C)
+        dq = da @ kc
+        dk = da.transpose(-1, -2) @ qc
+        dv = ((qc @ kc.transpose(-1, -2)) * decay).transpose(-1, -2) @ dyc
+        # queries read the state carried from earlier chunks
+        states = _forward_states(kc, vc, gc, g_prev, g_end)
+        dq = dq + torch.exp(g_prev[..., None] - gc)[..., None] * (dyc @ states.transpose(-1, -2))
+        # keys and values feed every later chunk: reverse scan of sum_i exp(g_end_c - g_i) q_i dy_i^T
+        to_end = torch.exp(gc - g_end[..., None])[..., None]  # (B, H, N, C, 1), <= 1
+        qdy = (qc * torch.exp(g_prev[..., None] - gc)[..., None]).transpose(-1, -2) @ dyc  # (B, H, N, F, D)
+        after = torch.empty_like(qdy)
+        acc = torch.zeros_like(qdy[:, :, 0])
+        for c in range(qdy.shape[2] - 1, -1, -1):
+            after[:, :, c] = acc  # referenced at g_end[c]
+            acc = qdy[:, :, c] + acc * torch.exp(g_prev[:, :, c] - g_end[:, :, c])[..., None, None]
+        dk = dk + to_end * (vc @ after.transpose(-1, -2))
+        dv = dv + to_end * (kc @ after)
+        unchunk = lambda t: t.flatten(2, 3)[:, :, :length]  # noqa: E731
+        return unchunk(dq), unchunk(dk), unchunk(dv), None, None
+
+
+def _chunk_inputs(q, k, v, g, chunk):
+    qc, kc, vc = _chunked(q, chunk), _chunked(k, chunk), _chunked(v, chunk)
+    gc = _chunked(g, chunk, pad_value_last=True)  # (B, H, N, C), non-decreasing
+    g_end = gc[..., -1]  # (B, H, N): the maximum at each chunk's end
+    g_prev = torch.cat([gc[:, :, :1, 0], g_end[:, :, :-1]], -1)  # reference of the incoming state
+    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    decay = torch.exp((gc[..., None, :] - gc[..., :, None]).masked_fill(~lower, float("-inf")))
+    return qc, kc, vc, gc, g_prev, g_end, decay  # decay[..., i, j] = exp(g_j - g_i) for j <= i, else 0
+
+
+def _forward_states(kc, vc, gc, g_prev, g_end):
+    """State sum_{j before chunk c} exp(g_j - g_prev[c]) k_j v_j^T for every chunk c: (B, H, N, F, D)."""
+    local = (kc * torch.exp(gc - g_end[..., None])[..., None]).transpose(-1, -2) @ vc  # (B, H, N, F, D)
+    states = torch.empty_like(local)
+    acc = torch.zeros_like(local[:, :, 0])
+    for c in range(local.shape[2]):
+        states[:, :, c] = acc
+        acc = acc * torch.exp(g_prev[:, :, c] - g_end[:, :, c])[..., None, None] + local[:, :, c]
+    return states
+

@@ -1,0 +1,184 @@
+"""Random projections and FAVOR+ feature maps.
+
+Every feature map returns phi(x) factored as ``f * exp(r)``: ``f`` (B, H, L, F) is bounded, ``r`` (B, H, L)
+is a per-position log-scale. For queries exp(r) cancels in the attention normaliser, so only ``f`` is
+used; for keys the caller combines ``r`` with a shared (bidirectional) or running (causal) maximum,
+so no exponent is ever positive and nothing can overflow, and no epsilon is added that would bias
+attention towards uniform (the performer-pytorch defect, PAPER_NOTES section 5).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+Kernel = Literal["softmax", "relu", "trig"]
+KERNELS: tuple[str, ...] = ("softmax", "relu", "trig")
+RELU_EPS = 1e-3  # part of the authors' generalized ReLU kernel phi(x) = relu(x) + 1e-3, not a stabiliser
+
+
+def orthogonal_gaussian_matrix(
+    m: int,
+    d: int,
+    *,
+    orthogonal: bool = True,
+    scaling: Literal["chi", "sqrt_d"] = "chi",
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """An (m, d) matrix of random projection rows w_i for FAVOR+.
+
+    orthogonal=True stacks blocks of d exactly orthogonal rows (QR of a Gaussian matrix with the sign of
+    diag(R) folded in, so each block is Haar-distributed); orthogonal=False gives IID Gaussian rows.
+    scaling="chi" gives row norms distributed as the norm of a d-dim standard Gaussian (so each row is
+    marginally N(0, I_d)); "sqrt_d" sets every norm to sqrt(d) (the "regularized" variant).
+    Drawn on the CPU in float64 from `generator`, so the matrix is a pure function of the generator's
+    seed whatever the device: every data-parallel rank draws the same one without communication.
+    """
+    if m < 1 or d < 1:
+        raise ValueError(f"need m >= 1 and d >= 1, got m={m}, d={d}")
+    if scaling not in ("chi", "sqrt_d"):
+        raise ValueError(f"scaling must be 'chi' or 'sqrt_d', not {scaling!r}")
+    opts = dict(generator=generator, dtype=torch.float64)
+    if orthogonal:
+        blocks = []
+        for _ in range(math.ceil(m / d)):
+            q, r = torch.linalg.qr(torch.randn(d, d, **opts))
+            q = q * torch.sign(torch.diagonal(r))  # column j times sign(R_jj): Haar-distributed
+            blocks.append(q.T)  # rows orthonormal
+        w = torch.cat(blocks)[:m]  # (m, d), unit rows
+        if scaling == "chi":
+            norms = torch.randn(m, d, **opts).norm(dim=1)
+        else:
+            norms = torch.full((m,), math.sqrt(d), dtype=torch.float64)
+        w = w * norms[:, None]
+    else:
+        w = torch.randn(m, d, **opts)
+        if scaling == "sqrt_d":
+            w = w * (math.sqrt(d) / w.norm(dim=1, keepdim=True))
+    return w.to(device=device, dtype=dtype or torch.get_default_dtype())
+
+
+def feature_map(
+    x: torch.Tensor,
+    projection: torch.Tensor | None,
+    kernel: Kernel,
+    *,
+    key_stabiliser: Literal["none", "shared", "running"] = "none",
+    key_padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of x (B, H, L, d): returns (phi, g), phi (B, H, L, F) and the stabiliser g (B, H, L).
+
+    softmax: phi(x) = m^-1/2 exp(W x' - |x'|^2/2), x' = x d^-1/4 (positive features, F = m);
+    trig:    phi(x) = m^-1/2 exp(|x'|^2/2) [cos W x', sin W x'] (F = 2m);
+    relu:    phi(x) = m^-1/2 relu(W x) + 1e-3, or relu(x) + 1e-3 when projection is None (the authors'
+             deterministic default); g = 0 (nothing to stabilise).
+
+    With key_stabiliser="none" (queries), phi is returned up to a positive factor per position, which
+    cancels in the attention normaliser: softmax features are exp(W x' - max_i (W x')_i) <= 1.
+    For keys, phi is returned times exp(-g): g is the maximum log-scale over real keys ("shared",
+    bidirectional) or its running maximum g_i = max_{j<=i} ("running", causal: the future never moves
+    the past). Exponents are then never positive, so nothing overflows, and no epsilon is added (the
+    performer-pytorch defect, PAPER_NOTES section 5). Padded keys (key_padding_mask False) get phi = 0.
+    g is detached: it cancels exactly in D^-1.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
+    if projection is None and kernel != "relu":
+        raise ValueError(f"kernel {kernel!r} needs a projection matrix")
+    if projection is not None and x.shape[-1] != projection.shape[1]:
+        raise ValueError(f"projection has d={projection.shape[1]} columns but q/k have d_head={x.shape[-1]}")
+    real = None if key_padding_mask is None else key_padding_mask[:, None, :].to(torch.bool)  # (B, 1, L)
+    if kernel == "softmax":
+        return _SoftmaxFeatures.apply(x, projection, key_stabiliser, real)
+    if kernel == "relu":
+        phi = relu_features(x, projection)
+        g = x.new_zeros(x.shape[:-1])
+        return (phi if real is None else phi * real[..., None]), g
+    # trig: an ablation, kept in plain autograd; its log-scale |x'|^2/2 carries gradient
+    m, d = projection.shape
+    x = x * d**-0.25
+    wx = x @ projection.T
+    phi = torch.cat([torch.cos(wx), torch.sin(wx)], -1) * m**-0.5
+    if key_stabiliser == "none":
+        return phi, x.new_zeros(x.shape[:-1])
+    r = 0.5 * (x * x).sum(-1)
+    g = _stabiliser(r.detach(), key_stabiliser, real)
+    scale = torch.exp(r - g)
+    if real is not None:
+        scale = scale.masked_fill(~real, 0.0)
+    return phi * scale[..., None], g
+
+
+def _stabiliser(r: torch.Tensor, kind: str, real: torch.Tensor | None) -> torch.Tensor:
+    """Shared or running maximum of the per-position log-scale r (B, H, L) over real keys."""
+    if real is not None:
+        # padded keys never raise the maximum (also when they come before the first real key)
+        r = r.masked_fill(~real, torch.finfo(r.dtype).min / 4)
+    if kind == "running":
+        return torch.cummax(r, dim=-1).values
+    return r.amax(-1, keepdim=True).expand(r.shape)
+
+
+class _SoftmaxFeatures(torch.autograd.Function):
+    """Positive softmax features in one (B, H, L, m) buffer, updated in place.
+
+    Written by hand because on the CPU every fresh tensor of this size costs page faults that take longer
+    than the arithmetic: plain autograd would allocate five of them where this allocates one.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, key_stabiliser, real):
+        m, d = w.shape
+        xs = x * d**-0.25
+        phi = xs @ w.T  # (B, H, L, m), becomes phi in place
+        row_max = phi.amax(-1)  # (B, H, L)
+        if key_stabiliser == "none":
+            offset, g = -row_max, torch.zeros_like(row_max)
+        else:
+            half_sq_norm = 0.5 * (xs * xs).sum(-1)
+            g = _stabiliser(row_max - half_sq_norm, key_stabiliser, real)
+            offset = -half_sq_norm - g - 0.5 * math.log(m)
+            if real is not None:
+                offset = offset.masked_fill(~real, float("-inf"))  # exp(-inf) = 0 for padded keys
+        phi.add_(offset[..., None]).exp_()
+        ctx.save_for_backward(xs, w, phi)
+        ctx.with_norm = key_stabiliser != "none"
+        ctx.mark_non_differentiable(g)
+        return phi, g
+
+    @staticmethod
+    def backward(ctx, d_phi, _):
+        xs, w, phi = ctx.saved_tensors
+        grad = d_phi * phi  # d loss / d exponent
+        d_xs = grad @ w
+        if ctx.with_norm:  # the exponent holds -|x'|^2/2
+            d_xs -= grad.sum(-1, keepdim=True) * xs
+        return d_xs * w.shape[1] ** -0.25, None, None, None
+
+
+def relu_features(x: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
+    """The generalized ReLU kernel's features (B, H, L, F)."""
+    if projection is None:
+        return torch.relu(x) + RELU_EPS
+    return _ReluFeatures.apply(x, projection)
+
+
+class _ReluFeatures(torch.autograd.Function):
+    """m^-1/2 relu(x W^T) + eps in one buffer, in place (same reason as _SoftmaxFeatures)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        scale = w.shape[0] ** -0.5
+        phi = (x @ w.T).relu_().mul_(scale).add_(RELU_EPS)
+        ctx.save_for_backward(w, phi)
+        return phi
+
+    @staticmethod
+    def backward(ctx, d_phi):
+        w, phi = ctx.saved_tensors
+        grad = d_phi * (phi > RELU_EPS)  # active where x W^T > 0
+        return (grad @ w) * w.shape[0] ** -0.5, None

@@ -1,0 +1,79 @@
+"""nn.Module wrappers: the attention op with its state (the projection matrix) and nothing else."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .exact import softmax_attention
+from .favor import DEFAULT_CHUNK, favor_attention
+from .features import Kernel, orthogonal_gaussian_matrix
+
+
+class FavorAttention(nn.Module):
+    """FAVOR+ attention over (B, H, L, d_head) q/k/v holding its projection as a buffer.
+
+    The projection is saved in checkpoints and changes only through `redraw(seed)`, a pure function of
+    the seed: data-parallel ranks that redraw with the same seed hold the same matrix without talking to
+    each other, and forward() has no counter, no randomness and no device sync (torch.compile-friendly).
+    """
+
+    def __init__(
+        self,
+        d_head: int,
+        nb_features: int = 256,
+        *,
+        kernel: Kernel = "softmax",
+        causal: bool = False,
+        random_features: bool = True,
+        orthogonal: bool = True,
+        scaling: Literal["chi", "sqrt_d"] = "chi",
+        chunk_size: int = DEFAULT_CHUNK,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if kernel != "relu" and not random_features:
+            raise ValueError(f"kernel {kernel!r} needs random features")
+        self.d_head, self.nb_features, self.kernel, self.causal = d_head, nb_features, kernel, causal
+        self.orthogonal, self.scaling, self.chunk_size = orthogonal, scaling, chunk_size
+        projection = self._draw(seed) if random_features else torch.empty(0)
+        self.register_buffer("projection", projection, persistent=True)
+
+    def _draw(self, seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return orthogonal_gaussian_matrix(
+            self.nb_features, self.d_head, orthogonal=self.orthogonal, scaling=self.scaling, generator=generator
+        )
+
+    @torch.no_grad()
+    def redraw(self, seed: int) -> None:
+        """Replace the projection by the matrix drawn from `seed` (in place: device and dtype are kept)."""
+        if self.projection.numel():
+            self.projection.copy_(self._draw(seed))
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        projection = self.projection if self.projection.numel() else None
+        return favor_attention(
+            q, k, v, projection, kernel=self.kernel, causal=self.causal,
+            key_padding_mask=key_padding_mask, chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel}, causal={self.causal}, nb_features={self.nb_features if self.projection.numel() else 0}"
+
+
+class ExactAttention(nn.Module):
+    """Exact softmax attention (SDPA) with the same call signature as FavorAttention."""
+
+    def __init__(self, causal: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.causal, self.dropout = causal, dropout
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        p = self.dropout if self.training else 0.0
+        return softmax_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, dropout_p=p)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}"

@@ -1,0 +1,241 @@
+"""The protein language model: a pre-LayerNorm Transformer whose attention is exact or FAVOR+.
+
+Architecture of the paper's protein models (PAPER_NOTES section 2): learned position embeddings
+initialised sinusoidal, pre-LN blocks, GELU MLP, no bias on the q/k/v/output projections, a final
+LayerNorm and an untied output layer. Knows nothing of Lightning: plain nn.Modules, readable top to bottom.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import vocab
+from .attention import ExactAttention, FavorAttention, attention_matrix
+
+AttentionKind = Literal["softmax", "favor-softmax", "favor-relu"]
+ATTENTION_KINDS: tuple[str, ...] = ("softmax", "favor-softmax", "favor-relu")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Model hyper-parameters. Build one from a preset: Config.from_name("paper-36l", attention="softmax")."""
+
+    name: str = "custom"
+    vocab_size: int = vocab.VOCAB_SIZE
+    d_model: int = 512
+    n_heads: int = 8
+    n_layers: int = 6
+    d_ff: int = 1024
+    dropout: float = 0.1
+    max_len: int = 1024
+    attention: AttentionKind = "favor-relu"
+    causal: bool = False
+    nb_features: int = 256  # random features m (favor-softmax; favor-relu with relu_random_features)
+    relu_random_features: bool = False  # False: the authors' deterministic relu(x) + 1e-3 map
+    orthogonal_features: bool = True
+    feature_scaling: Literal["chi", "sqrt_d"] = "chi"
+    chunk_size: int = 64  # causal FAVOR chunk length
+    feature_seed: int = 0  # projections at construction are drawn from (feature_seed, layer)
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"unknown attention kind {self.attention!r}; choose one of {ATTENTION_KINDS}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if min(self.d_model, self.n_heads, self.n_layers, self.d_ff, self.max_len, self.nb_features) < 1:
+            raise ValueError(f"model sizes must be positive: {self}")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "Config":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown Config fields {sorted(unknown)}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, Config] = {
+    c.name: c
+    for c in [
+        # the paper's single-sequence models (L = 1024): about 76 M parameters
+        Config(name="paper-36l", d_model=512, n_heads=8, n_layers=36, d_ff=1024, max_len=1024),
+        # the concatenated task (L = 8192): the 6-layer Performer ...
+        Config(name="paper-concat-6l", d_model=512, n_heads=8, n_layers=6, d_ff=2048, max_len=8192),
+        # ... and the largest exact Transformer that fit (paper: 8 heads, 1-3 layers, d 256, d_ff 256)
+        Config(name="paper-concat-transformer", attention="softmax", d_model=256, n_heads=8, n_layers=3,
+               d_ff=256, max_len=8192),
+        # CPU sizes: the quality benchmark and the demo, and the unit tests
+        Config(name="small", d_model=256, n_heads=8, n_layers=4, d_ff=1024, max_len=1024, nb_features=128),
+        Config(name="tiny", d_model=64, n_heads=4, n_layers=2, d_ff=128, max_len=512, nb_features=32),
+    ]
+}
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        if cfg.attention == "softmax":
+            self.core = ExactAttention(causal=cfg.causal)
+        else:
+            kernel = "softmax" if cfg.attention == "favor-softmax" else "relu"
+            self.core = FavorAttention(
+                cfg.d_head, cfg.nb_features, kernel=kernel, causal=cfg.causal,
+                random_features=kernel == "softmax" or cfg.relu_random_features,
+                orthogonal=cfg.orthogonal_features, scaling=cfg.feature_scaling, chunk_size=cfg.chunk_size,
+                seed=feature_seed(cfg.feature_seed, layer),
+            )
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, L, D) -> q, k, v, each (B, H, L, d_head)."""
+        b, length, _ = x.shape
+        return self.qkv(x).view(b, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x, padding_mask=None):
+        q, k, v = self.project(x)
+        y = self.core(q, k, v, key_padding_mask=padding_mask)  # (B, H, L, d_head)
+        y = y.transpose(1, 2).flatten(2)  # (B, L, D)
+        return self.out(y), (q, k)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = SelfAttention(cfg, layer)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model), nn.Dropout(cfg.dropout)
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, padding_mask=None):
+        a, qk = self.attn(self.ln1(x), padding_mask)
+        x = x + self.drop(a)
+        x = x + self.mlp(self.ln2(x))
+        return x, qk
+
+
+class ProteinLM(nn.Module):
+    """Bidirectional (masked) or causal protein language model over the 29-token vocabulary."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        self.apply(self._init_weights)
+        for block in self.blocks:  # GPT-2: residual branches scaled by depth
+            for p in (block.attn.out.weight, block.mlp[2].weight):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        with torch.no_grad():
+            self.pos_emb.weight.copy_(sinusoidal_positions(cfg.max_len, cfg.d_model))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        *,
+        repr_layers: tuple[int, ...] = (),
+        return_qk: bool = False,
+    ) -> dict:
+        """tokens (B, L) int64 ids; padding_mask (B, L) bool, True = real token (None: no padding).
+
+        Returns {"logits": (B, L, V)}, plus "representations" {layer: (B, L, D)} for the layers asked
+        (0 = embeddings, n_layers = after the final LayerNorm) and "qk" [(q, k) per layer, each
+        (B, H, L, d_head)] when return_qk, from which attention maps are built (see attention_maps).
+        """
+        b, length = tokens.shape
+        if length > self.cfg.max_len:
+            raise ValueError(f"sequence length {length} exceeds the model's max_len {self.cfg.max_len}")
+        x = self.drop(self.tok_emb(tokens) + self.pos_emb.weight[:length])  # (B, L, D)
+        reps, qks = {}, []
+        if 0 in repr_layers:
+            reps[0] = x
+        for i, block in enumerate(self.blocks, start=1):
+            x, qk = block(x, padding_mask)
+            if return_qk:
+                qks.append(qk)
+            if i in repr_layers and i != self.cfg.n_layers:
+                reps[i] = x
+        x = self.ln_f(x)
+        if self.cfg.n_layers in repr_layers:
+            reps[self.cfg.n_layers] = x
+        out = {"logits": self.head(x)}
+        if repr_layers:
+            out["representations"] = reps
+        if return_qk:
+            out["qk"] = qks
+        return out
+
+    @torch.no_grad()
+    def attention_maps(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Row-normalised attention of every layer and head: (n_layers, B, H, L, L), float32.
+
+        Exact models give their softmax weights; FAVOR models the matrix D^-1 phi(Q) phi(K)^T that their
+        linear-time computation applies implicitly (causally masked for causal models).
+        """
+        qks = self(tokens, padding_mask, return_qk=True)["qk"]
+        maps = []
+        for block, (q, k) in zip(self.blocks, qks):
+            core = block.attn.core
+            if isinstance(core, FavorAttention):
+                projection = core.projection if core.projection.numel() else None
+                a = attention_matrix(q, k, projection, kernel=core.kernel, causal=core.causal,
+                                     key_padding_mask=padding_mask)
+            else:
+                a = attention_matrix(q, k, kernel="exact", causal=core.causal, key_padding_mask=padding_mask)
+            maps.append(a.float())
+        return torch.stack(maps)
+
+    @torch.no_grad()
+    def redraw_features(self, seed: int) -> None:
+        """Draw new random features in every FAVOR layer from (seed, layer): identical on every rank."""
+        for i, block in enumerate(self.blocks):
+            if isinstance(block.attn.core, FavorAttention):
+                block.attn.core.redraw(feature_seed(seed, i))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def feature_seed(seed: int, layer: int) -> int:
+    """A distinct, reproducible generator seed for each (seed, layer)."""
+    return (seed * 1_000_003 + layer) % (2**63)
+
+
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """The Transformer's sinusoidal position table (length, dim), the initial value of pos_emb."""
+    pos = torch.arange(length, dtype=torch.float64)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table.float()
