@@ -1,0 +1,119 @@
+"""The protein LM: every attention kind learns, causality, padding, presets, attention maps."""
+
+import pytest
+import torch
+
+from protein_performer import vocab
+from protein_performer.attention import FavorAttention
+from protein_performer.model import ATTENTION_KINDS, PRESETS, Config, ProteinLM
+
+VARIANTS = [(a, c) for a in ATTENTION_KINDS for c in (False, True)]
+
+
+def tiny(attention, causal, **kw):
+    torch.manual_seed(0)
+    return ProteinLM(Config.from_name("tiny", attention=attention, causal=causal, dropout=0.0, **kw))
+
+
+def batch(b=4, length=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab.NUM_AMINO_ACIDS, (b, length), generator=g)
+
+
+@pytest.mark.parametrize("attention,causal", VARIANTS)
+def test_every_variant_lowers_its_loss(attention, causal):
+    model = tiny(attention, causal)
+    tokens = batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        if causal:  # next-token prediction
+            logits = model(tokens[:, :-1])["logits"]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        else:  # masked LM on a fixed 15% of positions
+            sel = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(1)) < 0.15
+            logits = model(tokens.masked_fill(sel, vocab.MASK))["logits"]
+            loss = torch.nn.functional.cross_entropy(logits[sel], tokens[sel])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    # a tiny batch is memorised quickly: 8 steps must remove well over 10% of the initial loss (~ln 29)
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_causal_logits_ignore_later_tokens(attention):
+    model = tiny(attention, True).eval()
+    tokens = batch(b=2, length=70)  # 70: not a multiple of the causal chunk (64)
+    changed = tokens.clone()
+    changed[:, 45:] = (changed[:, 45:] + 7) % vocab.NUM_AMINO_ACIDS
+    a, b = model(tokens)["logits"], model(changed)["logits"]
+    torch.testing.assert_close(a[:, :45], b[:, :45], rtol=0, atol=1e-6)  # float32 round-off at most
+    assert not torch.allclose(a[:, 45:], b[:, 45:])
+
+
+@pytest.mark.parametrize("attention,causal", VARIANTS)
+def test_appended_padding_leaves_real_logits_unchanged(attention, causal):
+    model = tiny(attention, causal).eval()
+    tokens = batch(b=2, length=30)
+    padded = torch.cat([tokens, torch.full((2, 10), vocab.PAD)], 1)
+    mask = padded != vocab.PAD
+    a = model(tokens)["logits"]
+    b = model(padded, mask)["logits"][:, :30]
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)  # float32 round-off of longer reductions
+
+
+def test_presets_and_paper_parameter_count():
+    with torch.device("meta"):  # 76 M parameters, no allocation
+        model = ProteinLM(Config.from_name("paper-36l"))
+    assert 75e6 < model.num_parameters() < 77e6
+    assert set(PRESETS) >= {"paper-36l", "paper-concat-6l", "paper-concat-transformer", "tiny"}
+    assert Config.from_name("paper-concat-6l").max_len == 8192
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown attention kind 'performer'"):
+        Config.from_name("tiny", attention="performer")
+    with pytest.raises(ValueError, match="unknown model preset"):
+        Config.from_name("huge")
+    with pytest.raises(ValueError, match="not divisible"):
+        Config(d_model=100, n_heads=8)
+    model = tiny("favor-relu", False)
+    with pytest.raises(ValueError, match="exceeds the model's max_len 512"):
+        model(torch.zeros(1, 513, dtype=torch.long))
+
+
+def test_forward_returns_representations_and_qk():
+    model = tiny("favor-softmax", False)
+    out = model(batch(b=2, length=16), repr_layers=(0, 1, 2), return_qk=True)
+    assert out["logits"].shape == (2, 16, vocab.VOCAB_SIZE)
+    assert sorted(out["representations"]) == [0, 1, 2]
+    assert out["representations"][2].shape == (2, 16, 64)
+    q, k = out["qk"][0]
+    assert q.shape == k.shape == (2, 4, 16, 16)
+
+
+@pytest.mark.parametrize("attention,causal", VARIANTS)
+def test_attention_maps_are_normalised(attention, causal):
+    model = tiny(attention, causal).eval()
+    tokens = batch(b=1, length=25)
+    maps = model.attention_maps(tokens)
+    assert maps.shape == (2, 1, 4, 25, 25)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 1, 4, 25))
+    if causal:
+        assert torch.equal(maps, maps.tril())
+
+
+def test_redraw_is_identical_across_model_copies_and_checkpointed():
+    a, b = tiny("favor-softmax", False), tiny("favor-softmax", False)
+    a.redraw_features(11)
+    assert not torch.equal(a.blocks[0].attn.core.projection, b.blocks[0].attn.core.projection)
+    b.redraw_features(11)
+    for la, lb in zip(a.blocks, b.blocks):
+        assert torch.equal(la.attn.core.projection, lb.attn.core.projection)
+    assert not torch.equal(a.blocks[0].attn.core.projection, a.blocks[1].attn.core.projection)  # per layer
+    c = tiny("favor-softmax", False)
+    c.load_state_dict(a.state_dict())
+    assert torch.equal(c.blocks[1].attn.core.projection, a.blocks[1].attn.core.projection)
+    assert isinstance(a.blocks[0].attn.core, FavorAttention)
