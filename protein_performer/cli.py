@@ -1,0 +1,77 @@
+"""`protein-performer`: one entry point for training and evaluation (and, later, analysis tools).
+
+    protein-performer fit      --config configs/cpu/demo.yaml [--trainer.max_steps 10 --data.data_dir DIR ...]
+    protein-performer validate --config configs/cpu/demo.yaml --ckpt_path CKPT
+    protein-performer test     --config configs/cpu/demo.yaml --ckpt_path CKPT   # Table-2 report
+    protein-performer report   RUN_A/report/report.json RUN_B/report/report.json  # join reports
+
+fit/validate/test are Lightning's LightningCLI; other subcommands are plain functions in COMMANDS.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .evaluate import report_main
+from .lit import ProteinDataModule, ProteinLMModule
+
+# Subcommands that are not Lightning's: name -> function(argv). Later tools (analyze, embed, ...) go here.
+COMMANDS: dict[str, Callable[[list[str]], None]] = {"report": report_main}
+
+
+def auto_precision(accelerator: str) -> str:
+    """bf16 mixed precision on a GPU that supports it, full fp32 elsewhere (CPU bf16 is slow and lossy)."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+class ProteinCLI(LightningCLI):
+    """LightningCLI with the data objective linked to the model's, a checkpoint callback and runtime precision."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.objective", "data.objective")
+        # last.ckpt for resuming (--ckpt_path last) and the best by validation perplexity
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/ppl",
+            "checkpoint.mode": "min",
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "best-step{step}-ppl{val/ppl:.3f}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        if config.trainer.precision is None:  # configs say null: decide on the machine that runs
+            config.trainer.precision = auto_precision(str(config.trainer.accelerator))
+        if config.get("weights_only") is None:  # checkpoints hold tensors and plain types only
+            config.weights_only = True
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in COMMANDS:
+        COMMANDS[args[0]](args[1:])
+        return
+    try:
+        ProteinCLI(
+            ProteinLMModule,
+            ProteinDataModule,
+            args=None if argv is None else args,
+            seed_everything_default=0,
+            # ProteinDataModule shards over ranks itself (no padding of the validation set)
+            trainer_defaults={"use_distributed_sampler": False, "gradient_clip_val": 0.5},
+            save_config_kwargs={"overwrite": True},
+        )
+    except FileNotFoundError as e:  # a missing data directory or split: a message, not a traceback
+        sys.exit(f"protein-performer: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The evaluation report: accuracy and perplexity per split beside the unigram baseline (the paper's Table 2).
+
+`protein-performer test --config ... --ckpt_path CKPT` fills it in (ProteinLMModule.on_test_epoch_end);
+`protein-performer report A.json B.json ...` joins reports of several models into one table with a
+column per attention kind, as in the paper.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+COLUMN = {"softmax": "Transformer", "favor-relu": "Performer (ReLU)", "favor-softmax": "Performer (softmax)"}
+
+
+def cell(results: dict[str, float]) -> str:
+    """'accuracy % / perplexity', the paper's cell format."""
+    return f"{100 * results['acc']:.2f} / {results['ppl']:.2f}"
+
+
+def format_table(results: dict[str, dict[str, float]], meta: dict) -> str:
+    """Markdown table of one model: a row per split, the model's column beside the unigram baseline."""
+    column = COLUMN.get(meta["attention"], meta["attention"])
+    lines = [
+        f"| objective | set | {column} | unigram baseline | tokens |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for split, r in results.items():
+        baseline = {"acc": r["baseline_acc"], "ppl": r["baseline_ppl"]}
+        lines.append(f"| {meta['objective']} | {split} | {cell(r)} | {cell(baseline)} | {int(r['tokens']):,} |")
+    return "\n".join(lines) + "\n\naccuracy % / perplexity; baseline: unigram frequencies of train, Laplace alpha = 1"
+
+
+def write_report(out_dir: str | Path, results: dict[str, dict[str, float]], meta: dict) -> Path:
+    """Write report.json, report.md and report.csv under out_dir; returns the directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+    (out / "report.md").write_text(format_table(results, meta) + "\n")
+    with open(out / "report.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["objective", "attention", "split", "accuracy", "perplexity", "baseline_accuracy",
+                         "baseline_perplexity", "tokens"])
+        for split, r in results.items():
+            writer.writerow([meta["objective"], meta["attention"], split, r["acc"], r["ppl"], r["baseline_acc"],
+                             r["baseline_ppl"], int(r["tokens"])])
+    return out
+
+
+def combine(reports: list[dict]) -> str:
+    """One Table-2-shaped markdown table from several report.json contents (objective x split rows)."""
+    kinds = [k for k in COLUMN if any(r["meta"]["attention"] == k for r in reports)]
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for report in reports:
+        for split, r in report["results"].items():
+            row = rows.setdefault((report["meta"]["objective"], split), {})
+            row[report["meta"]["attention"]] = cell(r)
+            row["baseline"] = cell({"acc": r["baseline_acc"], "ppl": r["baseline_ppl"]})
+    lines = ["| objective | set | " + " | ".join(COLUMN[k] for k in kinds) + " | unigram baseline |",
+             "| --- | --- |" + " --- |" * (len(kinds) + 1)]
+    for (objective, split), row in sorted(rows.items()):
+        lines.append(f"| {objective} | {split} | " + " | ".join(row.get(k, "-") for k in kinds) + f" | {row['baseline']} |")
+    return "\n".join(lines)
+
+
+def report_main(paths: list[str]) -> None:
+    """`protein-performer report A/report.json B/report.json ...`: print the joined table."""
+    if not paths:
+        raise SystemExit("usage: protein-performer report REPORT.json [REPORT.json ...]")
+    print(combine([json.loads(Path(p).read_text()) for p in paths]))
