@@ -149,16 +149,12 @@ class _CausalLinearAttention(torch.autograd.Function):
         dv = ((qc @ kc.transpose(-1, -2)) * decay).transpose(-1, -2) @ dyc
         # queries read the state carried from earlier chunks
         states = _forward_states(kc, vc, gc, g_prev, g_end)
-        dq = dq + torch.exp(g_prev[..., None] - gc)[..., None] * (dyc @ states.transpose(-1, -2))
-        # keys and values feed every later chunk: reverse scan of sum_i exp(g_end_c - g_i) q_i dy_i^T
+        dq = dq + (dyc * torch.exp(g_prev[..., None] - gc)[..., None]) @ states.transpose(-1, -2)
+        # keys and values feed every later chunk: reverse scan of sum_i exp(g_end[c] - g_i) q_i dy_i^T
         to_end = torch.exp(gc - g_end[..., None])[..., None]  # (B, H, N, C, 1), <= 1
-        qdy = (qc * torch.exp(g_prev[..., None] - gc)[..., None]).transpose(-1, -2) @ dyc  # (B, H, N, F, D)
-        after = torch.empty_like(qdy)
-        acc = torch.zeros_like(qdy[:, :, 0])
-        for c in range(qdy.shape[2] - 1, -1, -1):
-            after[:, :, c] = acc  # referenced at g_end[c]
-            acc = qdy[:, :, c] + acc * torch.exp(g_prev[:, :, c] - g_end[:, :, c])[..., None, None]
-        dk = dk + to_end * (vc @ after.transpose(-1, -2))
+        qdy = qc.transpose(-1, -2) @ (dyc * torch.exp(g_prev[..., None] - gc)[..., None])  # (B, H, N, F, D)
+        after = _scan(qdy, torch.exp(g_prev - g_end), reverse=True)  # referenced at g_end[c]
+        dk = dk + (vc * to_end) @ after.transpose(-1, -2)
         dv = dv + to_end * (kc @ after)
         unchunk = lambda t: t.flatten(2, 3)[:, :, :length]  # noqa: E731
         return unchunk(dq), unchunk(dk), unchunk(dv), None, None
@@ -176,11 +172,22 @@ def _chunk_inputs(q, k, v, g, chunk):
 
 def _forward_states(kc, vc, gc, g_prev, g_end):
     """State sum_{j before chunk c} exp(g_j - g_prev[c]) k_j v_j^T for every chunk c: (B, H, N, F, D)."""
-    local = (kc * torch.exp(gc - g_end[..., None])[..., None]).transpose(-1, -2) @ vc  # (B, H, N, F, D)
-    states = torch.empty_like(local)
-    acc = torch.zeros_like(local[:, :, 0])
-    for c in range(local.shape[2]):
-        states[:, :, c] = acc
-        acc = acc * torch.exp(g_prev[:, :, c] - g_end[:, :, c])[..., None, None] + local[:, :, c]
-    return states
+    local = kc.transpose(-1, -2) @ (vc * torch.exp(gc - g_end[..., None])[..., None])  # (B, H, N, F, D)
+    return _scan(local, torch.exp(g_prev - g_end), reverse=False)
 
+
+def _scan(local, decay, reverse):
+    """states[c] = sum over chunks c' before c (after c when reverse) of local[c'], decayed chunk by chunk.
+
+    Forward: states[c + 1] = states[c] * decay[c] + local[c]; reverse: states[c - 1] = states[c] * decay[c]
+    + local[c]. One fused multiply-add per chunk, written in place.
+    """
+    states = torch.empty_like(local)
+    n = local.shape[2]
+    order = range(n - 1, 0, -1) if reverse else range(n - 1)
+    step = -1 if reverse else 1
+    states[:, :, order.start].zero_()
+    decay = decay[..., None, None]  # (B, H, N, 1, 1)
+    for c in order:
+        torch.addcmul(local[:, :, c], states[:, :, c], decay[:, :, c], out=states[:, :, c + step])
+    return states

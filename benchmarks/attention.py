@@ -1,0 +1,169 @@
+"""Attention op benchmark: forward+backward time and peak memory against sequence length.
+
+Compares exact attention (torch SDPA), FAVOR softmax and FAVOR ReLU from protein_performer, bidirectional and
+causal, and performer-pytorch's FastAttention (when `pip install performer-pytorch==1.1.4` is present),
+at B=1, H=8, d_head=64, m=256 by default. Each (method, length) runs in a fresh subprocess so that its
+peak memory (max RSS above the process's baseline) is its own. Prints a table and writes CSV.
+
+    python benchmarks/attention.py                      # 1K .. 32K, all methods
+    python benchmarks/attention.py --lengths 1024 8192 --methods favor-softmax exact
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("exact", "favor-softmax", "favor-relu", "performer-pytorch")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _build(method: str, causal: bool, d: int, m: int):
+    import torch
+
+    if method == "exact":
+        from protein_performer.attention import softmax_attention
+
+        return lambda q, k, v: softmax_attention(q, k, v, causal=causal)
+    if method.startswith("favor-"):
+        from protein_performer.attention import FavorAttention
+
+        kernel = method.removeprefix("favor-")
+        # favor-relu: the paper's Performer-ReLU with random features, so both FAVOR rows use m features
+        return FavorAttention(d, m, kernel=kernel, causal=causal).eval()
+    if method == "performer-pytorch":
+        from performer_pytorch import FastAttention
+
+        return FastAttention(dim_heads=d, nb_features=m, causal=causal).eval()
+    raise ValueError(f"unknown method {method!r}")
+
+
+def worker(method: str, length: int, causal: bool, batch: int, heads: int, d: int, m: int, repeats: int) -> dict:
+    """Runs in the child process: times forward+backward, returns seconds and peak MiB above baseline."""
+    import torch
+
+    torch.manual_seed(0)
+    fn = _build(method, causal, d, m)
+    q, k, v = (torch.randn(batch, heads, length, d, requires_grad=True) for _ in range(3))
+    baseline = _rss_mib()
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up allocator and kernels
+        start = time.perf_counter()
+        fn(q, k, v).sum().backward()
+        times.append(time.perf_counter() - start)
+        q.grad = k.grad = v.grad = None
+        if times[-1] > 20:  # slow rows: one warm-up and one measurement are enough
+            break
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    measured = times[1:] or times
+    return {"seconds": min(measured), "peak_mib": peak - baseline}
+
+
+def run_one(args, method: str, length: int, causal: bool) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", method, str(length), str(int(causal)),
+           "--batch", str(args.batch), "--heads", str(args.heads), "--d-head", str(args.d_head),
+           "--features", str(args.features), "--repeats", str(args.repeats)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout > {args.timeout}s"}
+    if res.returncode != 0:
+        return {"error": (res.stderr.strip().splitlines() or ["failed"])[-1][:120]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--modes", nargs="+", default=["bidirectional", "causal"], choices=["bidirectional", "causal"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--d-head", type=int, default=64)
+    p.add_argument("--features", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=300, help="seconds per (method, length) before giving up")
+    p.add_argument("--skip-after", type=float, default=60,
+                   help="stop growing L for a method once one run took longer than this many seconds")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/attention.csv"))
+    p.add_argument("--worker", nargs=3, metavar=("METHOD", "LENGTH", "CAUSAL"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        method, length, causal = args.worker[0], int(args.worker[1]), bool(int(args.worker[2]))
+        print(json.dumps(worker(method, length, causal, args.batch, args.heads, args.d_head, args.features,
+                                args.repeats)))
+        return
+
+    methods = [m for m in args.methods if m != "performer-pytorch" or _has_performer_pytorch()]
+    if len(methods) < len(args.methods):
+        print("performer-pytorch is not installed: skipping it (pip install performer-pytorch==1.1.4)")
+    rows = []
+    print(f"B={args.batch} H={args.heads} d_head={args.d_head} m={args.features}, forward+backward, "
+          f"torch threads={_threads()}")
+    print(f"{'mode':<14}{'method':<19}{'L':>7}{'seconds':>10}{'peak MiB':>10}")
+    for mode in args.modes:
+        for method in methods:
+            for length in args.lengths:
+                r = run_one(args, method, length, mode == "causal")
+                row = {"mode": mode, "method": method, "length": length, "seconds": r.get("seconds"),
+                       "peak_mib": r.get("peak_mib"), "error": r.get("error", "")}
+                rows.append(row)
+                if row["error"]:
+                    print(f"{mode:<14}{method:<19}{length:>7}   {row['error']}", flush=True)
+                    break
+                print(f"{mode:<14}{method:<19}{length:>7}{row['seconds']:>10.3f}{row['peak_mib']:>10.0f}", flush=True)
+                if row["seconds"] > args.skip_after:
+                    break
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.out}")
+    _summary(rows)
+
+
+def _summary(rows):
+    """Ratios the issue asks for, where the rows exist."""
+    t = {(r["mode"], r["method"], r["length"]): r["seconds"] for r in rows if r["seconds"]}
+    for mode in ("bidirectional", "causal"):
+        pp = t.get((mode, "performer-pytorch", 8192))
+        fs = t.get((mode, "favor-softmax", 8192))
+        if pp and fs:
+            print(f"{mode}: FAVOR softmax is {pp / fs:.1f}x faster than performer-pytorch at L=8192")
+        lengths = sorted(l for (mo, me, l) in t if mo == mode and me == "favor-softmax")
+        wins = [l for l in lengths if (mode, "exact", l) in t and t[(mode, "favor-softmax", l)] < t[(mode, "exact", l)]]
+        if wins:
+            print(f"{mode}: FAVOR softmax beats exact SDPA from L={wins[0]}")
+    for length in sorted({r["length"] for r in rows}):
+        c, b = t.get(("causal", "favor-softmax", length)), t.get(("bidirectional", "favor-softmax", length))
+        if c and b:
+            print(f"L={length}: FAVOR causal / bidirectional time = {c / b:.2f}")
+
+
+def _has_performer_pytorch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("performer_pytorch") is not None
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    main()
