@@ -1,0 +1,289 @@
+"""protein-performer-prep end to end on the bundled samples, plus every bad-input case."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from Bio import SeqIO, SwissProt
+
+from data_prep.__main__ import main
+from data_prep.dedup import HashSet
+from data_prep.readers import parse_fasta, parse_fasta_biopython
+from data_prep.splits import SPLITS, read_ood_accessions
+from protein_performer.vocab import EOS, LETTERS, decode
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+FASTA = SAMPLE / "mmseqs2_DB_first3000.fasta.gz"
+SWISS = [SAMPLE / "emboss_swiss_seq.dat.gz", SAMPLE / "emboss_swnew_trembl.dat"]
+
+
+def prep(tmp: Path, *args: str, name: str = "out") -> tuple[int, Path]:
+    out = tmp / name
+    return main([*args, "--out", str(out), "--workers", "1", "--no-progress"]), out
+
+
+def split_sequences(out: Path, split: str) -> list[str]:
+    """Sequences of a split read back by cutting tokens.bin at EOS (independent of offsets.npy)."""
+    tokens = np.fromfile(out / split / "tokens.bin", dtype=np.uint8)
+    ends = np.flatnonzero(tokens == EOS)
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64) if ends.size else np.zeros(0, np.int64)
+    assert np.array_equal(np.load(out / split / "offsets.npy"), starts)
+    return [decode(tokens[a:b]) for a, b in zip(starts, ends)]
+
+
+def valid_protein(seq: str) -> bool:
+    return bool(seq) and set(seq.upper()) <= set(LETTERS)
+
+
+@pytest.fixture(scope="module")
+def fasta_out(tmp_path_factory) -> Path:
+    code, out = prep(tmp_path_factory.mktemp("fasta"), str(FASTA))
+    assert code == 0
+    return out
+
+
+def test_fasta_matches_independent_count(fasta_out):
+    manifest = json.loads((fasta_out / "manifest.json").read_text())
+    records = [str(r.seq) for r in SeqIO.parse(gzip.open(FASTA, "rt"), "fasta")]
+    expected = list(dict.fromkeys(s.upper() for s in records if valid_protein(s)))  # first occurrences, in order
+    got = {split: split_sequences(fasta_out, split) for split in SPLITS}
+    assert sorted(s for seqs in got.values() for s in seqs) == sorted(expected)
+    assert manifest["records"]["read"] == len(records)
+    assert manifest["records"]["rejected"]["unknown_letter"] == sum(1 for s in records if s and not valid_protein(s))
+    assert manifest["records"]["rejected"]["duplicate_sequence"] == sum(1 for s in records if valid_protein(s)) - len(expected)
+    for split, seqs in got.items():
+        lengths = np.array([len(s) for s in seqs])
+        st = manifest["splits"][split]
+        assert st["count"] == len(seqs) and st["residues"] == lengths.sum() and st["tokens"] == lengths.sum() + len(seqs)
+        if len(seqs):
+            assert (st["min"], st["max"]) == (lengths.min(), lengths.max())
+            # Same formulas, different summation order: agree to float rounding.
+            assert st["mean"] == pytest.approx(lengths.mean(), rel=1e-12)
+            assert st["std"] == pytest.approx(lengths.std(), rel=1e-9)
+            assert st["median"] == np.median(lengths)
+    # Defaults: 1% test / 0.1% valid of ~3,000 sequences is below the minimum of 100: promoted.
+    assert manifest["splits"]["valid"]["count"] == 100 and manifest["splits"]["test"]["count"] == 100
+    assert manifest["inputs"][0]["sha256"] == __import__("hashlib").sha256(FASTA.read_bytes()).hexdigest()
+    assert manifest["inputs"][0]["size"] == FASTA.stat().st_size
+
+
+def test_swiss_ood_split(tmp_path):
+    entries = [r for p in SWISS for r in SwissProt.parse(gzip.open(p, "rt") if p.suffix == ".gz" else open(p))]
+    fams = {e.accessions[0]: {x[1] for x in e.cross_references if x[0] == "Pfam"} for e in entries}
+    held_out = ["PF00001", "PF00022"]  # 7tm_1 and actin: present in seq.dat
+    code, out = prep(tmp_path, *map(str, SWISS), "--ood-families", *held_out)
+    assert code == 0
+    got = {split: split_sequences(out, split) for split in SPLITS}
+    ood_seqs = {e.sequence for e in entries if fams[e.accessions[0]] & set(held_out)}
+    assert ood_seqs and set(got["ood"]) == ood_seqs
+    for split in ("train", "valid", "test"):
+        assert not set(got[split]) & ood_seqs
+    all_seqs = [s for seqs in got.values() for s in seqs]
+    assert len(all_seqs) == len(set(all_seqs)) == len({e.sequence for e in entries})
+    assert all(got[s] for s in SPLITS)
+
+
+def test_ood_from_labels_tsv_both_layouts(tmp_path):
+    records = list(SeqIO.parse(gzip.open(FASTA, "rt"), "fasta"))[:200]
+    fasta = tmp_path / "in.fasta"
+    SeqIO.write(records, fasta, "fasta")
+    chosen = [r.id.split("|")[1] for r in records[:30:3]]
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("accession\tn_domains\tfamilies\ttop_family\ttop_family_name\n" + "".join(f"{a}\t2\tPF00069,PF18369\tPF00069\tPkinase\n" for a in chosen))
+    regions = tmp_path / "Pfam-A.regions.uniprot.tsv.gz"
+    with gzip.open(regions, "wt") as f:
+        f.write("uniprot_acc\tseq_version\tcrc64\tmd5\tpfamA_acc\tseq_start\tseq_end\n")
+        f.writelines(f"{a}\t1\t0\t0\tPF18369\t1\t50\n" for a in chosen)
+        f.write("Q00000\t1\t0\t0\tPF00069\t1\t50\n")
+    assert read_ood_accessions(regions, {"PF18369"}) == set(chosen)
+    outs = []
+    for i, tsv in enumerate((labels, regions)):
+        code, out = prep(tmp_path, str(fasta), "--pfam-labels", str(tsv), name=f"o{i}")
+        assert code == 0
+        expected = {str(r.seq) for r in records if r.id.split("|")[1] in chosen}
+        assert set(split_sequences(out, "ood")) == expected
+        outs.append(out)
+    assert (outs[0] / "ood" / "tokens.bin").read_bytes() == (outs[1] / "ood" / "tokens.bin").read_bytes()
+
+
+def test_dedup_and_late_ood(tmp_path):
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(
+        ">tr|A1|X\nMKVL\n"
+        ">tr|A2|X\nmkvl\n"  # duplicate after upper-casing
+        ">tr|A3|X\nMKVLW\nAAA\n"
+        ">tr|A4|X\nMKVLWAAA\n"  # duplicate across line breaks
+        ">tr|A5|X\nMKVLJ\n"  # J: rejected
+        ">tr|A6|X\nPPPP\n"
+        ">tr|A7|X\nPPPP\n"  # duplicate that carries a held-out family: PPPP moves to OOD
+    )
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("accession\tn_domains\tfamilies\nA7\t1\tPF18369\n")
+    code, out = prep(tmp_path, str(fasta), "--pfam-labels", str(labels))
+    assert code == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["records"]["rejected"]["duplicate_sequence"] == 3
+    assert m["records"]["rejected"]["unknown_letter"] == 1
+    assert m["records"]["changed"]["lowercase"] == 1
+    assert m["records"]["moved_to_ood_by_duplicate"] == 1
+    got = {s: split_sequences(out, s) for s in SPLITS}
+    assert got["ood"] == ["PPPP"]
+    assert sorted(got["train"] + got["valid"] + got["test"]) == ["MKVL", "MKVLWAAA"]
+
+
+def test_hash_set_matches_python_set():
+    rng = np.random.default_rng(0)
+    hs, seen = HashSet(capacity=8), set()
+    for _ in range(30):
+        keys = rng.integers(1, 3000, size=500).astype(np.uint64)  # many repeats, structured (small) keys
+        expected = []
+        for k in keys.tolist():
+            expected.append(k not in seen)
+            seen.add(k)
+        assert np.array_equal(hs.add(keys), expected)
+    assert len(hs) == len(seen) and hs.nbytes <= 16 * len(seen) + 8 * 1000
+
+
+def test_fast_fasta_parser_equals_simple_fasta_parser():
+    block = gzip.open(FASTA, "rb").read()
+    assert list(parse_fasta(block)) == list(parse_fasta_biopython(block))
+    odd = b"\n\n>sp|P1|N d\r\nAC D \r\nEF\n>\n>tr|Q2|M\n\nGH\t\nK\n>x y\nM M\n"
+    assert list(parse_fasta(odd)) == list(parse_fasta_biopython(odd))
+    assert list(parse_fasta(odd.replace(b"\t", b""))) == list(parse_fasta_biopython(odd.replace(b"\t", b"")))
+
+
+def test_deterministic_across_workers_parsers_and_blocks(tmp_path):
+    inputs = [str(FASTA), *map(str, SWISS)]
+    runs = [
+        ["--workers", "1"],
+        ["--workers", "2", "--block-size", "65536"],
+        ["--workers", "1", "--block-size", "10000", "--fasta-parser", "biopython"],
+    ]
+    outs = []
+    for i, extra in enumerate(runs):
+        out = tmp_path / f"o{i}"
+        assert main([*inputs, "--out", str(out), "--no-progress", "--seed", "7", *extra]) == 0
+        outs.append(out)
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
+    assert len(files) == 9
+    for other in outs[1:]:
+        assert sorted(p.relative_to(other) for p in other.rglob("*") if p.is_file()) == files
+        for f in files:
+            assert (outs[0] / f).read_bytes() == (other / f).read_bytes(), f
+    code, out = prep(tmp_path, *inputs, "--seed", "8", name="seed8")
+    assert (out / "test" / "tokens.bin").read_bytes() != (outs[0] / "test" / "tokens.bin").read_bytes()
+
+
+def test_small_input_gets_valid_and_test(tmp_path):
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text("".join(f">tr|P{i}|X\n{'ACDEFGHIKLMNPQRSTVWY'[i % 20] * (i + 1)}\n" for i in range(12)))
+    code, out = prep(tmp_path, str(fasta))
+    m = json.loads((out / "manifest.json").read_text())
+    # Minimum 100 capped at a quarter of the 12 sequences.
+    assert code == 0 and [m["splits"][s]["count"] for s in ("train", "valid", "test")] == [6, 3, 3]
+
+
+# ---- bad input: message naming the file and record, exit code, nothing corrupted ----
+
+
+def run_bad(tmp_path, capsys, *args: str) -> tuple[int, str, Path]:
+    code, out = prep(tmp_path, *args)
+    return code, capsys.readouterr().err, out
+
+
+def test_truncated_gzip(tmp_path, capsys):
+    bad = tmp_path / "cut.fasta.gz"
+    bad.write_bytes(FASTA.read_bytes()[:300_000])
+    code, err, out = run_bad(tmp_path, capsys, str(bad))
+    assert code == 2 and f"{bad}: truncated" in err and "after record" in err and not out.exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_binary_file(tmp_path, capsys):
+    bad = tmp_path / "x.bin"
+    bad.write_bytes(bytes(range(256)) * 10)
+    code, err, out = run_bad(tmp_path, capsys, str(bad))
+    assert code == 2 and f"{bad}: binary data" in err and not out.exists()
+
+
+def test_text_before_first_header(tmp_path, capsys):
+    bad = tmp_path / "x.fasta"
+    bad.write_text("\nsome comment\n>tr|A1|X\nMKV\n")
+    code, err, _ = run_bad(tmp_path, capsys, str(bad))
+    assert code == 2 and f"{bad}: line 2: text before the first '>'" in err
+
+
+def test_non_protein_files(tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\nworld\n")
+    code, err, _ = run_bad(tmp_path, capsys, str(text))
+    assert code == 2 and "not a FASTA or UniProt flat file" in err
+    dna = tmp_path / "dna.fasta"
+    dna.write_text("".join(f">s{i}\n{'ACGT' * 100}{i}\n".replace(str(i), "") for i in range(5)))
+    code, err, _ = run_bad(tmp_path, capsys, str(dna))
+    assert code == 2 and "nucleotide" in err
+
+
+def test_record_level_problems_are_skipped_and_counted(tmp_path, capsys):
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">tr|A1|X\nMKV\n>tr|A2|X\n>tr|A1|Y\nWWW\n>tr|A3|X\nMKVJ\n>tr|A4|X\nPPP\n")
+    swiss = tmp_path / "in.dat"
+    entry = gzip.open(SWISS[0], "rt").read().split("\n//\n")[0]
+    no_seq = entry[: entry.index("\nSQ   ")].replace("P15455", "P99999", 1)
+    swiss.write_text(entry + "\n//\n" + no_seq + "\n//\n")
+    code, err, out = run_bad(tmp_path, capsys, str(fasta), str(swiss))
+    assert code == 0
+    m = json.loads((out / "manifest.json").read_text())["records"]
+    assert m["read"] == 7 and m["kept"] == 3
+    assert {k: v for k, v in m["rejected"].items() if v} == {"empty": 1, "duplicate_accession": 1, "unknown_letter": 1, "no_sequence": 1}
+    assert f"{fasta}: record 2 (A2): empty" in err
+    assert f"{fasta}: record 3 (A1): duplicate accession" in err
+    assert f"{fasta}: record 4 (A3): unknown letter: letter 'J' at position 4" in err
+    assert f"{swiss}: record 2 (P99999): no sequence" in err
+
+
+def test_unknown_error_policy_stops(tmp_path, capsys):
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">tr|A1|X\nMKV\n>tr|A3|X\nMKVJ\n")
+    for workers in ("1", "2"):  # with 2 the error crosses a process boundary
+        code = main([str(fasta), "--out", str(tmp_path / "out"), "--unknown", "error", "--workers", workers, "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"{fasta}: record 2 (A3): letter 'J' at position 4" in err and not (tmp_path / "out").exists()
+    code, _, out = run_bad(tmp_path, capsys, str(fasta), "--unknown", "x")
+    assert code == 0 and json.loads((out / "manifest.json").read_text())["records"]["changed"]["unknown_to_x"] == 1
+
+
+def test_unterminated_flat_file(tmp_path, capsys):
+    bad = tmp_path / "cut.dat"
+    bad.write_text(gzip.open(SWISS[0], "rt").read()[:20000])
+    code, err, _ = run_bad(tmp_path, capsys, str(bad))
+    assert code == 2 and f"{bad}: unterminated flat-file record" in err and "after record" in err
+
+
+def test_existing_output_is_never_corrupted(tmp_path, capsys):
+    code, out = prep(tmp_path, str(SWISS[1]))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, err, _ = run_bad(tmp_path, capsys, str(SWISS[1]))
+    assert code == 2 and "exists; pass --overwrite" in err
+    bad = tmp_path / "cut.fasta.gz"
+    bad.write_bytes(FASTA.read_bytes()[:100_000])
+    code, err, _ = run_bad(tmp_path, capsys, str(bad), "--overwrite")
+    assert code == 2 and {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main([str(FASTA), "--out", str(out), "--overwrite", "--no-progress", "--workers", "1"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["records"]["read"] == 3000
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_console_entry_point_without_traceback(tmp_path):
+    bad = tmp_path / "x.fasta"
+    bad.write_text("junk\n>a\nMKV\n")
+    proc = subprocess.run([sys.executable, "-m", "data_prep", str(bad), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "text before the first '>'" in proc.stderr
+    helped = subprocess.run([sys.executable, "-m", "data_prep", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "--ood-families" in helped.stdout
