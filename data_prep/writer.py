@@ -51,6 +51,12 @@ class OutputDir:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and last index of each run of consecutive values in sorted `idx`."""
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    return np.concatenate([idx[:1], idx[breaks + 1]]), np.concatenate([idx[breaks], idx[-1:]])
+
+
 class SplitWriter:
     """Appends sequences to DIR/<split>/tokens.bin; offsets and 128-bit digests go to side files."""
 
@@ -68,9 +74,7 @@ class SplitWriter:
         if idx.size == 0:
             return
         # Consecutive records are written as one slice: the common case (all train) is a handful of writes.
-        breaks = np.flatnonzero(np.diff(idx) != 1)
-        first = np.concatenate([idx[:1], idx[breaks + 1]])
-        last = np.concatenate([idx[breaks], idx[-1:]])
+        first, last = _runs(idx)
         for a, b in zip(starts[first].tolist(), (starts[last] + lengths[last] + 1).tolist()):
             self.tokens.write(tokens[a:b])
         sizes = lengths[idx] + 1
@@ -107,8 +111,8 @@ def rewrite_split(split_dir: Path, keep: np.ndarray, incoming: list[tuple[np.nda
         for tok, off, end, dig, idx in parts:
             if idx.size == 0:
                 continue
-            breaks = np.flatnonzero(np.diff(idx) != 1)
-            for a, b in zip(off[np.concatenate([idx[:1], idx[breaks + 1]])].tolist(), end[np.concatenate([idx[breaks], idx[-1:]])].tolist()):
+            first, last = _runs(idx)
+            for a, b in zip(off[first].tolist(), end[last].tolist()):
                 for s in range(a, b, _COPY):
                     out.write(tok[s : min(b, s + _COPY)].tobytes())
             sizes = end[idx] - off[idx]
