@@ -49,31 +49,46 @@ def _build(method: str, causal: bool, d: int, m: int):
     raise ValueError(f"unknown method {method!r}")
 
 
-def worker(method: str, length: int, causal: bool, batch: int, heads: int, d: int, m: int, repeats: int) -> dict:
+def worker(method: str, length: int, causal: bool, batch: int, heads: int, d: int, m: int, repeats: int,
+           device: str) -> dict:
     """Runs in the child process: times forward+backward, returns seconds and peak MiB above baseline."""
     import torch
 
     torch.manual_seed(0)
     fn = _build(method, causal, d, m)
-    q, k, v = (torch.randn(batch, heads, length, d, requires_grad=True) for _ in range(3))
-    baseline = _rss_mib()
+    if isinstance(fn, torch.nn.Module):
+        fn.to(device)
+    q, k, v = (torch.randn(batch, heads, length, d, device=device, requires_grad=True) for _ in range(3))
+    baseline = _rss_mib() if device == "cpu" else torch.cuda.memory_allocated() / 2**20
     times = []
     for _ in range(repeats + 1):  # the first run warms up allocator and kernels
+        _sync(device)
         start = time.perf_counter()
         fn(q, k, v).sum().backward()
+        _sync(device)
         times.append(time.perf_counter() - start)
         q.grad = k.grad = v.grad = None
         if times[-1] > 20:  # slow rows: one warm-up and one measurement are enough
             break
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device == "cpu":
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    else:
+        peak = torch.cuda.max_memory_allocated() / 2**20
     measured = times[1:] or times
     return {"seconds": min(measured), "peak_mib": peak - baseline}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def run_one(args, method: str, length: int, causal: bool) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", method, str(length), str(int(causal)),
            "--batch", str(args.batch), "--heads", str(args.heads), "--d-head", str(args.d_head),
-           "--features", str(args.features), "--repeats", str(args.repeats)]
+           "--features", str(args.features), "--repeats", str(args.repeats), "--device", args.device]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -93,17 +108,18 @@ def main(argv=None):
     p.add_argument("--d-head", type=int, default=64)
     p.add_argument("--features", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--timeout", type=float, default=300, help="seconds per (method, length) before giving up")
     p.add_argument("--skip-after", type=float, default=60,
                    help="stop growing L for a method once one run took longer than this many seconds")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/attention.csv"))
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "attention.csv")
     p.add_argument("--worker", nargs=3, metavar=("METHOD", "LENGTH", "CAUSAL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
         method, length, causal = args.worker[0], int(args.worker[1]), bool(int(args.worker[2]))
         print(json.dumps(worker(method, length, causal, args.batch, args.heads, args.d_head, args.features,
-                                args.repeats)))
+                                args.repeats, args.device)))
         return
 
     methods = [m for m in args.methods if m != "performer-pytorch" or _has_performer_pytorch()]
@@ -111,7 +127,7 @@ def main(argv=None):
         print("performer-pytorch is not installed: skipping it (pip install performer-pytorch==1.1.4)")
     rows = []
     print(f"B={args.batch} H={args.heads} d_head={args.d_head} m={args.features}, forward+backward, "
-          f"torch threads={_threads()}")
+          f"device={args.device}, torch threads={_threads()}")
     print(f"{'mode':<14}{'method':<19}{'L':>7}{'seconds':>10}{'peak MiB':>10}")
     for mode in args.modes:
         for method in methods:
@@ -157,6 +173,12 @@ def _has_performer_pytorch() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("performer_pytorch") is not None
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _threads() -> int:

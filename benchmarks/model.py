@@ -1,0 +1,222 @@
+"""Whole-model training-step benchmark: tokens/s and peak memory against sequence length (paper Fig. 3).
+
+One training step = forward + cross-entropy + backward + AdamW step, batch 1, fp32 (bf16-mixed on CUDA),
+for this project's exact Transformer (SDPA), Performer-softmax and Performer-ReLU, masked (bidirectional) and
+causal, and performer-pytorch's PerformerLM at the same size when it is installed. Default size: the
+concatenated-task model (6 layers, d_model 512, 8 heads, d_ff 2048, m = 256). Each (system, L) runs in a
+fresh subprocess so its peak memory is its own. Beside each row: the compute floor (model FLOPs over the
+machine's measured matmul rate) and the fraction of it reached.
+
+    python benchmarks/model.py                                  # 1K .. 64K, every system, both modes
+    python benchmarks/model.py --lengths 8192 --modes masked    # one column of the issue's table
+    python benchmarks/model.py --max-length-search               # largest L within --memory-limit-gib
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SYSTEMS = ("softmax", "favor-softmax", "favor-relu", "performer-pytorch")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def build(system: str, causal: bool, length: int, size: dict):
+    import torch
+
+    if system == "performer-pytorch":
+        from performer_pytorch import PerformerLM
+
+        return PerformerLM(num_tokens=29, max_seq_len=length, dim=size["d_model"], depth=size["n_layers"],
+                           heads=size["n_heads"], dim_head=size["d_model"] // size["n_heads"],
+                           ff_mult=size["d_ff"] // size["d_model"], nb_features=size["nb_features"], causal=causal)
+    from protein_performer.model import Config, ProteinLM
+
+    cfg = Config(attention=system, causal=causal, max_len=length, relu_random_features=system == "favor-relu",
+                 **size)
+    model = ProteinLM(cfg)
+    return lambda tokens: model(tokens)["logits"], model
+
+
+def step_flops(system: str, causal: bool, length: int, size: dict) -> float:
+    """Matmul FLOPs of one training step (forward x 3): 6 N L for the weights plus the attention terms."""
+    d, layers, heads, m = size["d_model"], size["n_layers"], size["n_heads"], size["nb_features"]
+    weights = layers * (4 * d * d + 2 * d * size["d_ff"]) + d * 29
+    flops = 6 * weights * length
+    d_head = d // heads
+    if system == "softmax":
+        attn = 4 * length * length * d_head * heads * (0.5 if causal else 1.0)  # QK^T and AV
+    else:
+        f = 2 * m if system == "performer-pytorch" else m  # (q, k features) + kv + out
+        attn = 2 * length * f * d_head * heads * 2 + 2 * length * m * (d_head + 1) * heads * 2
+        if causal:  # intra-chunk C x C products on top (C = 64)
+            attn += 2 * length * 64 * (m + d_head + 1) * heads
+    return flops + 3 * layers * attn
+
+
+def matmul_rate() -> float:
+    """FLOP/s of a large fp32 matrix product on this machine (the roof for the compute floor)."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    start, reps = time.perf_counter(), 5
+    for _ in range(reps):
+        a @ b
+    return reps * 2 * 2048**3 / (time.perf_counter() - start)
+
+
+def worker(system: str, causal: bool, length: int, size: dict, repeats: int, device: str) -> dict:
+    import resource
+
+    import torch
+
+    torch.manual_seed(0)
+    built = build(system, causal, length, size)
+    fn, module = (built, built) if system == "performer-pytorch" else built
+    module.to(device).train()
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    tokens = torch.randint(0, 20, (1, length), device=device)
+    amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    times = []
+    for _ in range(repeats + 1):  # first step warms up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with amp:
+            logits = fn(tokens)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        if times[-1] > 60:
+            break
+    seconds = min(times[1:] or times)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"seconds": seconds, "peak_gib": peak}
+
+
+def run_one(args, system, causal, length):
+    cmd = [sys.executable, __file__, "--worker", system, str(int(causal)), str(length),
+           "--size", json.dumps(args.size), "--repeats", str(args.repeats), "--device", args.device]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout > {args.timeout:.0f}s"}
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1]
+        return {"error": ("killed (out of memory?)" if res.returncode < 0 else last)[:100]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    p.add_argument("--modes", nargs="+", default=["masked", "causal"], choices=["masked", "causal"])
+    p.add_argument("--size", type=json.loads,
+                   default={"d_model": 512, "n_heads": 8, "n_layers": 6, "d_ff": 2048, "nb_features": 256},
+                   help="model size as JSON (default: the paper's concatenated-task Performer)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--skip-after", type=float, default=120, help="stop growing L once a step took this long")
+    p.add_argument("--memory-limit-gib", type=float, default=16.0)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--out", type=Path, default=RESULTS / "model.csv")
+    p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        system, causal, length = args.worker[0], bool(int(args.worker[1])), int(args.worker[2])
+        print(json.dumps(worker(system, causal, length, args.size, args.repeats, args.device)))
+        return
+
+    systems = [s for s in args.systems if s != "performer-pytorch" or _installed("performer_pytorch")]
+    rate = matmul_rate()
+    print(f"device={args.device}, size={args.size}, matmul roof {rate / 1e9:.0f} GFLOP/s")
+    header = f"{'mode':<8}{'system':<19}{'L':>7}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'floor s':>9}{'of floor':>9}"
+    print(header)
+    rows = []
+    for mode in args.modes:
+        for system in systems:
+            for length in args.lengths:
+                r = run_one(args, system, mode == "causal", length)
+                floor = step_flops(system, mode == "causal", length, args.size) / rate
+                row = {"device": args.device, "mode": mode, "system": system, "length": length,
+                       "seconds": r.get("seconds"), "tokens_per_s": length / r["seconds"] if "seconds" in r else None,
+                       "peak_gib": r.get("peak_gib"), "floor_seconds": floor,
+                       "fraction_of_floor": floor / r["seconds"] if "seconds" in r else None,
+                       "error": r.get("error", "")}
+                rows.append(row)
+                if row["error"]:
+                    print(f"{mode:<8}{system:<19}{length:>7}   {row['error']}", flush=True)
+                    break
+                print(f"{mode:<8}{system:<19}{length:>7}{row['seconds']:>9.2f}{row['tokens_per_s']:>10.0f}"
+                      f"{row['peak_gib']:>10.2f}{floor:>9.2f}{row['fraction_of_floor']:>9.0%}", flush=True)
+                if row["seconds"] > args.skip_after or row["peak_gib"] > args.memory_limit_gib:
+                    break
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {args.out}")
+    largest = {}
+    for r in rows:
+        if r["seconds"] and r["peak_gib"] <= args.memory_limit_gib:
+            key = (r["mode"], r["system"])
+            largest[key] = max(largest.get(key, 0), r["length"])
+    for (mode, system), length in sorted(largest.items()):
+        print(f"largest L measured within {args.memory_limit_gib:g} GiB: {mode} {system}: {length}")
+    plot(rows, args.out.with_suffix(".png"))
+
+
+def plot(rows, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (mode, system) in sorted({(r["mode"], r["system"]) for r in rows}):
+        pts = [r for r in rows if r["mode"] == mode and r["system"] == system and r["seconds"]]
+        if not pts:
+            continue
+        style = "-" if mode == "masked" else "--"
+        xs = [r["length"] for r in pts]
+        axes[0].loglog(xs, [r["seconds"] for r in pts], style, marker="o", label=f"{system} ({mode})")
+        axes[1].loglog(xs, [r["peak_gib"] for r in pts], style, marker="o", label=f"{system} ({mode})")
+    axes[0].set(xlabel="sequence length L", ylabel="seconds per training step", title="time")
+    axes[1].set(xlabel="sequence length L", ylabel="peak memory (GiB)", title="memory")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()
