@@ -72,22 +72,23 @@ def attention_matrix(
     O(L^2) memory: for analysis of single proteins, not for training.
     """
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q, k = q.to(work), k.to(work)
-    length = q.shape[-2]
-    allowed = _allowed(length, q.device, causal, key_padding_mask)  # (B or 1, 1, L, L) bool
-    if kernel == "exact":
-        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-        return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
-    if projection is not None:
-        projection = projection.to(work)
-    f_q, _ = feature_map(q, projection, kernel)
-    phi_k, g = feature_map(k, projection, kernel, key_stabiliser="running" if causal else "shared",
-                           key_padding_mask=key_padding_mask)
-    a = f_q @ phi_k.transpose(-1, -2)  # (B, H, L, L)
-    if causal:  # phi_k_j was scaled by exp(-g_j); row i needs exp(-g_i): decay exp(g_j - g_i) <= 1
-        a = a * torch.exp((g[..., None, :] - g[..., :, None]).masked_fill(~allowed, float("-inf")))
-    a = a.masked_fill(~allowed, 0.0)
-    return a / _safe_denominator(a.sum(-1, keepdim=True), kernel)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q, k = q.to(work), k.to(work)
+        length = q.shape[-2]
+        allowed = _allowed(length, q.device, causal, key_padding_mask)  # (B or 1, 1, L, L) bool
+        if kernel == "exact":
+            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+        if projection is not None:
+            projection = projection.to(work)
+        f_q, _ = feature_map(q, projection, kernel)
+        phi_k, g = feature_map(k, projection, kernel, key_stabiliser="running" if causal else "shared",
+                               key_padding_mask=key_padding_mask)
+        a = f_q @ phi_k.transpose(-1, -2)  # (B, H, L, L)
+        if causal:  # phi_k_j was scaled by exp(-g_j); row i needs exp(-g_i): decay exp(g_j - g_i) <= 1
+            a = a * torch.exp((g[..., None, :] - g[..., :, None]).masked_fill(~allowed, float("-inf")))
+        a = a.masked_fill(~allowed, 0.0)
+        return a / _safe_denominator(a.sum(-1, keepdim=True), kernel)
 
 
 def _safe_denominator(den: torch.Tensor, kernel: str) -> torch.Tensor:
