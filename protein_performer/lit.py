@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchmetrics import SumMetric
 
 from . import vocab
-from .data import ConcatenatedDataset, SingleSequenceDataset
+from .data import ConcatenatedDataset, SingleSequenceDataset, load_manifest
 from .evaluate import format_table, write_report
 from .masking import IGNORE, Collator, Objective
 from .model import Config, ProteinLM
@@ -152,6 +152,8 @@ class _Keyed(Dataset):
         self.dataset = dataset
 
     def __getitem__(self, key: tuple[int, int, int]):
+        if hasattr(self.dataset, "set_epoch"):  # random crops follow the key's epoch, in whichever worker
+            self.dataset.set_epoch(key[1])
         return key, self.dataset[key[-1]]
 
 
@@ -213,11 +215,7 @@ class ProteinDataModule(L.LightningDataModule):
         return SingleSequenceDataset(path, max_len=self.hparams.max_len, crop="random" if train else "first", seed=self.seed)
 
     def setup(self, stage: str) -> None:
-        if not (self.data_dir / "manifest.json").is_file():
-            raise FileNotFoundError(
-                f"{self.data_dir} is not a prepared data directory (no manifest.json): "
-                "prepare one with `protein-performer-prep`, or pass --data.data_dir DIR"
-            )
+        load_manifest(self.data_dir)  # FileNotFoundError naming the directory if it is not a prepared one
         if stage == "fit":
             self.datasets["train"] = self._dataset(self.hparams.train_split, train=True)
         if stage in ("fit", "validate"):
@@ -233,7 +231,10 @@ class ProteinDataModule(L.LightningDataModule):
             self.unigram_counts = token_counts(train_dir / "tokens.bin")
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        lengths = np.asarray(getattr(dataset, "lengths", np.full(len(dataset), self.example_length)), dtype=np.int64)
+        if self.mode == "single":  # [BOS] + residues, clipped
+            lengths = np.minimum(np.asarray(dataset.lengths) + 1, self.example_length)
+        else:
+            lengths = np.full(len(dataset), self.example_length)
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = ShardedBatchSampler(
@@ -303,7 +304,7 @@ class LMMetrics(nn.Module):
             self.sums[name].update(value.double())
 
     def compute_and_reset(self) -> dict[str, float]:
-        s = {n: float(m.compute()) for n, m in self.sums.items()}
+        s = {n: float(m.compute()) if m.update_called else 0.0 for n, m in self.sums.items()}
         for m in self.sums.values():
             m.reset()
         n = max(s["tokens"], 1.0)
