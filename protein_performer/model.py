@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import vocab
 from .attention import ExactAttention, FavorAttention, attention_matrix
@@ -42,6 +43,7 @@ class Config:
     feature_scaling: Literal["chi", "sqrt_d"] = "chi"
     chunk_size: int = 64  # causal FAVOR chunk length
     feature_seed: int = 0  # projections at construction are drawn from (feature_seed, layer)
+    activation_checkpointing: bool = False  # recompute each block in backward: memory ~ L x d_model per layer
 
     def __post_init__(self):
         if self.attention not in ATTENTION_KINDS:
@@ -180,7 +182,10 @@ class ProteinLM(nn.Module):
         if 0 in repr_layers:
             reps[0] = x
         for i, block in enumerate(self.blocks, start=1):
-            x, qk = block(x, padding_mask)
+            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x, qk = checkpoint(block, x, padding_mask, use_reentrant=False)
+            else:
+                x, qk = block(x, padding_mask)
             if return_qk:
                 qks.append(qk)
             if i in repr_layers and i != self.cfg.n_layers:

@@ -117,3 +117,14 @@ def test_redraw_is_identical_across_model_copies_and_checkpointed():
     c.load_state_dict(a.state_dict())
     assert torch.equal(c.blocks[1].attn.core.projection, a.blocks[1].attn.core.projection)
     assert isinstance(a.blocks[0].attn.core, FavorAttention)
+
+
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_activation_checkpointing_gives_the_same_gradients(attention):
+    tokens = batch(b=2, length=33)
+    grads = []
+    for ckpt in (False, True):
+        model = tiny(attention, True, activation_checkpointing=ckpt).train()
+        model(tokens)["logits"].square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)  # same ops recomputed: round-off only
