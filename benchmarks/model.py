@@ -38,8 +38,9 @@ def build(system: str, causal: bool, length: int, size: dict):
                            ff_mult=size["d_ff"] // size["d_model"], nb_features=size["nb_features"], causal=causal)
     from protein_performer.model import Config, ProteinLM
 
+    # dropout 0 as in PerformerLM's defaults, so both sides run the same arithmetic
     cfg = Config(attention=system, causal=causal, max_len=length, relu_random_features=system == "favor-relu",
-                 **size)
+                 dropout=0.0, **size)
     model = ProteinLM(cfg)
     return lambda tokens: model(tokens)["logits"], model
 
@@ -48,7 +49,7 @@ def step_flops(system: str, causal: bool, length: int, size: dict) -> float:
     """Matmul FLOPs of one training step (forward x 3): 6 N L for the weights plus the attention terms."""
     d, layers, heads, m = size["d_model"], size["n_layers"], size["n_heads"], size["nb_features"]
     weights = layers * (4 * d * d + 2 * d * size["d_ff"]) + d * 29
-    flops = 6 * weights * length
+    flops = (8 if size.get("activation_checkpointing") else 6) * weights * length  # + a recomputed forward
     d_head = d // heads
     if system == "softmax":
         attn = 4 * length * length * d_head * heads * (0.5 if causal else 1.0)  # QK^T and AV
@@ -129,6 +130,8 @@ def main(argv=None):
     p.add_argument("--size", type=json.loads,
                    default={"d_model": 512, "n_heads": 8, "n_layers": 6, "d_ff": 2048, "nb_features": 256},
                    help="model size as JSON (default: the paper's concatenated-task Performer)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in backward (this project's models only)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--skip-after", type=float, default=120, help="stop growing L once a step took this long")
@@ -143,7 +146,11 @@ def main(argv=None):
         print(json.dumps(worker(system, causal, length, args.size, args.repeats, args.device)))
         return
 
+    if args.activation_checkpointing:
+        args.size["activation_checkpointing"] = True
     systems = [s for s in args.systems if s != "performer-pytorch" or _installed("performer_pytorch")]
+    if args.activation_checkpointing and "performer-pytorch" in systems:
+        systems.remove("performer-pytorch")  # it has no such option
     rate = matmul_rate()
     print(f"device={args.device}, size={args.size}, matmul roof {rate / 1e9:.0f} GFLOP/s")
     header = f"{'mode':<8}{'system':<19}{'L':>7}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'floor s':>9}{'of floor':>9}"
