@@ -6,6 +6,10 @@ accessions, so de-duplication has work. Prints rates, peak memory and the projec
 TrEMBL (87 G residues); appends a row to benchmarks/results/prep.csv.
 
     python benchmarks/prep.py [--workers N] [--copies 11]
+
+Without --workers the prep runs with its own default (1 on a 2-core machine: parsing in the main
+process while a thread decompresses). The load average is recorded with each row: on a shared
+machine both timings stretch, and the ratio is only meaningful when they ran under the same load.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def timed(cmd: list[str], **kw) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--workers", type=int, default=None, help="default: the prep's own default")
     p.add_argument("--copies", type=int, default=11, help="11 copies of the four proteomes = 102 M residues")
     p.add_argument("--input", type=Path, default=Path("/tmp/prep_bench.fasta.gz"))
     p.add_argument("--repeats", type=int, default=3, help="best of N for both timings")
@@ -73,18 +77,21 @@ def main() -> None:
     with gzip.open(args.input, "rb") as f:
         residues = sum(len(line) - 1 for line in f if not line.startswith(b">"))
     out = Path("/tmp/prep_bench_out")
+    load_before = os.getloadavg()[0]
     gzip_s, prep_s = [], []
     for _ in range(args.repeats):  # interleaved, so both see the same machine load
         with open(os.devnull, "wb") as null:
             gzip_s.append(timed(["gzip", "-dc", str(args.input)], stdout=null))
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "data_prep", str(args.input), "--out", str(out), "--workers", str(args.workers), "--no-progress"]
+        cmd = [sys.executable, "-m", "data_prep", str(args.input), "--out", str(out), "--no-progress"]
+        if args.workers is not None:
+            cmd += ["--workers", str(args.workers)]
         prep_s.append(timed(cmd))
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # largest child: prep main or a worker
     g, t = min(gzip_s), min(prep_s)
     row = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "workers": args.workers,
+        "workers": args.workers if args.workers is not None else "default",
         "residues": residues,
         "gzip_dc_s": round(g, 3),
         "prep_s": round(t, 3),
@@ -93,6 +100,7 @@ def main() -> None:
         "ratio": round(g / t, 3),
         "peak_rss_MB": round(peak_mb),
         "trembl_projected_h": round(TREMBL_RESIDUES / (residues / t) / 3600, 2),
+        "load_avg_1min": f"{load_before:.2f}-{os.getloadavg()[0]:.2f}",  # before - after
     }
     for k, v in row.items():
         print(f"{k:>20}: {v}")
@@ -100,12 +108,12 @@ def main() -> None:
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     csv_path = results / "prep.csv"
-    new = not csv_path.exists()
-    with open(csv_path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    rows = list(csv.DictReader(open(csv_path, newline=""))) if csv_path.exists() else []
+    fields = list(dict.fromkeys([*(rows[0].keys() if rows else []), *row]))  # older rows lack newer columns
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows([*rows, row])
     shutil.rmtree(out, ignore_errors=True)
 
 

@@ -23,7 +23,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 class HashSet:
     """Set of uint64 keys; `add(keys)` says which keys are seen for the first time."""
 
-    def __init__(self, capacity: int = 1 << 16, max_load: float = 0.75, growth: float = 1.5):
+    def __init__(self, capacity: int = 1 << 20, max_load: float = 0.75, growth: float = 1.5):
         if capacity >= 1 << 32:
             raise ValueError("capacity must stay below 2**32 slots (the slot index uses 32-bit multiply-shift)")
         self.max_load, self.growth = max_load, growth

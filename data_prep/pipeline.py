@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import platform
+import queue
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -17,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 import protein_performer
 from data_prep import PrepError
 from data_prep.dedup import HashSet
-from data_prep.readers import PARSERS, InputFile, TruncatedInput
+from data_prep.readers import PARSERS, InputFile, TruncatedInput, fasta_accession
 from data_prep.splits import SPLITS, assign_split, promotion_targets, read_ood_accessions, split_thresholds
 from data_prep.writer import OutputDir, SplitWriter, commit_rewrite, finish_split, read_split, rewrite_split, write_manifest
 from protein_performer.vocab import BOS, EOS, LETTERS, MASK, PAD, TOKENS, X, _TABLE
@@ -96,6 +97,32 @@ def _init_worker(config: _WorkerConfig) -> None:
     _CONFIG = config
 
 
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(progress: bool | None):
+    """tqdm bar with residues/s; without one (off, or not a terminal) tqdm is not even imported (70 ms)."""
+    if progress is False or (progress is None and not sys.stderr.isatty()):
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(unit="res", unit_scale=True, file=sys.stderr, desc="prep")
+
+
+def _write(message: str) -> None:
+    """A line on stderr that does not break a running progress bar."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        tqdm.tqdm.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr)
+
+
 class RecordError(Exception):
     """A record problem that stops the run (unknown letter with --unknown error)."""
 
@@ -115,15 +142,142 @@ def seed_key(seed: int) -> np.uint64:
     return np.frombuffer(hashlib.blake2b(seed.to_bytes(16, "little"), digest_size=8).digest(), dtype="<u8")[0]
 
 
+def accession_keys(accessions: list[str]) -> np.ndarray:
+    """64-bit keys of accessions for duplicate detection (0 = no accession), vectorised.
+
+    An accession of at most 16 bytes (every UniProt one) is packed into two uint64 words (NUL-padded:
+    inputs never hold NUL) and mixed into one; longer ones use BLAKE2b. Only equality of keys matters:
+    they are never written, so the function is free to change, but every block must use the same one.
+    """
+    n = len(accessions)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    raw = [a.encode("latin-1") for a in accessions]
+    packed = np.frombuffer(b"".join([a[:16].ljust(16, b"\0") for a in raw]), dtype="<u8").reshape(n, 2)
+    keys = _pack_key(packed[:, 0], packed[:, 1])
+    for i, a in enumerate(raw):
+        if len(a) > 16:
+            keys[i] = np.frombuffer(hashlib.blake2b(a, digest_size=8).digest(), dtype="<u8")[0]
+    lengths = np.fromiter(map(len, raw), dtype=np.int64, count=n)
+    return np.where(lengths == 0, np.uint64(0), np.maximum(keys, np.uint64(1)))
+
+
+def _pack_key(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return _mix64(lo ^ _mix64(hi ^ np.uint64(0x243F6A8885A308D3)))
+
+
+def _digests(tokens: bytes, starts: list[int], ends: list[int], seed: np.uint64) -> np.ndarray:
+    """(n, 2) uint64: dedup key, split key of each sequence tokens[start:end] (one BLAKE2b-128 each)."""
+    view, blake2b = memoryview(tokens), hashlib.blake2b
+    digests = b"".join([blake2b(view[a:b], digest_size=16).digest() for a, b in zip(starts, ends)])
+    keys = np.frombuffer(digests, dtype="<u8").reshape(-1, 2).copy()
+    # Dedup key: first 64 digest bits. Split key: last 64 bits mixed with the seed (vectorised; salting
+    # blake2b itself costs 60% more per record).
+    keys[:, 1] = _mix64(keys[:, 1] ^ seed)
+    return keys
+
+
+# Fast FASTA path: the vocabulary table with NUL (the record separator here; inputs never hold NUL) -> EOS.
+_EOS_TABLE = bytes([EOS]) + _STRICT_TABLE[1:]
+_GT, _PIPE = 62, 124
+_ACC_MAX = 16
+# Bytes that end a `sp|ACC|` accession for str.split() (whitespace of latin-1 text) or make it odd.
+_ACC_BAD = np.zeros(256, dtype=bool)
+_ACC_BAD[[*b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0"]] = True
+
+
+def _fasta_block_fast(block: bytes, cfg: _WorkerConfig) -> BlockResult | None:
+    """Whole-block FASTA processing with a handful of C-level passes; None if the block needs the record path.
+
+    Gives exactly what the record path (parse_fasta = SimpleFastaParser) gives for blocks whose records
+    are all non-empty and whose letters are all uppercase vocabulary letters: bodies are cut out at
+    once, joined with NUL, newlines (and ' ', '\r') deleted and tokenized by one translate (NUL -> EOS).
+    """
+    arr = np.frombuffer(block, dtype=np.uint8)
+    gt = np.flatnonzero(arr == _GT)  # '>' is rare: header starts plus any inside titles
+    if gt.size and gt[0] == 0:
+        heads = np.concatenate([gt[:1], gt[1:][arr[gt[1:] - 1] == 10]])
+    else:
+        heads = gt[arr[gt - 1] == 10] if gt.size else gt
+    n = heads.size
+    if n == 0:
+        return None
+    hl = heads.tolist()
+    if block.find(b"\n", hl[-1]) < 0:
+        return None  # header without a newline at the end of the input: an empty record
+    find = block.find
+    # Bodies joined by NUL, with a NUL after the last one too (the trailing empty item).
+    body = b"\0".join([block[find(b"\n", a) + 1 : b] for a, b in zip(hl, hl[1:] + [len(block)])] + [b""])
+    body = body.replace(b"\n", b"")
+    if b" " in body or b"\r" in body:
+        body = body.replace(b" ", b"").replace(b"\r", b"")
+    tokens = body.translate(_EOS_TABLE)
+    if not tokens.isascii():  # lowercase, unknown letters, other whitespace: record path
+        return None
+    ends = np.flatnonzero(np.frombuffer(tokens, dtype=np.uint8) == EOS)
+    starts = np.empty_like(ends)
+    starts[0], starts[1:] = 0, ends[:-1] + 1
+    lengths = ends - starts
+    if ends.size != n or not lengths.all():
+        return None  # empty records: record path counts them
+
+    # Accessions of `sp|ACC|...` / `tr|ACC|...` titles (ACC of 1-16 bytes, no whitespace), vectorised over
+    # the first 20 bytes of each title; any other title goes through fasta_accession.
+    idx = np.minimum(heads[:, None] + np.arange(1, 4 + _ACC_MAX + 1), arr.size - 1)
+    head = arr[idx]
+    is_pipe = head[:, 3:] == _PIPE  # 17 bytes: ACC (at most 16) and its closing '|'
+    acc_len = is_pipe.argmax(axis=1)
+    acc = head[:, 3 : 3 + _ACC_MAX] * (np.arange(_ACC_MAX) < acc_len[:, None])
+    ok = (
+        (head[:, 2] == _PIPE)
+        & (((head[:, 0] == 115) & (head[:, 1] == 112)) | ((head[:, 0] == 116) & (head[:, 1] == 114)))  # sp, tr
+        & (acc_len > 0)
+        & ~_ACC_BAD[acc].any(axis=1)  # also catches a '\n' ending the title before the '|'
+    )
+    acc[~ok] = 0
+    acc_len[~ok] = 0
+    packed = acc.view("<u8")
+    keys = np.maximum(_pack_key(packed[:, 0], packed[:, 1]), np.uint64(1))
+    text = np.zeros((n, _ACC_MAX + 1), dtype=np.uint8)
+    text[:, :_ACC_MAX] = acc
+    text[np.arange(n), acc_len] = 10
+    names = text.tobytes().translate(None, b"\0").decode("latin-1").split("\n")[:-1]
+    if not ok.all():
+        odd = np.flatnonzero(~ok).tolist()
+        for i in odd:
+            names[i] = fasta_accession(block[hl[i] + 1 : block.find(b"\n", hl[i])].decode("latin-1"))
+        keys[odd] = accession_keys([names[i] for i in odd])
+    accessions = "\n".join(names)
+    if cfg.ood_accessions:
+        ood = np.fromiter((a in cfg.ood_accessions for a in names), dtype=bool, count=n)
+    else:
+        ood = np.zeros(n, dtype=bool)
+    return BlockResult(
+        accessions=accessions,
+        accession_keys=keys,
+        rejected=[],
+        changed=Counter(),
+        accepted=np.arange(n, dtype=np.int64),
+        tokens=tokens,
+        lengths=lengths,
+        digests=_digests(tokens, starts.tolist(), ends.tolist(), cfg.seed_key),
+        ood=ood,
+        residues=int(lengths.sum()),
+    )
+
+
 def process_block(task: tuple[str, bytes]) -> BlockResult:
     """Parse, check, tokenize and hash one block of records (runs in a worker); task = (parser, block)."""
     cfg, (parser, block) = _CONFIG, task
-    accessions, acc_keys, rejected, changed = [], [], [], Counter()
-    accepted, toks, digests, ood = [], [], [], []
-    residues, no_key, blake2b = 0, bytes(8), hashlib.blake2b
+    if parser == "fasta":
+        result = _fasta_block_fast(block, cfg)
+        if result is not None:
+            return result
+    accessions, families_of, rejected, changed = [], [], [], Counter()
+    accepted, toks = [], []
+    residues = 0
     for i, (acc, families, raw, error) in enumerate(PARSERS[parser](block)):
         accessions.append(acc)
-        acc_keys.append(blake2b(acc.encode(), digest_size=8).digest() if acc else no_key)
         if error is not None:  # unreadable flat-file entry
             rejected.append((i, "malformed", error))
             continue
@@ -151,25 +305,67 @@ def process_block(task: tuple[str, bytes]) -> BlockResult:
                 changed["lowercase"] += 1
         accepted.append(i)
         toks.append(tok)
-        digests.append(blake2b(tok, digest_size=16).digest())
-        ood.append(acc in cfg.ood_accessions or not cfg.ood_families.isdisjoint(families))
-    # Dedup key: first 64 digest bits. Split key: last 64 bits mixed with the seed (vectorised; salting
-    # blake2b itself costs 60% more per record).
-    keys = np.frombuffer(b"".join(digests), dtype="<u8").reshape(-1, 2).copy()
-    keys[:, 1] = _mix64(keys[:, 1] ^ cfg.seed_key)
-    eos = bytes([EOS])
+        families_of.append(acc in cfg.ood_accessions or not cfg.ood_families.isdisjoint(families))
+    lengths = np.fromiter(map(len, toks), dtype=np.int64, count=len(toks))
+    ends = np.cumsum(lengths + 1) - 1
+    tokens = bytes([EOS]).join(toks) + bytes([EOS]) if toks else b""
     return BlockResult(
         accessions="\n".join(accessions),
-        accession_keys=np.frombuffer(b"".join(acc_keys), dtype="<u8"),
+        accession_keys=accession_keys(accessions),
         rejected=rejected,
         changed=changed,
         accepted=np.array(accepted, dtype=np.int64),
-        tokens=eos.join(toks) + eos if toks else b"",
-        lengths=np.fromiter(map(len, toks), dtype=np.int64, count=len(toks)),
-        digests=keys,
-        ood=np.array(ood, dtype=bool),
+        tokens=tokens,
+        lengths=lengths,
+        digests=_digests(tokens, (ends - lengths).tolist(), ends.tolist(), cfg.seed_key),
+        ood=np.array(families_of, dtype=bool),
         residues=residues,
     )
+
+
+def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """Run the iterator `items` in a thread, `depth` items ahead; its exceptions come out here, in order.
+
+    Used for decompression (isal releases the GIL while inflating), which then overlaps with parsing.
+    """
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((0, item)):
+                    return
+            put((1, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put((2, e))
+        finally:
+            if stop.is_set() and hasattr(items, "close"):
+                items.close()
+
+    thread = threading.Thread(target=produce, name="prep-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == 0:
+                yield item
+            elif kind == 1:
+                break
+            else:
+                raise item
+    finally:
+        stop.set()
+    thread.join()
 
 
 def _ordered_map(pool, fn: Callable, items: Iterable, max_pending: int) -> Iterator:
@@ -213,9 +409,9 @@ class _Prep:
         if self.warned[reason] <= MAX_WARNINGS:
             accession = r.accession(i)
             what = f"record {base + i + 1}" + (f" ({accession})" if accession else "")
-            tqdm.write(f"warning: {path}: {what}: {reason.replace('_', ' ')}{': ' + detail if detail else ''}; skipped", file=sys.stderr)
+            _write(f"warning: {path}: {what}: {reason.replace('_', ' ')}{': ' + detail if detail else ''}; skipped")
             if self.warned[reason] == MAX_WARNINGS:
-                tqdm.write(f"warning: further '{reason}' records are only counted", file=sys.stderr)
+                _write(f"warning: further '{reason}' records are only counted")
 
     def add_block(self, path: Path, r: BlockResult, first_block: bool) -> None:
         base = self.records - self.file_start  # records are numbered from 1 in each file
@@ -318,13 +514,13 @@ def run(s: Settings) -> dict:
         pool = mp.get_context().Pool(s.workers, _init_worker, (config,)) if s.workers > 1 else None
         if pool is None:
             _init_worker(config)
-        bar = tqdm(unit="res", unit_scale=True, disable=not s.progress if s.progress is not None else None, file=sys.stderr, desc="prep")
+        bar = _progress_bar(s.progress)
         try:
             for f in files:
                 records_before = prep.file_start = prep.records
                 try:
                     # f.format is read after blocks() yields: "auto" is resolved by then.
-                    tasks = ((_parser_name(f.format, s.fasta_parser), block) for block in f.blocks())
+                    tasks = ((_parser_name(f.format, s.fasta_parser), block) for block in _prefetch(f.blocks()))
                     for n, result in enumerate(_ordered_map(pool, process_block, tasks, 2 * s.workers + 2)):
                         prep.add_block(f.path, result, n == 0)
                         bar.update(result.residues)

@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from Bio import SwissProt
-from Bio.SeqIO.FastaIO import SimpleFastaParser
 from isal import igzip
+
+# Biopython is imported where it is used: importing Bio.SwissProt / Bio.SeqIO costs 0.2 s of start-up,
+# and the fast FASTA path (pipeline.py) never needs it.
 
 from data_prep import PrepError
 
@@ -153,6 +154,8 @@ _RARE_SPACE = tuple(bytes([c]) for c in b"\t\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0")
 
 
 def parse_fasta_biopython(block: bytes) -> Iterator[Parsed]:
+    from Bio.SeqIO.FastaIO import SimpleFastaParser
+
     for title, seq in SimpleFastaParser(io.StringIO(block.decode("latin-1"))):
         yield fasta_accession(title), (), seq.encode("latin-1"), None
 
@@ -191,6 +194,8 @@ def parse_swiss(block: bytes) -> Iterator[Parsed]:
     The whole block goes through one SwissProt.parse call (20% faster than entry by entry); only a
     block with a malformed entry is re-read entry by entry to find and skip that entry.
     """
+    from Bio import SwissProt
+
     text = block.decode("latin-1")
     try:
         records = [_swiss_record(r) for r in SwissProt.parse(io.StringIO(text))]

@@ -287,3 +287,67 @@ def test_console_entry_point_without_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "text before the first '>'" in proc.stderr
     helped = subprocess.run([sys.executable, "-m", "data_prep", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--ood-families" in helped.stdout
+
+
+# ---- the whole-block FASTA path (pipeline._fasta_block_fast) against the record path ----
+
+
+def _block_results(block: bytes):
+    """(fast path or None, record path with parse_fasta, record path with SimpleFastaParser) of one block."""
+    from data_prep import pipeline as P
+
+    P._init_worker(P._WorkerConfig("reject", P.seed_key(5), frozenset(), frozenset({"P2", "Q9"})))
+    fast = P._fasta_block_fast(block, P._CONFIG)
+    original = P._fasta_block_fast
+    P._fasta_block_fast = lambda block, cfg: None
+    try:
+        records = P.process_block(("fasta", block))
+    finally:
+        P._fasta_block_fast = original
+    return fast, records, P.process_block(("fasta-biopython", block))
+
+
+def _assert_same(a, b) -> None:
+    for name in ("accessions", "rejected", "changed", "tokens", "residues"):
+        assert getattr(a, name) == getattr(b, name), name
+    for name in ("accession_keys", "accepted", "lengths", "digests", "ood"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_block_path_equals_record_path():
+    import random
+
+    clean = gzip.open(FASTA, "rb").read()
+    fast, records, bio = _block_results(clean)
+    assert fast is not None and fast.n_records == 3000
+    _assert_same(fast, records)
+    _assert_same(fast, bio)
+    odd_titles = [b"sp|P2|N d", b"tr|Q9|", b"sp|", b"x y", b"", b" sp|P3|", b"sp|P4 |x", b"tr|Q5\t|y", b"sp|Q\x85|a",
+                  b"sp|ABCDEFGHIJKLMNOP|x", b"sp|ABCDEFGHIJKLMNOPQ|x", b"a>b", b"sp|P6", b"tr|\xc5\xc4|x", b"sp|P7|\r"]
+    rng = random.Random(0)
+    n_fast = 0
+    for _ in range(400):
+        parts = [b"\n" * rng.randint(0, 1)]
+        for _ in range(rng.randint(1, 6)):
+            seq = "".join(rng.choice("ACDEFGHIKLMNPQRSTVWYBOUXZ" + rng.choice(["", "", "a", "J", " \r", "\t"])) for _ in range(rng.randint(0, 90)))
+            lines = [seq[i : i + 30] for i in range(0, len(seq), 30)] or [""]
+            eol = rng.choice([b"\n", b"\n", b"\r\n"])
+            parts.append(b">" + rng.choice(odd_titles) + eol + eol.join(s.encode() for s in lines) + eol)
+        block = b"".join(parts)
+        if rng.random() < 0.1:
+            block = block.rstrip(b"\n")
+        fast, records, bio = _block_results(block)
+        _assert_same(records, bio)
+        if fast is not None:
+            n_fast += 1
+            _assert_same(fast, records)
+    assert n_fast >= 50  # the comparison ran on a good share of blocks
+
+
+def test_duplicate_accession_across_block_paths(tmp_path):
+    # The first block takes the whole-block path, the second (lowercase) the record path: same accession keys.
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">tr|A1|X\nMKV\n>sp|LONGACCESSION_ABCDEF|X\nMKW\n>B7 d\nMKY\n" + ">tr|A1|Y\nwww\n>sp|LONGACCESSION_ABCDEF|Y\nPPP\n>B7\nQQQ\n")
+    code, out = prep(tmp_path, str(fasta), "--block-size", "40")
+    records = json.loads((out / "manifest.json").read_text())["records"]
+    assert code == 0 and records["read"] == 6 and records["kept"] == 3 and records["rejected"]["duplicate_accession"] == 3
