@@ -47,11 +47,25 @@ class ProteinCLI(LightningCLI):
         })
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.precision is None:  # configs say null: decide on the machine that runs
             config.trainer.precision = auto_precision(str(config.trainer.accelerator))
-        if config.get("weights_only") is None:  # checkpoints hold tensors and plain types only
+        if self.subcommand and config.get("weights_only") is None:  # checkpoints hold tensors and plain types only
             config.weights_only = True
+
+
+def build_cli(args: Sequence[str] | None = None, run: bool = True) -> ProteinCLI:
+    """The Lightning CLI; run=False parses `args` (no subcommand) and instantiates without running."""
+    return ProteinCLI(
+        ProteinLMModule,
+        ProteinDataModule,
+        args=args,
+        run=run,
+        seed_everything_default=0,
+        # ProteinDataModule shards over ranks itself (no padding of the validation set)
+        trainer_defaults={"use_distributed_sampler": False, "gradient_clip_val": 0.5},
+        save_config_kwargs={"overwrite": True},
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -60,15 +74,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         COMMANDS[args[0]](args[1:])
         return
     try:
-        ProteinCLI(
-            ProteinLMModule,
-            ProteinDataModule,
-            args=None if argv is None else args,
-            seed_everything_default=0,
-            # ProteinDataModule shards over ranks itself (no padding of the validation set)
-            trainer_defaults={"use_distributed_sampler": False, "gradient_clip_val": 0.5},
-            save_config_kwargs={"overwrite": True},
-        )
+        build_cli(None if argv is None else args)
     except FileNotFoundError as e:  # a missing data directory or split: a message, not a traceback
         sys.exit(f"protein-performer: error: {e}")
 

@@ -34,7 +34,7 @@ from . import vocab
 from .data import ConcatenatedDataset, SingleSequenceDataset, load_manifest
 from .evaluate import format_table, write_report
 from .masking import IGNORE, Collator, Objective
-from .model import Config, ProteinLM
+from .model import AttentionKind, Config, ProteinLM
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # masking seeds of training and evaluation examples never collide
 
@@ -220,12 +220,12 @@ class ProteinDataModule(L.LightningDataModule):
             self.datasets["train"] = self._dataset(self.hparams.train_split, train=True)
         if stage in ("fit", "validate"):
             self.datasets["val"] = self._dataset(self.hparams.val_split, train=False)
-        if stage == "test":
-            self.test_split_names = [s for s in self.hparams.test_splits if (self.data_dir / s / "tokens.bin").is_file()]
-            if not self.test_split_names:
+        if stage == "test":  # the splits that exist and are not empty (a sample may have no OOD family)
+            present = [s for s in self.hparams.test_splits if (self.data_dir / s / "tokens.bin").is_file()]
+            if not present:
                 self._split_dir(self.hparams.test_splits[0])  # raises the missing-split error
-            for split in self.test_split_names:
-                self.datasets[split] = self._dataset(split, train=False)
+            self.datasets.update({s: self._dataset(s, train=False) for s in present})
+            self.test_split_names = [s for s in present if len(self.datasets[s])]
         train_dir = self.data_dir / self.hparams.train_split
         if self.unigram_counts is None and (train_dir / "tokens.bin").is_file():
             self.unigram_counts = token_counts(train_dir / "tokens.bin")
@@ -346,7 +346,7 @@ class ProteinLMModule(L.LightningModule):
         self,
         preset: str = "small",
         objective: Objective = "masked",
-        attention: str | None = None,
+        attention: AttentionKind | None = None,
         model_args: dict | None = None,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.98),

@@ -2,6 +2,9 @@
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -25,6 +28,8 @@ from protein_performer.lit import (
     unigram_log_probs,
 )
 from protein_performer.masking import IGNORE
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_prepared_dir(root, counts=(240, 48, 48, 24), seed=0):
@@ -53,6 +58,19 @@ def make_prepared_dir(root, counts=(240, 48, 48, 24), seed=0):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     return make_prepared_dir(tmp_path_factory.mktemp("prepared"))
+
+
+@pytest.fixture(scope="module")
+def sample_dir(tmp_path_factory):
+    """The bundled UniProt sample prepared by `protein-performer-prep`, three Pfam families held out (as the demo)."""
+    out = tmp_path_factory.mktemp("sample") / "prepared"
+    subprocess.run(
+        [sys.executable, "-m", "data_prep", str(ROOT / "data/sample/mmseqs2_DB_first3000.fasta.gz"),
+         str(ROOT / "data/sample/emboss_swiss_seq.dat.gz"), "--out", str(out), "--ood-families", "PF00258", "PF00001",
+         "PF00022", "--workers", "1"],
+        check=True, capture_output=True, cwd=ROOT,
+    )
+    return out
 
 
 def trainer(tmp_path, max_steps, **kw):

@@ -1,0 +1,108 @@
+"""The CLI: every config parses and builds, fit -> test end to end on the bundled sample, clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from protein_performer.cli import build_cli, main
+from test_training import make_prepared_dir, sample_dir  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+TINY = str(ROOT / "configs/cpu/tiny.yaml")
+
+
+@pytest.fixture(autouse=True)
+def offline_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_config_parses_and_builds(config):
+    with torch.device("meta"):  # the 36-layer models are built without allocating their weights
+        cli = build_cli(["--config", str(config)], run=False)
+    cfg, n = cli.model.config, cli.model.model.num_parameters()
+    assert cli.datamodule.objective == cli.model.hparams.objective  # linked
+    assert cli.trainer.precision == "32-true"  # precision: null -> fp32 on this CPU machine
+    assert cli.trainer.gradient_clip_val == 0.5
+    if cfg.name == "paper-36l":
+        assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.max_len) == (36, 512, 8, 1024, 1024)
+        assert n == pytest.approx(76.2e6, rel=0.01)
+        assert config.stem.split("-", 1)[1] == {"softmax": "transformer", "favor-relu": "performer-relu",
+                                                 "favor-softmax": "performer-softmax"}[cfg.attention]
+        assert cfg.causal == (config.stem.split("-")[0] == "causal")
+    if config.stem.startswith("concat"):
+        assert cli.datamodule.mode == "concatenated" and cfg.max_len == 8192
+
+
+def test_paper_configs_cover_table_2():
+    names = {p.stem for p in (ROOT / "configs/paper").glob("*.yaml")}
+    assert {f"{o}-{k}" for o in ("masked", "causal") for k in ("transformer", "performer-relu", "performer-softmax")} <= names
+    assert {"concat-performer", "concat-transformer"} <= names
+
+
+def fit_args(data_dir, root, *extra):
+    return ["fit", "--config", TINY, "--data.data_dir", str(data_dir), "--trainer.default_root_dir", str(root),
+            "--trainer.logger.init_args.save_dir", str(root), *extra]
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(fit_args(tmp_path / "nowhere", tmp_path))
+    assert "nowhere" in str(exc.value) and "protein-performer-prep" in str(exc.value)
+
+
+def test_missing_split_is_a_clear_error(tmp_path):
+    data = make_prepared_dir(tmp_path / "data")
+    (data / "valid" / "tokens.bin").unlink()
+    with pytest.raises(SystemExit) as exc:
+        main(fit_args(data, tmp_path))
+    assert "'valid' not found" in str(exc.value)
+
+
+def test_unknown_attention_kind_is_a_clear_error(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(Path(TINY).read_text().replace("attention: favor-softmax", "attention: linformer"))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--data.data_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "model.attention" in err and "linformer" in err
+
+
+def run_cli(*args, cwd):
+    proc = subprocess.run([sys.executable, "-m", "protein_performer.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_fit_then_test_on_the_sample(sample_dir, tmp_path, monkeypatch):
+    """fit with the wandb logger and no credentials (HOME without .netrc, no WANDB_API_KEY, no WANDB_MODE):
+    it must go offline by itself; then `test` on the last checkpoint writes the Table-2 report."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE")
+    common = ["--config", TINY, "--data.data_dir", str(sample_dir), "--trainer.default_root_dir", str(tmp_path)]
+    run_cli("fit", *common, "--trainer.max_steps", "10", "--trainer.val_check_interval", "5",
+            "--trainer.logger", "protein_performer.lit.AutoWandbLogger", "--trainer.logger.save_dir", str(tmp_path),
+            cwd=tmp_path)
+    assert list(tmp_path.glob("wandb/offline-run-*")), "wandb did not write an offline run"
+    last = next(tmp_path.rglob("checkpoints/last.ckpt"))
+    assert list(last.parent.glob("best-step*.ckpt"))
+    ckpt = torch.load(last, weights_only=True)  # plain tensors and types only
+    assert ckpt["global_step"] == 10 and any(k.endswith("projection") for k in ckpt["state_dict"])
+    proc = run_cli("test", *common, "--trainer.logger.init_args.save_dir", str(tmp_path / "eval"),
+                   "--ckpt_path", str(last), cwd=tmp_path)
+    assert "| masked | test |" in proc.stdout + proc.stderr
+    report = json.loads(next((tmp_path / "eval").rglob("report.json")).read_text())
+    assert set(report["results"]) == {"test", "ood"}
+    for r in report["results"].values():
+        assert r["tokens"] > 0 and 1.0 < r["ppl"] < 29.0 and 10.0 < r["baseline_ppl"] < 25.0
+    assert report["meta"]["attention"] == "favor-softmax" and report["meta"]["objective"] == "masked"
