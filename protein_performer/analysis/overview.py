@@ -1,0 +1,65 @@
+"""Readers behind the notebooks: statistics of a prepared data directory and a run's training logs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import vocab
+from ..data import SPLITS
+from ..lit import token_counts
+from .checkpoint import AnalysisError
+from .sequences import is_prepared_dir
+
+
+def split_lengths(root: str | Path) -> dict[str, np.ndarray]:
+    """Residues per sequence (EOS excluded) of every split of a prepared directory, in split order."""
+    root = Path(root)
+    if not is_prepared_dir(root):
+        raise AnalysisError(f"{root} is not a prepared data directory (no manifest.json)")
+    present = [p.name for p in root.iterdir() if (p / "tokens.bin").is_file() and (p / "offsets.npy").is_file()]
+    order = sorted(present, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s))
+    lengths = {}
+    for split in order:
+        offsets = np.load(root / split / "offsets.npy")
+        lengths[split] = np.diff(np.append(offsets, (root / split / "tokens.bin").stat().st_size)) - 1
+    return lengths
+
+
+def split_table(lengths: dict[str, np.ndarray]) -> pd.DataFrame:
+    """The paper's Table 1 columns per split: sequences, residues, min / max / mean / std / median length."""
+    rows = {}
+    for split, n in lengths.items():
+        rows[split] = {"sequences": n.size, "residues": int(n.sum()), "min": n.min() if n.size else None,
+                       "max": n.max() if n.size else None, "mean": n.mean() if n.size else None,
+                       "std": n.std() if n.size else None, "median": np.median(n) if n.size else None}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def composition(root: str | Path) -> pd.DataFrame:
+    """Share of each of the 25 letters among the residues of every split (rows: splits)."""
+    rows = {}
+    for split in split_lengths(root):
+        path = Path(root) / split / "tokens.bin"
+        letters = token_counts(path)[: len(vocab.LETTERS)] if path.stat().st_size else np.zeros(len(vocab.LETTERS))
+        rows[split] = letters / max(letters.sum(), 1)
+    return pd.DataFrame.from_dict(rows, orient="index", columns=list(vocab.LETTERS))
+
+
+def find_metrics(path: str | Path) -> Path:
+    """metrics.csv of a CSVLogger run: the file itself, or the newest one under a directory."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
+    if not found:
+        raise AnalysisError(f"no metrics.csv (Lightning CSVLogger) under {path}")
+    return found[-1]
+
+
+def read_metrics(path: str | Path) -> pd.DataFrame:
+    """A run's logged metrics, one row per step (CSVLogger writes train and val values on separate rows)."""
+    frame = pd.read_csv(find_metrics(path))
+    return frame.groupby("step", as_index=False).first() if "step" in frame else frame

@@ -1,0 +1,306 @@
+"""Attention analysis: planted structure, permutation test, identity-values trick, checkpoints, CLI, errors."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import pearsonr, spearmanr
+
+from protein_performer import vocab
+from protein_performer.analysis import (
+    AnalysisError,
+    AttentionToAminoAcids,
+    agreement,
+    blosum62,
+    identity_value_maps,
+    load_model,
+    read_proteins,
+    similarity_matrix,
+)
+from protein_performer.analysis.cli import main as analyze
+from protein_performer.model import ATTENTION_KINDS, Config, ProteinLM
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_FASTA = REPO / "data" / "sample" / "mmseqs2_DB_first3000.fasta.gz"
+
+
+def tiny_run(tmp_path_factory) -> dict[str, Path]:
+    """A prepared directory (bundled sample FASTA), and a 4-step real `protein-performer fit` on it with CSV logs.
+
+    Built once per test session and reused by test_notebooks.py (a marker file says it is complete).
+    """
+    root = tmp_path_factory.getbasetemp() / "analysis-run"
+    paths = {"prepared": root / "prepared", "run": root / "run", "fasta": root / "small.fasta"}
+    if (root / "done").exists():
+        return paths
+    from data_prep.__main__ import main as prep
+    from protein_performer.cli import main as cli
+
+    root.mkdir(exist_ok=True)
+    assert prep([str(SAMPLE_FASTA), "--out", str(paths["prepared"]), "--workers", "1", "--no-progress"]) == 0
+    with mock.patch.object(sys, "argv", ["protein-performer"]):  # LightningCLI would also look at pytest's argv
+        cli(["fit", "--config", str(REPO / "configs/cpu/tiny.yaml"), "--data.data_dir", str(paths["prepared"]),
+             "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+             "--trainer.default_root_dir", str(paths["run"]), "--trainer.logger.init_args.save_dir", str(paths["run"]),
+             "--trainer.enable_model_summary", "false", "--data.max_len", "128", "--data.batch_size", "4"])
+    with gzip.open(SAMPLE_FASTA, "rt") as f:  # the first 12 records as a small plain FASTA
+        text = f.read().split(">")[1:13]
+    paths["fasta"].write_text("".join(">" + r for r in text))
+    (root / "done").touch()
+    return paths
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory):
+    return tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def ckpt(run):
+    return next((run["run"]).rglob("last.ckpt"))
+
+
+# ------------------------------------------------------------------------------- agreement statistics
+
+
+def symmetric(m: np.ndarray) -> np.ndarray:
+    return (m + m.T) / 2
+
+
+def test_agreement_matches_scipy_and_detects_planted_similarity():
+    rng = np.random.default_rng(0)
+    sim = symmetric(blosum62() + rng.normal(0, 2, (20, 20)))  # BLOSUM62 plus noise of about its own spread
+    g = agreement(sim, permutations=2000, seed=1)
+    iu, ju = np.triu_indices(20, 1)
+    assert g["pairs"] == 190 and g["amino_acids"] == vocab.AMINO_ACIDS
+    assert g["pearson"] == pytest.approx(pearsonr(sim[iu, ju], blosum62()[iu, ju])[0], abs=1e-9)
+    assert g["spearman"] == pytest.approx(spearmanr(sim[iu, ju], blosum62()[iu, ju])[0], abs=1e-9)
+    # No permutation reaches r ~ 0.7: p is the smallest possible value, 1 / (1 + permutations).
+    assert g["pearson"] > 0.5 and g["pearson_p"] == g["spearman_p"] == pytest.approx(1 / 2001)
+
+
+def test_permutation_test_is_calibrated_under_the_null():
+    # Random symmetric matrices: p-values are ~uniform, so about 5% fall below 0.05. With 60 draws the
+    # count below 0.05 is Binomial(60, 0.05), mean 3; P(count > 9) < 0.002, so the bound is safe but
+    # would catch a test that ignores the dependence of the 190 pairs or a one-sidedness error.
+    rng = np.random.default_rng(0)
+    ps = [agreement(symmetric(rng.normal(size=(20, 20))), permutations=999, seed=s)["pearson_p"] for s in range(60)]
+    assert sum(p < 0.05 for p in ps) <= 9
+    assert 0.3 < np.median(ps) < 0.7
+
+
+def test_similarity_matrix_and_undefined_amino_acids():
+    rng = np.random.default_rng(0)
+    shares = rng.random((12, 20))
+    np.testing.assert_allclose(similarity_matrix(shares), np.corrcoef(shares.T), atol=1e-12)
+    shares[:, 4] = 0.0  # F never attended to: its correlation is undefined, it leaves the comparison
+    sim = similarity_matrix(shares)
+    assert np.isnan(sim[4]).all() and np.isnan(sim[:, 4]).all()
+    g = agreement(sim, permutations=100)
+    assert g["pairs"] == 171 and "F" not in g["amino_acids"]
+    assert np.isnan(similarity_matrix(shares[:2])).all()  # fewer than 3 heads
+    assert agreement(similarity_matrix(shares[:2]))["pearson"] is None
+
+
+# ----------------------------------------------------------------- aggregation of attention per amino acid
+
+
+def test_attention_to_amino_acids_counts_by_hand():
+    tokens = torch.tensor([vocab.BOS, 0, 1, vocab.X])  # BOS A C X
+    maps = torch.tensor([[0.1, 0.5, 0.4, 0.0],
+                         [0.0, 0.2, 0.4, 0.4],
+                         [0.5, 0.3, 0.1, 0.1],
+                         [0.2, 0.1, 0.3, 0.4]]).expand(1, 2, 4, 4)
+    stats = AttentionToAminoAcids(1, 2, threshold=0.3)
+    stats.update(maps, tokens)
+    p, totals = stats.shares("threshold")
+    # BOS rows and columns are left out; kept (>= 0.3): row A -> C, X; row C -> A; row X -> C, X.
+    assert totals[0, 0] == 5 and p[0, 0, 0] == pytest.approx(1 / 5) and p[0, 0, 1] == pytest.approx(2 / 5)
+    assert p[0, 0, 2:].sum() == 0  # X counts in the total, but is not one of the 20 amino acids
+    w, wt = stats.shares("weighted")
+    assert wt[0, 0] == pytest.approx(2.3) and w[0, 0, 0] == pytest.approx(0.6 / 2.3) and w[0, 0, 1] == pytest.approx(0.8 / 2.3)
+    assert stats.head_mask("threshold", min_kept=6).sum() == 0 and stats.head_mask("threshold", min_kept=5).all()
+
+
+def planted_stats(planted: bool, n_layers=4, n_heads=16, proteins=40, length=80, seed=0) -> AttentionToAminoAcids:
+    """Attention of synthetic proteins. planted: head h prefers residues similar to its own amino acid c_h
+    (every amino acid is some head's), logit(i -> j) = 0.3 BLOSUM62[c_h, residue_j] + noise; otherwise the
+    logits are pure noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.permutation(np.arange(n_layers * n_heads) % 20).reshape(n_layers, n_heads)
+    bias = 0.3 * torch.from_numpy(blosum62()[centres]).float()  # (n_layers, H, 20)
+    stats = AttentionToAminoAcids(n_layers, n_heads, threshold=0.1)
+    for _ in range(proteins):
+        residues = torch.from_numpy(rng.integers(0, 20, length))
+        tokens = torch.cat([torch.tensor([vocab.BOS]), residues])
+        logits = torch.from_numpy(rng.normal(size=(n_layers, n_heads, length + 1, length + 1))).float()
+        if planted:
+            logits[..., 1:] += bias[..., residues][..., None, :]
+        stats.update(torch.softmax(logits, -1), tokens)
+    return stats
+
+
+@pytest.mark.parametrize("variant", ["threshold", "weighted"])
+def test_planted_structure_is_found_and_random_attention_is_not(variant):
+    # Planted: a head's share of attention on a follows BLOSUM62[c_h, a], so amino acids that BLOSUM62 scores
+    # alike rise and fall together across heads. 64 heads make the estimate stable: r is 0.7-0.9 here,
+    # so > 0.5 leaves a wide margin. Random attention has no such structure: the permutation null has a
+    # standard deviation of about 0.1 (more than 1/sqrt(190), the pairs share amino acids), so |r| < 0.3 is
+    # 3 sigma and p > 0.01 fails for 1% of seeds; the seed is fixed.
+    for planted, check in ((True, lambda g: g["pearson"] > 0.5 and g["spearman"] > 0.5 and g["pearson_p"] < 0.01 and g["spearman_p"] < 0.01),
+                           (False, lambda g: abs(g["pearson"]) < 0.3 and g["pearson_p"] > 0.01 and g["spearman_p"] > 0.01)):
+        stats = planted_stats(planted)
+        shares, _ = stats.shares(variant)
+        used = stats.head_mask(variant, min_kept=20)
+        assert used.sum() >= 32
+        g = agreement(similarity_matrix(shares[used]), permutations=2000)
+        assert g["pairs"] == 190 and check(g), (planted, g)
+
+
+# ------------------------------------------------------------------ attention maps of every attention kind
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_identity_values_trick_equals_direct_maps(kind, causal):
+    torch.manual_seed(0)
+    cfg = Config.from_name("tiny", attention=kind, causal=causal, n_layers=2, chunk_size=8, dropout=0.0)
+    model = ProteinLM(cfg).eval()
+    tokens = torch.randint(0, 20, (2, 21))
+    tokens[:, 0] = vocab.BOS
+    padding_mask = torch.ones_like(tokens, dtype=torch.bool)
+    padding_mask[1, 15:] = False
+    tokens[1, 15:] = vocab.PAD
+    direct = model.attention_maps(tokens, padding_mask)  # (n_layers, B, H, L, L)
+    trick = identity_value_maps(model, tokens, padding_mask)
+    real = padding_mask[None, :, None, :, None]  # rows of real queries
+    torch.testing.assert_close(trick * real, direct * real, atol=2e-5, rtol=1e-4)
+    rows = direct.sum(-1)[real[..., 0].expand_as(direct[..., 0])]
+    torch.testing.assert_close(rows, torch.ones_like(rows), atol=1e-5, rtol=0)
+    assert (direct >= 0).all() and (direct[..., ~padding_mask[1]][:, 1] == 0).all()  # no weight on padding
+    if causal:
+        assert (direct.triu(1) == 0).all()
+
+
+# ------------------------------------------------------------------------------ checkpoints and inputs
+
+
+def test_load_model_rebuilds_the_trained_network(ckpt):
+    loaded = load_model(ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    assert loaded.config.attention == state["hyper_parameters"]["attention"] and loaded.objective == "masked"
+    assert loaded.step == 4 and not loaded.model.training
+    for name, value in loaded.model.state_dict().items():
+        torch.testing.assert_close(value, state["state_dict"][f"model.{name}"], atol=0, rtol=0)
+    assert load_model(ckpt.parents[2]).path == ckpt  # a run directory resolves to its last.ckpt
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(AnalysisError, match="nope.ckpt"):
+        load_model(tmp_path / "nope.ckpt")
+    (tmp_path / "text.ckpt").write_text("not a checkpoint")
+    with pytest.raises(AnalysisError, match="text.ckpt"):
+        load_model(tmp_path / "text.ckpt")
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "other.ckpt")
+    with pytest.raises(AnalysisError, match="does not hold a protein_performer model"):
+        load_model(tmp_path / "other.ckpt")
+
+
+def test_read_fasta(tmp_path):
+    fasta = tmp_path / "x.fasta.gz"
+    with gzip.open(fasta, "wt") as f:
+        f.write(">tr|Q1|E1_HUMAN some protein\nMKV\nLA\n>bad\nMKJ*\n>plain description\nacdy\n>empty\n")
+    proteins = read_proteins(fasta)
+    assert [(p.name, p.entry, p.sequence) for p in proteins] == [("Q1", "E1_HUMAN", "MKVLA"), ("plain", "", "ACDY")]
+    assert [p.name for p in read_proteins(fasta, limit=1)] == ["Q1"]
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def check_outputs(out: Path) -> dict:
+    for name in ("attention_grid.png", "attention_head.png", "similarity.png", "agreement_by_layer.png", "summary.json",
+                 "similarity_threshold.csv", "similarity_weighted.csv", "blosum62.csv", "agreement_by_layer.csv",
+                 "head_shares.csv", "attention_maps.npz"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["attention"] == "favor-softmax" and summary["model"]["n_layers"] == 2
+    for variant in ("threshold", "weighted"):
+        g = summary[f"{variant}_similarity"]
+        assert g["heads_total"] == 8 and 0 <= g["heads_used"] <= 8
+        if g["pearson"] is not None:
+            assert -1 <= g["pearson"] <= 1 and -1 <= g["spearman"] <= 1 and 0 < g["pearson_p"] <= 1
+    assert len(summary["by_layer"]) == 2 * 2
+    assert summary["featured"]["identity_trick_max_abs_diff"] < 1e-4
+    maps = np.load(out / "attention_maps.npz")["maps"].astype(np.float32)
+    assert maps.shape[:2] == (2, 4) and np.allclose(maps.sum(-1), 1, atol=1e-2)
+    return summary
+
+
+def test_cli_end_to_end_prepared_dir(run, ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    analyze(["--ckpt", str(ckpt), "--input", str(run["prepared"]), "--out", str(out), "--num-sequences", "6",
+             "--max-length", "64", "--threshold", "0.05", "--min-kept", "1", "--permutations", "500"])
+    summary = check_outputs(out)
+    assert summary["split"] == "test" and summary["num_sequences"] == 6 and summary["max_length"] == 64
+    assert summary["featured"]["name"] == "test/0" and summary["featured"]["length"] <= 63
+    assert summary["weighted_similarity"]["pairs"] > 0 and summary["weighted_similarity"]["heads_used"] == 8
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "Pearson" in printed
+
+
+def test_cli_end_to_end_fasta_with_accession(run, ckpt, tmp_path):
+    accession = read_proteins(run["fasta"])[5].name
+    out = tmp_path / "out"
+    analyze(["--ckpt", str(ckpt), "--input", str(run["fasta"]), "--out", str(out), "--num-sequences", "3",
+             "--max-length", "48", "--accession", accession, "--head", "1", "2", "--permutations", "200"])
+    summary = check_outputs(out)
+    assert summary["featured"]["name"] == accession and summary["featured"]["head"] == {"layer": 1, "head": 2}
+    assert summary["split"] is None and summary["num_sequences"] == 3
+
+
+def test_cli_subcommand(run, ckpt, tmp_path):
+    from protein_performer import cli
+
+    if "analyze" not in cli.COMMANDS:
+        pytest.skip("protein_performer.cli does not dispatch `analyze` yet")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        ["protein-performer", "analyze", "--ckpt", str(ckpt), "--input", str(run["fasta"]), "--out", str(out),
+         "--num-sequences", "2", "--max-length", "32", "--permutations", "100"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    check_outputs(out)
+
+
+def failure(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        analyze(argv)
+    assert e.value.code not in (0, None)
+    return str(e.value.code) + capsys.readouterr().err
+
+
+def test_cli_errors_name_the_path(run, ckpt, tmp_path, capsys):
+    base = ["--out", str(tmp_path / "out"), "--num-sequences", "2", "--permutations", "10"]
+    missing = tmp_path / "missing.ckpt"
+    assert str(missing) in failure(["--ckpt", str(missing), "--input", str(run["fasta"]), *base], capsys)
+    not_ckpt = tmp_path / "x.ckpt"
+    not_ckpt.write_bytes(b"\x00garbage")
+    assert str(not_ckpt) in failure(["--ckpt", str(not_ckpt), "--input", str(run["fasta"]), *base], capsys)
+    missing_input = tmp_path / "missing.fasta"
+    assert str(missing_input) in failure(["--ckpt", str(ckpt), "--input", str(missing_input), *base], capsys)
+    junk = tmp_path / "junk.fasta"
+    junk.write_text(">a\nMKJ1*\n>b\n\n>c\n12 34\n")
+    message = failure(["--ckpt", str(ckpt), "--input", str(junk), *base], capsys)
+    assert str(junk) in message and "no valid protein sequences" in message
+    message = failure(["--ckpt", str(ckpt), "--input", str(run["prepared"]), "--split", "nosuch", *base], capsys)
+    assert "nosuch" in message and str(run["prepared"]) in message
+    assert "NOPE_HUMAN" in failure(["--ckpt", str(ckpt), "--input", str(run["fasta"]), "--accession", "NOPE_HUMAN", *base], capsys)
+    assert "head" in failure(["--ckpt", str(ckpt), "--input", str(run["fasta"]), "--head", "5", "0", *base], capsys)
