@@ -115,6 +115,11 @@ class SelfAttention(nn.Module):
         y = y.transpose(1, 2).flatten(2)  # (B, L, D)
         return self.out(y), (q, k)
 
+    def decode(self, x, state):
+        q, k, v = self.project(x)
+        y, state = self.core.decode(q, k, v, state)
+        return self.out(y.transpose(1, 2).flatten(2)), state
+
 
 class Block(nn.Module):
     def __init__(self, cfg: Config, layer: int):
@@ -132,6 +137,11 @@ class Block(nn.Module):
         x = x + self.drop(a)
         x = x + self.mlp(self.ln2(x))
         return x, qk
+
+    def decode(self, x, state):
+        a, state = self.attn.decode(self.ln1(x), state)
+        x = x + self.drop(a)
+        return x + self.mlp(self.ln2(x)), state
 
 
 class ProteinLM(nn.Module):
@@ -201,6 +211,27 @@ class ProteinLM(nn.Module):
         return out
 
     @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, cache: "DecodeCache | None" = None) -> tuple[torch.Tensor, "DecodeCache"]:
+        """Causal models: logits (B, T, V) of the next T tokens given the cache of everything before them.
+
+        FAVOR layers carry a constant-size state (prefix sums S and z), so each new token costs the same
+        whatever the prefix length; exact layers carry a key/value cache. The logits equal those of a full
+        forward pass over prefix + tokens. Pass the whole prompt once, then one token at a time.
+        """
+        if not self.cfg.causal:
+            raise ValueError("decode() needs a causal model; this one is bidirectional (masked LM)")
+        cache = cache or DecodeCache([None] * self.cfg.n_layers, 0)
+        start, length = cache.length, tokens.shape[1]
+        if start + length > self.cfg.max_len:
+            raise ValueError(f"position {start + length - 1} is beyond the model's max_len {self.cfg.max_len}")
+        x = self.tok_emb(tokens) + self.pos_emb.weight[start : start + length]
+        states = []
+        for block, state in zip(self.blocks, cache.states):
+            x, state = block.decode(x, state)
+            states.append(state)
+        return self.head(self.ln_f(x)), DecodeCache(states, start + length)
+
+    @torch.no_grad()
     def attention_maps(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Row-normalised attention of every layer and head: (n_layers, B, H, L, L), float32.
 
@@ -229,6 +260,14 @@ class ProteinLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+@dataclass
+class DecodeCache:
+    """Per-layer decoding state (FAVOR: DecodeState; exact: (keys, values)) and the number of tokens seen."""
+
+    states: list
+    length: int
 
 
 def feature_seed(seed: int, layer: int) -> int:

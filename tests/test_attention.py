@@ -324,3 +324,22 @@ def test_bf16_autocast_is_finite_and_close(causal):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     # q/k/v come out of a bf16 matmul (8 bits of mantissa): 2e-2 relative to the output's scale
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())
+
+
+# ---- recurrent decoding --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel,projected", KINDS)
+def test_recurrent_decoding_equals_causal_attention(kernel, projected):
+    from protein_performer.attention.favor import favor_decode_step
+
+    w = projection(32, 16) if projected else None
+    q, k, v = qkv(length=90)
+    k[:, :, 60:] *= 4  # later keys raise the running maximum: the carried state must be rescaled
+    full = favor_attention(q, k, v, w, kernel=kernel, causal=True, chunk_size=16)
+    out, state = favor_decode_step(q[:, :, :50], k[:, :, :50], v[:, :, :50], w, None, kernel=kernel)  # prefill
+    outs = [out]
+    for t in range(50, 90):  # then one token at a time
+        out, state = favor_decode_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], w, state, kernel=kernel)
+        outs.append(out)
+        assert state.kv.shape == (2, 3, w.shape[0] * (2 if kernel == "trig" else 1) if projected else 16, 17)
+    torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-10, atol=1e-10)  # float64 round-off

@@ -128,3 +128,21 @@ def test_activation_checkpointing_gives_the_same_gradients(attention):
         model(tokens)["logits"].square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)  # same ops recomputed: round-off only
+
+
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_decode_with_cache_equals_full_forward(attention):
+    model = tiny(attention, True).eval()
+    tokens = batch(b=2, length=90)
+    full = model(tokens)["logits"]
+    logits, cache = model.decode(tokens[:, :70])  # prompt, then token by token
+    steps = [logits]
+    for i in range(70, 90):
+        logits, cache = model.decode(tokens[:, i:i + 1], cache)
+        steps.append(logits)
+    assert cache.length == 90
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)  # float32 round-off
+    with pytest.raises(ValueError, match="needs a causal model"):
+        tiny(attention, False).decode(tokens)
+    with pytest.raises(ValueError, match="beyond the model's max_len 512"):
+        model.decode(batch(b=1, length=10), type(cache)([None] * 2, 505))

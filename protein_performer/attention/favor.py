@@ -13,6 +13,8 @@ product, across chunks a carried (F, d_v) state that is rescaled when the maximu
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .features import Kernel, feature_map
@@ -54,6 +56,55 @@ def favor_attention(
             y = f_q @ (phi_k.transpose(-1, -2) @ v1)  # (B, H, L, F) @ (B, H, F, d_v + 1)
         out = y[..., :-1] / _safe_denominator(y[..., -1:], kernel)
     return out.to(out_dtype)
+
+
+class DecodeState(NamedTuple):
+    """Causal FAVOR state after a prefix: S = sum_j phi(k_j) exp(g_j - g) [v_j, 1]^T (B, H, F, d_v + 1), and g
+    (B, H), the running maximum of the key log-scales. Constant size whatever the prefix length."""
+
+    kv: torch.Tensor
+    g: torch.Tensor
+
+
+def favor_decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor | None,
+    state: DecodeState | None,
+    *,
+    kernel: Kernel = "softmax",
+) -> tuple[torch.Tensor, DecodeState]:
+    """Causal FAVOR for new positions given the state of the prefix: O(1) time and memory per token.
+
+    q, k, v (B, H, T, d) are the next T positions (T = 1 when sampling; a whole prompt to prefill). Returns
+    their outputs (B, H, T, d_v), equal to favor_attention(..., causal=True) over prefix + new positions,
+    and the state after them.
+    """
+    out_dtype = v.dtype
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q, k, v = q.to(work), k.to(work), v.to(work)
+        if projection is not None:
+            projection = projection.to(work)
+        f_q, _ = feature_map(q, projection, kernel)
+        phi_k, g = feature_map(k, projection, kernel, key_stabiliser="running")  # g over the new keys only
+        if state is not None:  # the prefix's maximum joins the running maximum of the new keys
+            g_all = torch.maximum(g, state.g[..., None])
+            phi_k = phi_k * torch.exp(g - g_all)[..., None]
+            g = g_all
+        v1 = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1)
+        if k.shape[2] == 1:
+            y = f_q @ (phi_k.transpose(-1, -2) @ v1)
+        else:
+            y = _CausalLinearAttention.apply(f_q, phi_k, v1, g, DEFAULT_CHUNK)
+        g_end = g[..., -1]
+        kv = (phi_k * torch.exp(g - g_end[..., None])[..., None]).transpose(-1, -2) @ v1  # (B, H, F, d_v + 1)
+        if state is not None:  # the prefix's state, rescaled from its maximum to each new position's (<= 1)
+            y = y + (f_q @ state.kv) * torch.exp(state.g[..., None] - g)[..., None]
+            kv = kv + state.kv * torch.exp(state.g - g_end)[..., None, None]
+        out = y[..., :-1] / _safe_denominator(y[..., -1:], kernel)
+    return out.to(out_dtype), DecodeState(kv, g_end)
 
 
 def attention_matrix(

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .exact import softmax_attention
-from .favor import DEFAULT_CHUNK, favor_attention
+from .favor import DEFAULT_CHUNK, DecodeState, favor_attention, favor_decode_step
 from .features import Kernel, orthogonal_gaussian_matrix
 
 
@@ -60,6 +61,11 @@ class FavorAttention(nn.Module):
             key_padding_mask=key_padding_mask, chunk_size=self.chunk_size,
         )
 
+    def decode(self, q, k, v, state: DecodeState | None):
+        """Causal decoding: outputs of the next positions and the constant-size state after them."""
+        projection = self.projection if self.projection.numel() else None
+        return favor_decode_step(q, k, v, projection, state, kernel=self.kernel)
+
     def extra_repr(self) -> str:
         return f"kernel={self.kernel}, causal={self.causal}, nb_features={self.nb_features if self.projection.numel() else 0}"
 
@@ -74,6 +80,15 @@ class ExactAttention(nn.Module):
     def forward(self, q, k, v, key_padding_mask=None):
         p = self.dropout if self.training else 0.0
         return softmax_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, dropout_p=p)
+
+    def decode(self, q, k, v, state: tuple[torch.Tensor, torch.Tensor] | None):
+        """Causal decoding with a key/value cache: outputs of the next T positions and the grown cache."""
+        if state is not None:
+            k, v = torch.cat([state[0], k], 2), torch.cat([state[1], v], 2)
+        new, total = q.shape[2], k.shape[2]
+        # new position i (absolute total - new + i) sees every cached key and the new keys up to itself
+        allowed = torch.ones(new, total, dtype=torch.bool, device=q.device).tril(total - new)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed), (k, v)
 
     def extra_repr(self) -> str:
         return f"causal={self.causal}"
