@@ -1,6 +1,7 @@
 """`protein-performer`: one entry point for training and evaluation (and, later, analysis tools).
 
     protein-performer fit      --config configs/cpu/demo.yaml [--trainer.max_steps 10 --data.data_dir DIR ...]
+    protein-performer fit      --config configs/cpu/demo.yaml --ckpt_path last    # resume DEFAULT_ROOT_DIR/checkpoints/last.ckpt
     protein-performer validate --config configs/cpu/demo.yaml --ckpt_path CKPT
     protein-performer test     --config configs/cpu/demo.yaml --ckpt_path CKPT   # Table-2 report
     protein-performer report   RUN_A/report/report.json RUN_B/report/report.json  # join reports
@@ -11,6 +12,7 @@ fit/validate/test are Lightning's LightningCLI; other subcommands are plain func
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -50,6 +52,8 @@ class ProteinCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.precision is None:  # configs say null: decide on the machine that runs
             config.trainer.precision = auto_precision(str(config.trainer.accelerator))
+        if config.checkpoint.dirpath is None:  # one place per run directory, so `--ckpt_path last` finds it
+            config.checkpoint.dirpath = str(Path(config.trainer.default_root_dir or ".") / "checkpoints")
         if self.subcommand and config.get("weights_only") is None:  # checkpoints hold tensors and plain types only
             config.weights_only = True
 

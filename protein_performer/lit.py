@@ -98,7 +98,7 @@ class ShardedBatchSampler:
     ):
         if (batch_size is None) == (max_tokens is None):
             raise ValueError("give exactly one of batch_size and max_tokens")
-        if max_tokens is not None and max_tokens < sampler.lengths.max():
+        if max_tokens is not None and len(sampler) and max_tokens < sampler.lengths.max():
             raise ValueError(f"max_tokens={max_tokens} is below the longest sequence ({sampler.lengths.max()})")
         self.sampler, self.batch_size, self.max_tokens = sampler, batch_size, max_tokens
         self.rank, self.world_size, self.even, self.stream, self.bucket = rank, world_size, even, stream, bucket
@@ -130,8 +130,8 @@ class ShardedBatchSampler:
         if self._cache is None or self._cache[0] != self.sampler.epoch:
             batches = self._global_batches()
             stop = len(batches) // self.world_size * self.world_size if self.even else len(batches)
-            if stop == 0:
-                raise ValueError(f"{len(batches)} batches cannot be shared evenly by {self.world_size} ranks")
+            if len(batches) < self.world_size:  # a rank without batches would skip the metric sync and hang
+                raise ValueError(f"{len(batches)} batches cannot be shared by {self.world_size} ranks: use smaller batches")
             self._cache = (self.sampler.epoch, batches[self.rank : stop : self.world_size])
         return self._cache[1]
 
@@ -383,7 +383,9 @@ class ProteinLMModule(L.LightningModule):
             raise ValueError(f"data objective {dm.objective!r} differs from the model's {self.hparams.objective!r}")
         if dm.example_length > self.config.max_len:
             raise ValueError(f"data examples of {dm.example_length} tokens exceed the model's max_len {self.config.max_len}")
-        if dm.unigram_counts is not None:
+        # The baseline belongs to the data the model is trained on: taken when fitting (or if still unset),
+        # kept when a trained model is evaluated on other data; checkpoints restore it after setup.
+        if dm.unigram_counts is not None and (stage == "fit" or not self.unigram_counts.any()):
             self.unigram_counts.copy_(torch.from_numpy(dm.unigram_counts))
         if stage == "test":
             self.test_metrics = nn.ModuleList(LMMetrics() for _ in dm.test_split_names).to(self.device)

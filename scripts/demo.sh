@@ -21,7 +21,7 @@ echo "== 2/3 train (configs/cpu/demo.yaml)"
 protein-performer fit "${COMMON[@]}" --trainer.logger.init_args.version train "$@"
 
 echo "== 3/3 evaluate the best checkpoint on test and OOD"
-BEST=$(ls -t "$OUT"/demo/train/checkpoints/best-*.ckpt | head -n 1)
+BEST=$(ls -t "$OUT"/checkpoints/best-*.ckpt | head -n 1)
 protein-performer test "${COMMON[@]}" --trainer.logger.init_args.version test --ckpt_path "$BEST"
 
 python - "$OUT" <<'PY'

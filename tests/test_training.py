@@ -234,30 +234,32 @@ def test_redraw_is_a_function_of_step(prepared, tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_as_if_uninterrupted(prepared, tmp_path):
-    """Next-step losses after resuming from last.ckpt equal the uninterrupted run's to 1e-5 (relative):
-    batches, masking, dropout and redraws are functions of (seed, step), so they are in fact bit-identical
-    on this CPU; the tolerance leaves room for nondeterministic kernels elsewhere. The resumed part crosses
-    an epoch boundary (15 train batches per epoch)."""
+    """Losses after resuming from last.ckpt equal the uninterrupted run's to 1e-5 (relative), for a
+    checkpoint in the middle of an epoch (step 11) and one at the end of an epoch (step 14; 14 batches per
+    epoch). Batches, masking, dropout and redraws are functions of (seed, step), so on this CPU they are
+    in fact bit-identical; the tolerance leaves room for nondeterministic kernels elsewhere."""
 
-    def run(max_steps, root, ckpt_path=None):
+    def run(max_steps, root, val_every, ckpt_path=None):
         torch.manual_seed(0)  # the initial weights (the CLI calls seed_everything)
         dm = ProteinDataModule(str(prepared), max_len=256, max_tokens=1200, num_workers=1, seed=3)
         module = ProteinLMModule("tiny", attention="favor-softmax", redraw_every=4, seed=3, warmup_steps=5,
                                  decay="cosine", decay_steps=40)
         rec = LossRecorder()
         ckpt = ModelCheckpoint(dirpath=root, save_last=True, monitor="val/ppl", mode="min")
-        t = trainer(root, max_steps, callbacks=[rec, ckpt], enable_checkpointing=True, val_check_interval=11,
+        t = trainer(root, max_steps, callbacks=[rec, ckpt], enable_checkpointing=True, val_check_interval=val_every,
                     check_val_every_n_epoch=None, limit_val_batches=2)
         t.fit(module, dm, ckpt_path=ckpt_path, weights_only=True)
         return rec, module, t
 
-    full, full_module, t = run(24, tmp_path / "full")
-    assert t.num_training_batches < 24  # crosses an epoch
-    run(11, tmp_path / "part")
-    resumed, resumed_module, _ = run(24, tmp_path / "part", ckpt_path=str(tmp_path / "part" / "last.ckpt"))
-    assert sorted(resumed.loss) == list(range(11, 24))
-    for step in resumed.loss:
-        assert resumed.loss[step] == pytest.approx(full.loss[step], rel=1e-5), step
-        assert torch.equal(resumed.projection[step], full.projection[step])
-    for a, b in zip(full_module.parameters(), resumed_module.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    full, full_module, t = run(24, tmp_path / "full", 100)
+    assert t.num_training_batches == 14
+    for stop in (11, 14):
+        part = tmp_path / f"part{stop}"
+        run(stop, part, stop)
+        resumed, resumed_module, _ = run(24, part, stop, ckpt_path=str(part / "last.ckpt"))
+        assert sorted(resumed.loss) == list(range(stop, 24))
+        for step in resumed.loss:
+            assert resumed.loss[step] == pytest.approx(full.loss[step], rel=1e-5), (stop, step)
+            assert torch.equal(resumed.projection[step], full.projection[step])
+        for a, b in zip(full_module.parameters(), resumed_module.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,159 @@
+"""Quality bar of issue 4: small models of every attention kind and objective, same wall time each.
+
+Data (../shared/data/proteomes): three proteomes train (E. coli, S. cerevisiae, P. falciparum by
+default); 20 Pfam families of pfam_labels.tsv are held out of them as the OOD split; the fourth
+proteome (S. elongatus) is a second out-of-distribution set. Each model ("small": 4 layers, d_model 256,
+8 heads, d_ff 1024) trains for --minutes of wall time on this machine, then is evaluated on validation,
+test, OOD and the fourth proteome, beside the unigram baseline of the training split.
+
+    python benchmarks/quality.py --minutes 10            # 6 runs, about an hour on 2 CPU cores
+    python benchmarks/quality.py --minutes 2 --objectives masked --attention softmax favor-relu
+
+Writes OUT/results.csv and OUT/results.md (default OUT: benchmarks/results/quality) and prints the table,
+with whether each Performer ends within 5% of the exact Transformer's validation perplexity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from protein_performer.lit import ProteinDataModule, ProteinLMModule
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTEOMES = {
+    "E.coli": "UP000000625-E.coli.fasta.gz",
+    "S.cerevisiae": "UP000002311-S.cerevisiae.fasta.gz",
+    "P.falciparum": "UP000001450-P.falciparum.fasta.gz",
+    "S.elongatus": "UP000002717-S.elongatus.fasta.gz",
+}
+KINDS = ("softmax", "favor-relu", "favor-softmax")
+
+
+def held_out_families(labels: Path, n: int = 20, seed: int = 0) -> list[str]:
+    """n families with 10-40 labelled sequences each, drawn with a fixed seed (mid-sized: OOD but measurable)."""
+    counts: dict[str, int] = {}
+    with open(labels) as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            for fam in set(row["families"].split(",")):
+                counts[fam] = counts.get(fam, 0) + 1
+    candidates = sorted(f for f, c in counts.items() if 10 <= c <= 40)
+    return sorted(np.random.default_rng(seed).choice(candidates, size=n, replace=False).tolist())
+
+
+def prepare(data: Path, work: Path, eval_proteome: str) -> tuple[Path, Path, list[str]]:
+    """Prepared dirs: the three training proteomes (train/valid/test/ood) and the fourth (its 'train' split)."""
+    families = held_out_families(data / "pfam_labels.tsv")
+    train_dir, fourth_dir = work / "three", work / "fourth"
+    inputs = [str(data / f) for name, f in PROTEOMES.items() if name != eval_proteome]
+    prep = [sys.executable, "-m", "data_prep"]
+    if not (train_dir / "manifest.json").is_file():
+        subprocess.run(prep + inputs + ["--out", str(train_dir), "--overwrite", "--pfam-labels", str(data / "pfam_labels.tsv"),
+                                        "--ood-families", *families, "--valid-fraction", "0.02", "--test-fraction", "0.05"],
+                       check=True, cwd=ROOT)
+    if not (fourth_dir / "manifest.json").is_file():
+        subprocess.run(prep + [str(data / PROTEOMES[eval_proteome]), "--out", str(fourth_dir), "--overwrite"],
+                       check=True, cwd=ROOT)
+    return train_dir, fourth_dir, families
+
+
+def evaluate(module, data_dir: Path, splits: tuple[str, ...], args) -> dict[str, dict]:
+    dm = ProteinDataModule(str(data_dir), objective=module.hparams.objective, max_len=args.max_len,
+                           max_tokens=args.max_tokens, test_splits=splits, num_workers=1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, default_root_dir=args.out / "eval")
+    trainer.test(module, dm, verbose=False)
+    return module.test_results
+
+
+def run_one(objective: str, attention: str, train_dir: Path, fourth_dir: Path, args) -> dict:
+    L.seed_everything(0)
+    module = ProteinLMModule("small", objective=objective, attention=attention, warmup_steps=100,
+                             redraw_every=args.redraw_every)
+    dm = ProteinDataModule(str(train_dir), objective=objective, max_len=args.max_len, max_tokens=args.max_tokens,
+                           num_workers=1)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_time={"minutes": args.minutes}, max_steps=-1, gradient_clip_val=0.5,
+        val_check_interval=args.val_every, check_val_every_n_epoch=None, limit_val_batches=args.val_batches,
+        logger=L.pytorch.loggers.CSVLogger(args.out / "logs", name=f"{objective}-{attention}"),
+        enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False,
+        default_root_dir=args.out,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, dm)
+    wall = time.perf_counter() - start
+    results = evaluate(module, train_dir, ("valid", "test", "ood"), args)
+    results["fourth"] = evaluate(module, fourth_dir, ("train",), args)["train"]
+    return {"objective": objective, "attention": attention, "steps": trainer.global_step, "wall_s": round(wall),
+            "results": results}
+
+
+def table(runs: list[dict]) -> str:
+    """Markdown: accuracy % / perplexity per split, unigram baseline, and the 5%-of-Transformer check."""
+    splits = ("valid", "test", "ood", "fourth")
+    lines = ["| objective | attention | steps | " + " | ".join(splits) + " | baseline (valid) | valid ppl vs Transformer |",
+             "| --- | --- | --- |" + " --- |" * (len(splits) + 2)]
+    for run in runs:
+        r = run["results"]
+        exact = next((x for x in runs if x["objective"] == run["objective"] and x["attention"] == "softmax"), None)
+        ratio = f"{r['valid']['ppl'] / exact['results']['valid']['ppl'] - 1:+.1%}" if exact else "-"
+        cells = " | ".join(f"{100 * r[s]['acc']:.2f} / {r[s]['ppl']:.2f}" for s in splits)
+        base = r["valid"]
+        lines.append(f"| {run['objective']} | {run['attention']} | {run['steps']} | {cells} | "
+                     f"{100 * base['baseline_acc']:.2f} / {base['baseline_ppl']:.2f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/proteomes")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/quality")
+    p.add_argument("--minutes", type=float, default=10.0, help="training wall time per model")
+    p.add_argument("--objectives", nargs="+", default=["masked", "causal"], choices=["masked", "causal"])
+    p.add_argument("--attention", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--eval-proteome", default="S.elongatus", choices=sorted(PROTEOMES))
+    p.add_argument("--max-len", type=int, default=512, help="clip length (512 rather than 1024: more steps on CPU)")
+    p.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per batch")
+    p.add_argument("--val-every", type=int, default=200, help="steps between validations")
+    p.add_argument("--val-batches", type=int, default=20, help="validation batches during training")
+    p.add_argument("--redraw-every", type=int, default=100, help="favor-softmax feature redraw interval (steps)")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    train_dir, fourth_dir, families = prepare(args.data, args.out / "prepared", args.eval_proteome)
+    runs = []
+    for objective in args.objectives:
+        for attention in args.attention:
+            print(f"== {objective} {attention}: {args.minutes} min", flush=True)
+            runs.append(run_one(objective, attention, train_dir, fourth_dir, args))
+            (args.out / "runs.json").write_text(json.dumps(runs, indent=2))
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    md = (f"{table(runs)}\n\naccuracy % / perplexity. {args.minutes} min of training per model on {machine}; "
+          f"model 'small' (4 layers, d_model 256), L = {args.max_len}, {args.max_tokens} tokens per batch. "
+          f"OOD: held-out Pfam families {' '.join(families)}; fourth: {args.eval_proteome}.")
+    (args.out / "results.md").write_text(md + "\n")
+    with open(args.out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["objective", "attention", "steps", "wall_s", "split", "accuracy", "perplexity", "baseline_accuracy",
+                    "baseline_perplexity", "tokens"])
+        for run in runs:
+            for split, r in run["results"].items():
+                w.writerow([run["objective"], run["attention"], run["steps"], run["wall_s"], split, r["acc"], r["ppl"],
+                            r["baseline_acc"], r["baseline_ppl"], int(r["tokens"])])
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
