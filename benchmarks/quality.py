@@ -79,7 +79,7 @@ def evaluate(module, data_dir: Path, splits: tuple[str, ...], args) -> dict[str,
 
 def run_one(objective: str, attention: str, train_dir: Path, fourth_dir: Path, args) -> dict:
     L.seed_everything(0)
-    module = ProteinLMModule("small", objective=objective, attention=attention, warmup_steps=100,
+    module = ProteinLMModule("small", objective=objective, attention=attention, lr=args.lr, warmup_steps=100,
                              redraw_every=args.redraw_every)
     dm = ProteinDataModule(str(train_dir), objective=objective, max_len=args.max_len, max_tokens=args.max_tokens,
                            num_workers=1)
@@ -123,8 +123,9 @@ def main() -> None:
     p.add_argument("--objectives", nargs="+", default=["masked", "causal"], choices=["masked", "causal"])
     p.add_argument("--attention", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--eval-proteome", default="S.elongatus", choices=sorted(PROTEOMES))
-    p.add_argument("--max-len", type=int, default=512, help="clip length (512 rather than 1024: more steps on CPU)")
-    p.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per batch")
+    p.add_argument("--max-len", type=int, default=256, help="clip length (256 rather than 1024: more steps on CPU)")
+    p.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (paper: 1e-3, at far more steps)")
     p.add_argument("--val-every", type=int, default=200, help="steps between validations")
     p.add_argument("--val-batches", type=int, default=20, help="validation batches during training")
     p.add_argument("--redraw-every", type=int, default=100, help="favor-softmax feature redraw interval (steps)")
@@ -141,7 +142,7 @@ def main() -> None:
             (args.out / "runs.json").write_text(json.dumps(runs, indent=2))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
     md = (f"{table(runs)}\n\naccuracy % / perplexity. {args.minutes} min of training per model on {machine}; "
-          f"model 'small' (4 layers, d_model 256), L = {args.max_len}, {args.max_tokens} tokens per batch. "
+          f"model 'small' (4 layers, d_model 256), L = {args.max_len}, {args.max_tokens} tokens per batch, lr {args.lr}. "
           f"OOD: held-out Pfam families {' '.join(families)}; fourth: {args.eval_proteome}.")
     (args.out / "results.md").write_text(md + "\n")
     with open(args.out / "results.csv", "w", newline="") as f:

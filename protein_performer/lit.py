@@ -162,7 +162,8 @@ class ProteinDataModule(L.LightningDataModule):
 
     mode "single": one sequence per example, [BOS] + sequence clipped to max_len (random crop when
     training, first max_len tokens when evaluating); "concatenated": non-overlapping EOS-separated windows
-    of `window` tokens. Give batch_size (sequences) or max_tokens (padded tokens per batch, length-bucketed).
+    of `window` tokens. Give batch_size (sequences) or max_tokens (padded tokens per batch, length-bucketed;
+    it takes precedence over batch_size).
     Sharding over DDP ranks is done here: run with Trainer(use_distributed_sampler=False) (the CLI's default).
     """
 
@@ -235,6 +236,8 @@ class ProteinDataModule(L.LightningDataModule):
             lengths = np.minimum(np.asarray(dataset.lengths) + 1, self.example_length)
         else:
             lengths = np.full(len(dataset), self.example_length)
+        multiple = self.collator.pad_to_multiple  # budget the padded size the collator will produce
+        lengths = -(-lengths // multiple) * multiple
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = ShardedBatchSampler(

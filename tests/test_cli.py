@@ -21,6 +21,7 @@ TINY = str(ROOT / "configs/cpu/tiny.yaml")
 def offline_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["protein-performer"])  # pytest's own arguments are not the CLI's
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
