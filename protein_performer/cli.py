@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
 from .evaluate import report_main
 from .lit import ProteinDataModule, ProteinLMModule
@@ -31,6 +32,15 @@ def auto_precision(accelerator: str) -> str:
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
+
+
+class SaveAndLogConfig(SaveConfigCallback):
+    """Writes config.yaml to the log directory (Lightning's default) and sends the whole run config to wandb."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_hyperparams({"cli": self.config.as_dict()})
 
 
 class ProteinCLI(LightningCLI):
@@ -68,6 +78,7 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> ProteinCLI
         seed_everything_default=0,
         # ProteinDataModule shards over ranks itself (no padding of the validation set)
         trainer_defaults={"use_distributed_sampler": False, "gradient_clip_val": 0.5},
+        save_config_callback=SaveAndLogConfig,
         save_config_kwargs={"overwrite": True},
     )
 
