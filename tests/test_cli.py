@@ -107,3 +107,11 @@ def test_fit_then_test_on_the_sample(sample_dir, tmp_path, monkeypatch):
     for r in report["results"].values():
         assert r["tokens"] > 0 and 1.0 < r["ppl"] < 29.0 and 10.0 < r["baseline_ppl"] < 25.0
     assert report["meta"]["attention"] == "favor-softmax" and report["meta"]["objective"] == "masked"
+
+
+def test_logger_switch_from_wandb_to_csv():
+    config = str(ROOT / "configs/paper/masked-performer-relu.yaml")
+    with torch.device("meta"):
+        cli = build_cli(["--config", config, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger"], run=False)
+    assert type(cli.trainer.logger).__name__ == "CSVLogger"
+    assert cli.trainer.logger.save_dir == "runs/paper/masked-performer-relu"
