@@ -115,3 +115,17 @@ def test_logger_switch_from_wandb_to_csv():
         cli = build_cli(["--config", config, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger"], run=False)
     assert type(cli.trainer.logger).__name__ == "CSVLogger"
     assert cli.trainer.logger.save_dir == "runs/paper/masked-performer-relu"
+
+
+def test_report_joins_runs_into_table_2(tmp_path, capsys):
+    from protein_performer.evaluate import write_report
+
+    r = {"acc": 0.3158, "ppl": 9.17, "baseline_acc": 0.0992, "baseline_ppl": 17.80, "tokens": 1000.0}
+    for kind in ("favor-relu", "softmax"):
+        write_report(tmp_path / kind, {"test": r, "ood": r}, {"attention": kind, "objective": "causal"})
+    md = (tmp_path / "softmax" / "report.md").read_text()
+    assert "| Transformer | unigram baseline |" in md and "| causal | test | 31.58 / 9.17 | 9.92 / 17.80 | 1,000 |" in md
+    main(["report", str(tmp_path / "favor-relu" / "report.json"), str(tmp_path / "softmax" / "report.json")])
+    out = capsys.readouterr().out
+    assert "| objective | set | Transformer | Performer (ReLU) | unigram baseline |" in out
+    assert "| causal | test | 31.58 / 9.17 | 31.58 / 9.17 | 9.92 / 17.80 |" in out
