@@ -13,16 +13,8 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 from protein_performer import vocab
-from protein_performer.analysis import (
-    AnalysisError,
-    AttentionToAminoAcids,
-    agreement,
-    blosum62,
-    identity_value_maps,
-    load_model,
-    read_proteins,
-    similarity_matrix,
-)
+from protein_performer.analysis import AttentionToAminoAcids, agreement, blosum62, identity_value_maps, similarity_matrix
+from protein_performer.inputs import InputError, load_model, read_proteins
 from protein_performer.analysis.cli import main as analyze
 from protein_performer.model import ATTENTION_KINDS, Config, ProteinLM
 
@@ -202,13 +194,13 @@ def test_load_model_rebuilds_the_trained_network(ckpt):
 
 
 def test_load_model_errors(tmp_path):
-    with pytest.raises(AnalysisError, match="nope.ckpt"):
+    with pytest.raises(InputError, match="nope.ckpt"):
         load_model(tmp_path / "nope.ckpt")
     (tmp_path / "text.ckpt").write_text("not a checkpoint")
-    with pytest.raises(AnalysisError, match="text.ckpt"):
+    with pytest.raises(InputError, match="text.ckpt"):
         load_model(tmp_path / "text.ckpt")
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "other.ckpt")
-    with pytest.raises(AnalysisError, match="does not hold a protein_performer model"):
+    with pytest.raises(InputError, match="does not hold a protein_performer model"):
         load_model(tmp_path / "other.ckpt")
 
 

@@ -6,9 +6,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from .checkpoint import AnalysisError
+from ..inputs import DEFAULT_SPLIT, InputError
 from .report import headline, run_analysis
-from .sequences import DEFAULT_SPLIT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             head=tuple(args.head) if args.head else None, split=args.split, permutations=args.permutations,
             seed=args.seed, device=args.device, progress=args.progress,
         )
-    except AnalysisError as e:
+    except InputError as e:
         sys.exit(f"protein-performer analyze: error: {e}")
     print(headline(summary, args.out))
 

@@ -10,15 +10,14 @@ import pandas as pd
 from .. import vocab
 from ..data import SPLITS
 from ..lit import token_counts
-from .checkpoint import AnalysisError
-from .sequences import is_prepared_dir
+from ..inputs import InputError, is_prepared_dir
 
 
 def split_lengths(root: str | Path) -> dict[str, np.ndarray]:
     """Residues per sequence (EOS excluded) of every split of a prepared directory, in split order."""
     root = Path(root)
     if not is_prepared_dir(root):
-        raise AnalysisError(f"{root} is not a prepared data directory (no manifest.json)")
+        raise InputError(f"{root} is not a prepared data directory (no manifest.json)")
     present = [p.name for p in root.iterdir() if (p / "tokens.bin").is_file() and (p / "offsets.npy").is_file()]
     order = sorted(present, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s))
     lengths = {}
@@ -55,7 +54,7 @@ def find_metrics(path: str | Path) -> Path:
         return path
     found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
     if not found:
-        raise AnalysisError(f"no metrics.csv (Lightning CSVLogger) under {path}")
+        raise InputError(f"no metrics.csv (Lightning CSVLogger) under {path}")
     return found[-1]
 
 

@@ -13,9 +13,8 @@ from tqdm import tqdm
 
 from .. import vocab
 from . import plots
-from .checkpoint import AnalysisError, load_model
+from ..inputs import DEFAULT_SPLIT, InputError, find_protein, is_prepared_dir, load_model, read_proteins
 from .maps import identity_value_maps, model_input
-from .sequences import DEFAULT_SPLIT, find_protein, is_prepared_dir, read_proteins
 from .similarity import AMINO_ACIDS, AttentionToAminoAcids, agreement, blosum62, similarity_matrix
 
 VARIANTS = ("threshold", "weighted")
@@ -57,7 +56,7 @@ def run_analysis(
     """
     start = time.perf_counter()
     if num_sequences < 1 or max_length < 2 or not 0 < threshold <= 1 or permutations < 1:
-        raise AnalysisError("need num_sequences >= 1, max_length >= 2, 0 < threshold <= 1 and permutations >= 1")
+        raise InputError("need num_sequences >= 1, max_length >= 2, 0 < threshold <= 1 and permutations >= 1")
     loaded = load_model(ckpt)
     model, cfg = loaded.model.to(device), loaded.config
     length = min(max_length, cfg.max_len)
@@ -83,7 +82,7 @@ def run_analysis(
     if head is None:
         head = most_focused_head(maps)
     elif not (0 <= head[0] < cfg.n_layers and 0 <= head[1] < cfg.n_heads):
-        raise AnalysisError(f"head {head} does not exist: the model has {cfg.n_layers} layers x {cfg.n_heads} heads (0-based)")
+        raise InputError(f"head {head} does not exist: the model has {cfg.n_layers} layers x {cfg.n_heads} heads (0-based)")
     letters = vocab.decode(tokens[0].cpu())
     maps = maps.cpu().numpy()
     files = {
