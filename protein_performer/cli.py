@@ -46,6 +46,10 @@ class SaveAndLogConfig(SaveConfigCallback):
 class ProteinCLI(LightningCLI):
     """LightningCLI with the data objective linked to the model's, a checkpoint callback and runtime precision."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}  # no predict_step
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.objective", "data.objective")
         # last.ckpt for resuming (--ckpt_path last) and the best by validation perplexity
@@ -78,6 +82,8 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> ProteinCLI
         seed_everything_default=0,
         # ProteinDataModule shards over ranks itself (no padding of the validation set)
         trainer_defaults={"use_distributed_sampler": False, "gradient_clip_val": 0.5},
+        parser_kwargs={"description": "Train and evaluate protein language models (Performer / Transformer). "
+                       f"Other subcommands: {', '.join(COMMANDS)} (protein-performer report REPORT.json ...)."},
         save_config_callback=SaveAndLogConfig,
         save_config_kwargs={"overwrite": True},
     )
