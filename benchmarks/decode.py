@@ -1,0 +1,64 @@
+"""Sampling speed against prefix length: FAVOR's recurrent state vs the exact model's key/value cache.
+
+A causal model with the concatenated-task size (6 layers, d_model 512, 8 heads, d_ff 2048, m = 256) decodes
+`--steps` tokens after a prefix of each length, batch 1. FAVOR carries a constant-size state, so its time
+per token must not grow with the prefix; the exact model attends over its whole cache at every step.
+
+    python benchmarks/decode.py --prefixes 100 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import torch
+
+from protein_performer.model import Config, ProteinLM
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@torch.no_grad()
+def tokens_per_second(model: ProteinLM, prefix: int, steps: int) -> float:
+    tokens = torch.randint(0, 20, (1, prefix))
+    logits, cache = model.decode(tokens)  # prefill (not timed)
+    nxt = logits[:, -1].argmax(-1, keepdim=True)
+    model.decode(nxt, cache)  # warm-up step
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits, cache = model.decode(nxt, cache)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+    return steps / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prefixes", type=int, nargs="+", default=[100, 1000, 10000])
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--attention", nargs="+", default=["favor-softmax", "favor-relu", "softmax"])
+    p.add_argument("--out", type=Path, default=RESULTS / "decode.csv")
+    args = p.parse_args(argv)
+    max_len = max(args.prefixes) + args.steps + 2
+    rows = []
+    print(f"{'attention':<15}{'prefix':>8}{'tokens/s':>10}")
+    for attention in args.attention:
+        torch.manual_seed(0)
+        cfg = Config.from_name("paper-concat-6l", attention=attention, causal=True, max_len=max_len, dropout=0.0)
+        model = ProteinLM(cfg).eval()
+        for prefix in args.prefixes:
+            rate = tokens_per_second(model, prefix, args.steps)
+            rows.append({"attention": attention, "prefix": prefix, "tokens_per_s": rate})
+            print(f"{attention:<15}{prefix:>8}{rate:>10.1f}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
