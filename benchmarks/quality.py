@@ -80,11 +80,11 @@ def evaluate(module, data_dir: Path, splits: tuple[str, ...], args) -> dict[str,
 def run_one(objective: str, attention: str, train_dir: Path, fourth_dir: Path, args) -> dict:
     L.seed_everything(0)
     module = ProteinLMModule("small", objective=objective, attention=attention, lr=args.lr, warmup_steps=100,
-                             redraw_every=args.redraw_every)
+                             redraw_every=args.redraw_every, model_args={"d_model": args.d_model, "d_ff": args.d_ff})
     dm = ProteinDataModule(str(train_dir), objective=objective, max_len=args.max_len, max_tokens=args.max_tokens,
                            num_workers=1)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_time={"minutes": args.minutes}, max_steps=-1, gradient_clip_val=0.5,
+        accelerator="cpu", devices=1, max_time={"minutes": args.minutes}, max_steps=args.steps, gradient_clip_val=0.5,
         val_check_interval=args.val_every, check_val_every_n_epoch=None, limit_val_batches=args.val_batches,
         logger=L.pytorch.loggers.CSVLogger(args.out / "logs", name=f"{objective}-{attention}"),
         enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False,
@@ -102,7 +102,7 @@ def run_one(objective: str, attention: str, train_dir: Path, fourth_dir: Path, a
 def table(runs: list[dict]) -> str:
     """Markdown: accuracy % / perplexity per split, unigram baseline, and the 5%-of-Transformer check."""
     splits = ("valid", "test", "ood", "fourth")
-    lines = ["| objective | attention | steps | " + " | ".join(splits) + " | baseline (valid) | valid ppl vs Transformer |",
+    lines = ["| objective | attention | steps (wall s) | " + " | ".join(splits) + " | baseline (valid) | valid ppl vs Transformer |",
              "| --- | --- | --- |" + " --- |" * (len(splits) + 2)]
     for run in runs:
         r = run["results"]
@@ -110,7 +110,7 @@ def table(runs: list[dict]) -> str:
         ratio = f"{r['valid']['ppl'] / exact['results']['valid']['ppl'] - 1:+.1%}" if exact else "-"
         cells = " | ".join(f"{100 * r[s]['acc']:.2f} / {r[s]['ppl']:.2f}" for s in splits)
         base = r["valid"]
-        lines.append(f"| {run['objective']} | {run['attention']} | {run['steps']} | {cells} | "
+        lines.append(f"| {run['objective']} | {run['attention']} | {run['steps']} ({run['wall_s']}) | {cells} | "
                      f"{100 * base['baseline_acc']:.2f} / {base['baseline_ppl']:.2f} | {ratio} |")
     return "\n".join(lines)
 
@@ -120,11 +120,15 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/proteomes")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/quality")
     p.add_argument("--minutes", type=float, default=10.0, help="training wall time per model")
+    p.add_argument("--steps", type=int, default=-1,
+                   help="also stop at this many steps (-1: time only); on a shared machine equal steps compare more fairly")
     p.add_argument("--objectives", nargs="+", default=["masked", "causal"], choices=["masked", "causal"])
     p.add_argument("--attention", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--eval-proteome", default="S.elongatus", choices=sorted(PROTEOMES))
     p.add_argument("--max-len", type=int, default=256, help="clip length (256 rather than 1024: more steps on CPU)")
     p.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
+    p.add_argument("--d-model", type=int, default=256, help="model width ('small' preset: 4 layers, 8 heads, d_ff 1024)")
+    p.add_argument("--d-ff", type=int, default=1024, help="MLP width")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (paper: 1e-3, at far more steps)")
     p.add_argument("--val-every", type=int, default=200, help="steps between validations")
     p.add_argument("--val-batches", type=int, default=20, help="validation batches during training")
@@ -141,8 +145,9 @@ def main() -> None:
             runs.append(run_one(objective, attention, train_dir, fourth_dir, args))
             (args.out / "runs.json").write_text(json.dumps(runs, indent=2))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-    md = (f"{table(runs)}\n\naccuracy % / perplexity. {args.minutes} min of training per model on {machine}; "
-          f"model 'small' (4 layers, d_model 256), L = {args.max_len}, {args.max_tokens} tokens per batch, lr {args.lr}. "
+    budget = f"{args.minutes} min" + (f" or {args.steps} steps, whichever came first," if args.steps > 0 else "")
+    md = (f"{table(runs)}\n\naccuracy % / perplexity. {budget} of training per model on {machine}; "
+          f"model 'small' (4 layers, 8 heads, d_model {args.d_model}, d_ff {args.d_ff}), L = {args.max_len}, {args.max_tokens} tokens per batch, lr {args.lr}. "
           f"OOD: held-out Pfam families {' '.join(families)}; fourth: {args.eval_proteome}.")
     (args.out / "results.md").write_text(md + "\n")
     with open(args.out / "results.csv", "w", newline="") as f:
