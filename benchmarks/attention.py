@@ -12,7 +12,6 @@ peak memory (max RSS above the process's baseline) is its own. Prints a table an
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -20,6 +19,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from results_io import RESULTS, write_csv
 
 METHODS = ("exact", "favor-softmax", "favor-relu", "performer-pytorch")
 
@@ -112,7 +113,7 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=300, help="seconds per (method, length) before giving up")
     p.add_argument("--skip-after", type=float, default=60,
                    help="stop growing L for a method once one run took longer than this many seconds")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "attention.csv")
+    p.add_argument("--out", type=Path, default=RESULTS / "attention.csv")
     p.add_argument("--worker", nargs=3, metavar=("METHOD", "LENGTH", "CAUSAL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -142,12 +143,7 @@ def main(argv=None):
                 print(f"{mode:<14}{method:<19}{length:>7}{row['seconds']:>10.3f}{row['peak_mib']:>10.0f}", flush=True)
                 if row["seconds"] > args.skip_after:
                     break
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {args.out}")
+    write_csv(rows, args.out)
     _summary(rows)
 
 

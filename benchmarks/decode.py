@@ -10,15 +10,14 @@ per token must not grow with the prefix; the exact model attends over its whole 
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
 import torch
+from results_io import RESULTS, write_csv
 
 from protein_performer.model import Config, ProteinLM
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @torch.no_grad()
@@ -52,12 +51,7 @@ def main(argv=None):
             rate = tokens_per_second(model, prefix, args.steps)
             rows.append({"attention": attention, "prefix": prefix, "tokens_per_s": rate})
             print(f"{attention:<15}{prefix:>8}{rate:>10.1f}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {args.out}")
+    write_csv(rows, args.out)
 
 
 if __name__ == "__main__":

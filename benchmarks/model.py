@@ -15,7 +15,6 @@ machine's measured matmul rate) and the fraction of it reached.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -23,8 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from results_io import RESULTS, write_csv
+
 SYSTEMS = ("softmax", "favor-softmax", "favor-relu", "performer-pytorch")
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def build(system: str, causal: bool, length: int, size: dict):
@@ -174,12 +174,7 @@ def main(argv=None):
                       f"{row['peak_gib']:>10.2f}{floor:>9.2f}{row['fraction_of_floor']:>9.0%}", flush=True)
                 if row["seconds"] > args.skip_after or row["peak_gib"] > args.memory_limit_gib:
                     break
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {args.out}")
+    write_csv(rows, args.out)
     largest = {}
     for r in rows:
         if r["seconds"] and r["peak_gib"] <= args.memory_limit_gib:

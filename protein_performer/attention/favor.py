@@ -40,22 +40,28 @@ def favor_attention(
     sin/cos estimator of the original Performer ablation. Features and sums run in float32 (or float64
     when given float64), also under autocast; the output has v's dtype.
     """
-    out_dtype = v.dtype
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q, k, v = q.to(work), k.to(work), v.to(work)
-        if projection is not None:
-            projection = projection.to(work)
-        f_q, _ = feature_map(q, projection, kernel)
-        phi_k, g = feature_map(k, projection, kernel, key_stabiliser="running" if causal else "shared",
-                               key_padding_mask=key_padding_mask)
-        v1 = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1)  # (B, H, L, d_v + 1)
+        f_q, phi_k, g, v1 = _features(q, k, v, projection, kernel, "running" if causal else "shared",
+                                      key_padding_mask)
         if causal:
             y = _CausalLinearAttention.apply(f_q, phi_k, v1, g, chunk_size)
         else:
             y = f_q @ (phi_k.transpose(-1, -2) @ v1)  # (B, H, L, F) @ (B, H, F, d_v + 1)
         out = y[..., :-1] / _safe_denominator(y[..., -1:], kernel)
-    return out.to(out_dtype)
+    return out.to(v.dtype)
+
+
+def _features(q, k, v, projection, kernel, key_stabiliser, key_padding_mask=None):
+    """phi(Q), phi(K) (scaled by exp(-g)) and g in float32 (float64 if given), and [V, 1] (B, H, L, d_v + 1)
+    whose last column carries the denominator through the same products as the numerator."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k = q.to(work), k.to(work)
+    if projection is not None:
+        projection = projection.to(work)
+    f_q, _ = feature_map(q, projection, kernel)
+    phi_k, g = feature_map(k, projection, kernel, key_stabiliser=key_stabiliser, key_padding_mask=key_padding_mask)
+    v1 = None if v is None else torch.cat([v.to(work), v.new_ones(v.shape[:-1] + (1,), dtype=work)], -1)
+    return f_q, phi_k, g, v1
 
 
 class DecodeState(NamedTuple):
@@ -81,19 +87,12 @@ def favor_decode_step(
     their outputs (B, H, T, d_v), equal to favor_attention(..., causal=True) over prefix + new positions,
     and the state after them.
     """
-    out_dtype = v.dtype
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q, k, v = q.to(work), k.to(work), v.to(work)
-        if projection is not None:
-            projection = projection.to(work)
-        f_q, _ = feature_map(q, projection, kernel)
-        phi_k, g = feature_map(k, projection, kernel, key_stabiliser="running")  # g over the new keys only
+        f_q, phi_k, g, v1 = _features(q, k, v, projection, kernel, "running")  # g over the new keys only
         if state is not None:  # the prefix's maximum joins the running maximum of the new keys
             g_all = torch.maximum(g, state.g[..., None])
             phi_k = phi_k * torch.exp(g - g_all)[..., None]
             g = g_all
-        v1 = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1)
         if k.shape[2] == 1:
             y = f_q @ (phi_k.transpose(-1, -2) @ v1)
         else:
@@ -104,7 +103,7 @@ def favor_decode_step(
             y = y + (f_q @ state.kv) * torch.exp(state.g[..., None] - g)[..., None]
             kv = kv + state.kv * torch.exp(state.g - g_end)[..., None, None]
         out = y[..., :-1] / _safe_denominator(y[..., -1:], kernel)
-    return out.to(out_dtype), DecodeState(kv, g_end)
+    return out.to(v.dtype), DecodeState(kv, g_end)
 
 
 def attention_matrix(
@@ -122,19 +121,14 @@ def attention_matrix(
     same features and stabiliser as favor_attention, so attention_matrix(...) @ v equals its output.
     O(L^2) memory: for analysis of single proteins, not for training.
     """
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q, k = q.to(work), k.to(work)
-        length = q.shape[-2]
-        allowed = _allowed(length, q.device, causal, key_padding_mask)  # (B or 1, 1, L, L) bool
+        allowed = _allowed(q.shape[-2], q.device, causal, key_padding_mask)  # (B or 1, 1, L, L) bool
         if kernel == "exact":
-            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            work = torch.float64 if q.dtype == torch.float64 else torch.float32
+            scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * q.shape[-1] ** -0.5
             return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
-        if projection is not None:
-            projection = projection.to(work)
-        f_q, _ = feature_map(q, projection, kernel)
-        phi_k, g = feature_map(k, projection, kernel, key_stabiliser="running" if causal else "shared",
-                               key_padding_mask=key_padding_mask)
+        f_q, phi_k, g, _ = _features(q, k, None, projection, kernel, "running" if causal else "shared",
+                                     key_padding_mask)
         a = f_q @ phi_k.transpose(-1, -2)  # (B, H, L, L)
         if causal:  # phi_k_j was scaled by exp(-g_j); row i needs exp(-g_i): decay exp(g_j - g_i) <= 1
             a = a * torch.exp((g[..., None, :] - g[..., :, None]).masked_fill(~allowed, float("-inf")))
