@@ -8,6 +8,8 @@ test, OOD and the fourth proteome, beside the unigram baseline of the training s
 
     python benchmarks/quality.py --minutes 10            # 6 runs, about an hour on 2 CPU cores
     python benchmarks/quality.py --minutes 2 --objectives masked --attention softmax favor-relu
+    # the README's table (about 20 minutes on 2 cores): a narrower model, equal steps unless time runs out
+    python benchmarks/quality.py --minutes 5 --steps 800 --d-model 128 --d-ff 256 --max-len 128 --max-tokens 2048 --lr 2e-3
 
 Writes OUT/results.csv and OUT/results.md (default OUT: benchmarks/results/quality) and prints the table,
 with whether each Performer ends within 5% of the exact Transformer's validation perplexity.
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from protein_performer.lit import ProteinDataModule, ProteinLMModule
+from results_io import RESULTS, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTEOMES = {
@@ -118,7 +121,7 @@ def table(runs: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/proteomes")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/quality")
+    p.add_argument("--out", type=Path, default=RESULTS / "quality")
     p.add_argument("--minutes", type=float, default=10.0, help="training wall time per model")
     p.add_argument("--steps", type=int, default=-1,
                    help="also stop at this many steps (-1: time only); on a shared machine equal steps compare more fairly")
@@ -150,14 +153,10 @@ def main() -> None:
           f"model 'small' (4 layers, 8 heads, d_model {args.d_model}, d_ff {args.d_ff}), L = {args.max_len}, {args.max_tokens} tokens per batch, lr {args.lr}. "
           f"OOD: held-out Pfam families {' '.join(families)}; fourth: {args.eval_proteome}.")
     (args.out / "results.md").write_text(md + "\n")
-    with open(args.out / "results.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["objective", "attention", "steps", "wall_s", "split", "accuracy", "perplexity", "baseline_accuracy",
-                    "baseline_perplexity", "tokens"])
-        for run in runs:
-            for split, r in run["results"].items():
-                w.writerow([run["objective"], run["attention"], run["steps"], run["wall_s"], split, r["acc"], r["ppl"],
-                            r["baseline_acc"], r["baseline_ppl"], int(r["tokens"])])
+    write_csv([{"objective": run["objective"], "attention": run["attention"], "steps": run["steps"], "wall_s": run["wall_s"],
+                "split": split, "accuracy": r["acc"], "perplexity": r["ppl"], "baseline_accuracy": r["baseline_acc"],
+                "baseline_perplexity": r["baseline_ppl"], "tokens": int(r["tokens"])}
+               for run in runs for split, r in run["results"].items()], args.out / "results.csv")
     print(md)
 
 
