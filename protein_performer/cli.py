@@ -1,16 +1,19 @@
-"""`protein-performer`: one entry point for training and evaluation (and, later, analysis tools).
+"""`protein-performer`: one entry point for training, evaluation, analysis and using trained models.
 
     protein-performer fit      --config configs/cpu/demo.yaml [--trainer.max_steps 10 --data.data_dir DIR ...]
     protein-performer fit      --config configs/cpu/demo.yaml --ckpt_path last    # resume DEFAULT_ROOT_DIR/checkpoints/last.ckpt
     protein-performer validate --config configs/cpu/demo.yaml --ckpt_path CKPT
     protein-performer test     --config configs/cpu/demo.yaml --ckpt_path CKPT   # Table-2 report
     protein-performer report   RUN_A/report/report.json RUN_B/report/report.json  # join reports
+    protein-performer analyze  --ckpt CKPT --input FASTA_OR_DIR --out DIR          # attention vs BLOSUM62
+    protein-performer embed | score | generate --ckpt CKPT ...                     # see inference.py
 
 fit/validate/test are Lightning's LightningCLI; other subcommands are plain functions in COMMANDS.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,8 +26,25 @@ from lightning.pytorch.loggers import WandbLogger
 from .evaluate import report_main
 from .lit import ProteinDataModule, ProteinLMModule
 
-# Subcommands that are not Lightning's: name -> function(argv). Later tools (analyze, embed, ...) go here.
-COMMANDS: dict[str, Callable[[list[str]], None]] = {"report": report_main}
+
+
+def _lazy(module: str, function: str) -> Callable[[list[str]], None]:
+    """A subcommand whose module is imported only when it runs (keeps `fit` start-up free of matplotlib)."""
+
+    def run(argv: list[str]) -> None:
+        getattr(importlib.import_module(module, __package__), function)(argv)
+
+    return run
+
+
+# Subcommands that are not Lightning's: name -> function(argv).
+COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "report": report_main,
+    "analyze": _lazy(".analysis.cli", "main"),
+    "embed": _lazy(".inference", "embed_main"),
+    "score": _lazy(".inference", "score_main"),
+    "generate": _lazy(".inference", "generate_main"),
+}
 
 
 def auto_precision(accelerator: str) -> str:

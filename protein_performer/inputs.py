@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
-from . import vocab
+from . import __version__, vocab
 from .model import Config, ProteinLM
 
 class InputError(Exception):
@@ -30,18 +30,6 @@ class LoadedModel:
     objective: str  # "masked" or "causal"
     step: int | None  # global step the checkpoint was written at
     path: Path  # the checkpoint file read
-
-
-def model_config(hparams: dict) -> Config:
-    """The model Config of protein_performer.lit.ProteinLMModule's hyper-parameters.
-
-    Mirrors ProteinLMModule.__init__: the preset, then model_args, causality from the objective, and the
-    attention kind if one was given.
-    """
-    overrides = dict(hparams.get("model_args") or {}, causal=hparams["objective"] == "causal")
-    if hparams.get("attention") is not None:
-        overrides["attention"] = hparams["attention"]
-    return Config.from_name(hparams["preset"], **overrides)
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -69,25 +57,29 @@ def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu") 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, or pickled objects beyond plain types
         raise InputError(f"checkpoint {path} cannot be read as a torch checkpoint: {e}") from None
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(hparams, dict) or not {"preset", "objective"} <= hparams.keys() or not isinstance(state, dict):
-        raise InputError(
-            f"checkpoint {path} does not hold a protein_performer model "
-            "(expected Lightning hyper_parameters with 'preset' and 'objective' and a state_dict)"
-        )
+    meta = ckpt.get("protein_performer") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise InputError(f"checkpoint {path} does not hold a protein_performer model (written by `protein-performer fit`)")
+    if _release(meta.get("version")) != _release(__version__):
+        raise InputError(f"checkpoint {path} was written by protein_performer {meta.get('version')}; this is "
+                         f"{__version__}: load it with that version (model layouts may differ between releases)")
     try:
-        config = model_config(hparams)
-    except (ValueError, TypeError) as e:
-        raise InputError(f"checkpoint {path}: invalid model hyper-parameters: {e}") from None
+        config = Config(**meta["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"checkpoint {path}: invalid model configuration: {e}") from None
     # The LightningModule holds the network as `self.model`; its other state (metrics, counts) is not needed.
-    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model = ProteinLM(config)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise InputError(f"checkpoint {path}: weights do not match the model its hyper-parameters describe: {e}") from None
-    return LoadedModel(model.eval(), config, hparams["objective"], ckpt.get("global_step"), path)
+        raise InputError(f"checkpoint {path}: weights do not match the model its configuration describes: {e}") from None
+    return LoadedModel(model.eval(), config, meta["objective"], ckpt.get("global_step"), path)
+
+
+def _release(version) -> tuple:
+    """major.minor: checkpoints are compatible within a release series."""
+    return tuple(str(version).split(".")[:2])
 
 
 # ---- proteins -----------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchmetrics import SumMetric
 
-from . import vocab
+from . import __version__, vocab
 from .data import ConcatenatedDataset, SingleSequenceDataset, load_manifest
 from .evaluate import format_table, write_report
 from .masking import IGNORE, Collator, Objective
@@ -395,6 +395,11 @@ class ProteinLMModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         return [FeatureRedraw(self.hparams.redraw_every, self.hparams.seed), Throughput()]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # what protein_performer.inputs.load_model needs to rebuild the bare model without Lightning
+        checkpoint["protein_performer"] = {"version": __version__, "model_config": self.config.to_dict(),
+                                           "objective": self.hparams.objective}
 
     # -- steps
     def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:

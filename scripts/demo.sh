@@ -3,6 +3,7 @@
 #   prepare (3,000 FASTA records + 100 Swiss-Prot entries; 3 Pfam families held out as OOD)
 #   -> train a small masked Performer-ReLU for 3 minutes (configs/cpu/demo.yaml)
 #   -> evaluate the best checkpoint on test and OOD (the paper's Table 2 layout)
+#   -> analyse its attention against BLOSUM62 (figures, CSV, summary.json in OUT/analysis)
 #   -> summary: validation perplexity against the unigram baseline (exit 1 if not below it).
 # Usage: scripts/demo.sh [OUT_DIR] [extra `protein-performer fit` overrides, e.g. --trainer.max_time 00:00:01:00]
 set -euo pipefail
@@ -13,16 +14,19 @@ export WANDB_MODE=${WANDB_MODE:-offline}
 COMMON=(--config configs/cpu/demo.yaml --data.data_dir "$OUT/prepared" --trainer.default_root_dir "$OUT"
         --trainer.logger.init_args.save_dir "$OUT")
 
-echo "== 1/3 prepare the bundled sample -> $OUT/prepared"
+echo "== 1/4 prepare the bundled sample -> $OUT/prepared"
 protein-performer-prep data/sample/mmseqs2_DB_first3000.fasta.gz data/sample/emboss_swiss_seq.dat.gz \
   --out "$OUT/prepared" --overwrite --ood-families PF00258 PF00001 PF00022
 
-echo "== 2/3 train (configs/cpu/demo.yaml)"
+echo "== 2/4 train (configs/cpu/demo.yaml)"
 protein-performer fit "${COMMON[@]}" --trainer.logger.init_args.version train "$@"
 
-echo "== 3/3 evaluate the best checkpoint on test and OOD"
+echo "== 3/4 evaluate the best checkpoint on test and OOD"
 BEST=$(ls -t "$OUT"/checkpoints/best-*.ckpt | head -n 1)
 protein-performer test "${COMMON[@]}" --trainer.logger.init_args.version test --ckpt_path "$BEST"
+
+echo "== 4/4 attention analysis of the best checkpoint -> $OUT/analysis"
+protein-performer analyze --ckpt "$BEST" --input "$OUT/prepared" --out "$OUT/analysis" --num-sequences 100
 
 python - "$OUT" <<'PY'
 import csv, json, sys

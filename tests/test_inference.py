@@ -146,3 +146,24 @@ def test_errors_are_clear(ckpts, fasta, tmp_path, capsys):
                                                               str(empty), "--out", str(tmp_path / "e")], capsys)
     assert "needs a causal model" in fails(generate_main, ["--ckpt", str(ckpts[("masked", "favor-relu")])], capsys)
     assert "does not exist" in fails(generate_main, ["--ckpt", str(tmp_path / "nope.ckpt")], capsys)
+
+
+def test_checkpoint_from_another_version_is_refused(ckpts, tmp_path, capsys):
+    ckpt = torch.load(ckpts[("causal", "favor-relu")], weights_only=True)
+    ckpt["protein_performer"]["version"] = "0.0.1"
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    msg = fails(generate_main, ["--ckpt", str(old)], capsys)
+    assert "written by protein_performer 0.0.1" in msg and str(old) in msg
+    del ckpt["protein_performer"]
+    torch.save(ckpt, old)
+    assert "does not hold a protein_performer model" in fails(generate_main, ["--ckpt", str(old)], capsys)
+
+
+def test_subcommands_are_dispatched_by_the_cli(ckpts, fasta, tmp_path):
+    import subprocess
+
+    res = subprocess.run(["protein-performer", "score", "--ckpt", str(ckpts[("masked", "favor-relu")]), "--fasta",
+                          str(fasta), "--out", str(tmp_path / "s.tsv")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "pseudo" in (tmp_path / "s.tsv").read_text()
