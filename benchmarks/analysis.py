@@ -1,6 +1,6 @@
 """Attention-analysis throughput: proteins/s of `run_analysis`'s per-protein loop for each attention kind.
 
-    python benchmarks/analysis.py [--preset tiny] [--length 256] [--proteins 20] [--out benchmarks/analysis.csv]
+    python benchmarks/analysis.py [--preset tiny] [--length 256] [--proteins 20] [--out benchmarks/results/analysis.csv]
 
 Random weights are enough here (speed does not depend on training); one protein at a time, as the CLI does.
 """
@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+from results_io import RESULTS
 
 from protein_performer.analysis import AttentionToAminoAcids, model_input
 from protein_performer.model import ATTENTION_KINDS, Config, ProteinLM
@@ -23,7 +24,7 @@ def main() -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--length", type=int, default=256, help="tokens per protein ([BOS] + residues)")
     p.add_argument("--proteins", type=int, default=20)
-    p.add_argument("--out", default="benchmarks/analysis.csv")
+    p.add_argument("--out", default=str(RESULTS / "analysis.csv"))
     args = p.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
