@@ -45,6 +45,7 @@ def main() -> None:
                          "threads": torch.get_num_threads(), "proteins_per_s": args.proteins / elapsed})
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format="%.2f"))
+    RESULTS.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
 
 
