@@ -343,3 +343,30 @@ def test_recurrent_decoding_equals_causal_attention(kernel, projected):
         outs.append(out)
         assert state.kv.shape == (2, 3, w.shape[0] * (2 if kernel == "trig" else 1) if projected else 16, 17)
     torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-10, atol=1e-10)  # float64 round-off
+
+
+# ---- the bidirectional Function over several blocks of rows --------------------------------------------------
+
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+@pytest.mark.parametrize("length,block", [(37, 8), (20, 7), (5, 16)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_bidirectional_blocks_values_and_gradients(kernel, length, block, padded, monkeypatch):
+    # blocks that do not divide L, with keys large enough that later blocks raise the online maximum
+    from protein_performer.attention import favor
+
+    monkeypatch.setattr(favor, "BLOCK", block)
+    w = projection(32, 16)
+    q, k, v = qkv(length=length, scale=1.5, requires_grad=True)
+    mask = None
+    if padded:
+        mask = torch.ones(2, length, dtype=torch.bool)
+        mask[0, length // 2:] = False
+        mask[1, :3] = False
+    out = favor_attention(q, k, v, w, kernel=kernel, key_padding_mask=mask)
+    ref = naive_favor(q, k, v, w, kernel, key_padding_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    dy = rand(*out.shape, seed=9)
+    grads = torch.autograd.grad(out, (q, k, v), dy)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dy)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

@@ -17,9 +17,10 @@ from typing import NamedTuple
 
 import torch
 
-from .features import Kernel, feature_map
+from .features import BlockFeatures, Kernel, feature_map
 
 DEFAULT_CHUNK = 64
+BLOCK = 512  # rows per block in the bidirectional Function
 
 
 def favor_attention(
@@ -41,12 +42,22 @@ def favor_attention(
     when given float64), also under autocast; the output has v's dtype.
     """
     with torch.autocast(device_type=q.device.type, enabled=False):
-        f_q, phi_k, g, v1 = _features(q, k, v, projection, kernel, "running" if causal else "shared",
-                                      key_padding_mask)
-        if causal:
-            y = _CausalLinearAttention.apply(f_q, phi_k, v1, g, chunk_size)
+        if kernel == "softmax" or (kernel == "relu" and projection is not None):
+            # features block by block inside hand-written Functions: no (B, H, L, m) tensor
+            q, k, v1, projection = _work_inputs(q, k, v, projection)
+            feature_map(q[:, :1, :1], projection, kernel)  # argument checks only
+            real = None if key_padding_mask is None else key_padding_mask[:, None, :].to(torch.bool)  # (B, 1, L)
+            if causal:
+                y = _CausalFavor.apply(q, k, v1, projection, kernel, real, chunk_size)
+            else:
+                y = _BidirectionalFavor.apply(q, k, v1, projection, kernel, real, BLOCK)
         else:
-            y = f_q @ (phi_k.transpose(-1, -2) @ v1)  # (B, H, L, F) @ (B, H, F, d_v + 1)
+            f_q, phi_k, g, v1 = _features(q, k, v, projection, kernel, "running" if causal else "shared",
+                                          key_padding_mask)
+            if causal:
+                y = _CausalLinearAttention.apply(f_q, phi_k, v1, g, chunk_size)
+            else:
+                y = f_q @ (phi_k.transpose(-1, -2) @ v1)  # (B, H, L, F) @ (B, H, F, d_v + 1)
         out = y[..., :-1] / _safe_denominator(y[..., -1:], kernel)
     return out.to(v.dtype)
 
@@ -54,14 +65,20 @@ def favor_attention(
 def _features(q, k, v, projection, kernel, key_stabiliser, key_padding_mask=None):
     """phi(Q), phi(K) (scaled by exp(-g)) and g in float32 (float64 if given), and [V, 1] (B, H, L, d_v + 1)
     whose last column carries the denominator through the same products as the numerator."""
+    q, k, v1, projection = _work_inputs(q, k, v, projection)
+    f_q, _ = feature_map(q, projection, kernel)
+    phi_k, g = feature_map(k, projection, kernel, key_stabiliser=key_stabiliser, key_padding_mask=key_padding_mask)
+    return f_q, phi_k, g, v1
+
+
+def _work_inputs(q, k, v, projection):
+    """q, k, projection in float32 (float64 if given), and [V, 1] (B, H, L, d_v + 1) or None."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k = q.to(work), k.to(work)
     if projection is not None:
         projection = projection.to(work)
-    f_q, _ = feature_map(q, projection, kernel)
-    phi_k, g = feature_map(k, projection, kernel, key_stabiliser=key_stabiliser, key_padding_mask=key_padding_mask)
     v1 = None if v is None else torch.cat([v.to(work), v.new_ones(v.shape[:-1] + (1,), dtype=work)], -1)
-    return f_q, phi_k, g, v1
+    return q, k, v1, projection
 
 
 class DecodeState(NamedTuple):
@@ -237,3 +254,168 @@ def _scan(local, decay, reverse):
     for c in order:
         torch.addcmul(local[:, :, c], states[:, :, c], decay[:, :, c], out=states[:, :, c + step])
     return states
+
+
+class _BidirectionalFavor(torch.autograd.Function):
+    """y = phi(Q) (phi(K)^T [V, 1]) (B, H, L, d_v + 1) for softmax or projected-ReLU features, by blocks of rows.
+
+    Hand-written so that no (B, H, L, m) feature tensor exists: on the CPU every fresh tensor of that size costs
+    page faults that take longer than the arithmetic on it. Forward: one pass over key blocks builds
+    kv = sum_j phi(k_j) [v_j, 1]^T (B, H, m, d_v + 1) with an online shared maximum g of the key log-scales
+    (kv is rescaled by exp(g_old - g_new) when a block raises it, as in flash attention), then one pass over
+    query blocks gives y = phi(q) kv. Backward recomputes the block features: a query pass for dq and
+    dkv = sum_i phi(q_i) dy_i^T, then a key pass for dk and dv. Two (B, H, C, m) buffers serve every block.
+    Saves only q, k, [V, 1], the projection, kv and g.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v1, w, kernel, real, block):
+        feats = BlockFeatures(w, kernel)
+        b, h, length, _ = q.shape
+        block = min(block, length)
+        buf = q.new_empty(b, h, block, w.shape[0])
+        kv = q.new_zeros(b, h, w.shape[0], v1.shape[-1])  # (B, H, m, d_v + 1), referenced at g
+        g = None  # (B, H, 1): maximum key log-scale so far (softmax only)
+        for s, e in _blocks(length, block):
+            real_c = None if real is None else real[:, :, s:e]
+            phi = buf[:, :, : e - s]
+            r, half_sq_norm = feats.key_logits(k[:, :, s:e], phi, real_c)
+            if r is not None:
+                g_new = r.amax(-1, keepdim=True)
+                if g is not None:
+                    g_new = torch.maximum(g, g_new)
+                    kv.mul_(torch.exp(g - g_new)[..., None])  # <= 1
+                g = g_new
+            feats.keys_(phi, half_sq_norm, g, real_c)
+            kv += phi.transpose(-1, -2) @ v1[:, :, s:e]
+        y = q.new_empty(v1.shape)
+        for s, e in _blocks(length, block):
+            y[:, :, s:e] = feats.queries_(q[:, :, s:e], buf[:, :, : e - s]) @ kv
+        ctx.save_for_backward(q, k, v1, w, kv, g, real)
+        ctx.kernel, ctx.block = kernel, block
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v1, w, kv, g, real = ctx.saved_tensors
+        feats = BlockFeatures(w, ctx.kernel)
+        b, h, length, _ = q.shape
+        buf, grad = (q.new_empty(b, h, ctx.block, w.shape[0]) for _ in range(2))
+        dq, dk, dv1 = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v1)
+        dkv = torch.zeros_like(kv)
+        for s, e in _blocks(length, ctx.block):  # queries
+            phi = feats.queries_(q[:, :, s:e], buf[:, :, : e - s])
+            dy_c = dy[:, :, s:e]
+            dkv += phi.transpose(-1, -2) @ dy_c
+            d_phi = torch.matmul(dy_c, kv.transpose(-1, -2), out=grad[:, :, : e - s])
+            dq[:, :, s:e] = feats.queries_backward_(d_phi, phi)
+        for s, e in _blocks(length, ctx.block):  # keys
+            real_c = None if real is None else real[:, :, s:e]
+            phi = buf[:, :, : e - s]
+            _, half_sq_norm = feats.key_logits(k[:, :, s:e], phi, real_c)
+            feats.keys_(phi, half_sq_norm, g, real_c)
+            v1_c = v1[:, :, s:e]
+            dv1[:, :, s:e] = phi @ dkv
+            d_phi = torch.matmul(v1_c, dkv.transpose(-1, -2), out=grad[:, :, : e - s])
+            dk[:, :, s:e] = feats.keys_backward_(d_phi, phi, k[:, :, s:e])
+        return dq, dk, dv1, None, None, None, None
+
+
+def _blocks(length, block):
+    return ((s, min(s + block, length)) for s in range(0, length, block))
+
+
+class _CausalFavor(torch.autograd.Function):
+    """Causal y_i = phi(q_i) sum_{j<=i} phi(k_j) exp(g_j - g_i) [v_j, 1]^T for softmax or projected-ReLU features,
+    with g the running maximum of the key log-scales, in chunks of C positions.
+
+    The algorithm of _CausalLinearAttention (intra-chunk masked C x C products, a carried (m, d_v + 1) state
+    rescaled when the maximum grows), but with the features computed chunk by chunk inside the loop, into
+    reused (B, H, C, m) buffers, instead of materialising phi(Q) and phi(K) for the whole sequence: on the CPU
+    each fresh tensor of that size costs page faults that take longer than the arithmetic. The running
+    maximum is found chunk by chunk too (cummax within the chunk, then the maximum with the previous chunk's
+    end), so nothing from after position i ever reaches output i. Saves q, k, [V, 1], the projection, g (B, H, L)
+    and the state before each chunk (B, H, N, m, d_v + 1); backward is one reverse pass that recomputes the
+    chunk features and carries sum_{i later} exp(g_end - g_i) phi(q_i) dy_i^T for the keys' gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v1, w, kernel, real, chunk):
+        feats = BlockFeatures(w, kernel)
+        b, h, length, _ = q.shape
+        chunk = min(chunk, length)
+        m, width = w.shape[0], v1.shape[-1]
+        f_q, phi_k = (q.new_empty(b, h, chunk, m) for _ in range(2))
+        states = q.new_empty(b, h, -(-length // chunk), m, width)  # state before each chunk, at g_prev
+        state = q.new_zeros(b, h, m, width)
+        g = q.new_zeros(b, h, length)  # stays 0 for relu
+        y = q.new_empty(v1.shape)
+        lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+        g_end = None  # (B, H): the running maximum at the end of the previous chunk
+        for c, (s, e) in enumerate(_blocks(length, chunk)):
+            n, real_c, v1_c = e - s, None if real is None else real[:, :, s:e], v1[:, :, s:e]
+            fq, pk = feats.queries_(q[:, :, s:e], f_q[:, :, :n]), phi_k[:, :, :n]
+            r, half_sq_norm = feats.key_logits(k[:, :, s:e], pk, real_c)
+            if r is not None:
+                g_c = torch.cummax(r, -1).values
+                if g_end is not None:
+                    g_c = torch.maximum(g_c, g_end[..., None])
+                g[:, :, s:e] = g_c
+            g_c = g[:, :, s:e]  # (B, H, n), non-decreasing
+            feats.keys_(pk, half_sq_norm, g_c, real_c)  # phi(k_j) exp(-g_j)
+            g_prev = g_c[..., 0] if g_end is None else g_end
+            decay = _decay(g_c, lower[:n, :n])
+            y_c = ((fq @ pk.transpose(-1, -2)).mul_(decay)) @ v1_c  # intra-chunk
+            if c:
+                y_c += torch.exp(g_prev[..., None] - g_c)[..., None] * (fq @ state)
+            y[:, :, s:e] = y_c
+            states[:, :, c] = state
+            g_end = g_c[..., -1]
+            state.mul_(torch.exp(g_prev - g_end)[..., None, None])
+            state += pk.transpose(-1, -2) @ (v1_c * torch.exp(g_c - g_end[..., None])[..., None])
+        ctx.save_for_backward(q, k, v1, w, g, states, real)
+        ctx.kernel, ctx.chunk = kernel, chunk
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v1, w, g, states, real = ctx.saved_tensors
+        feats = BlockFeatures(w, ctx.kernel)
+        b, h, length, _ = q.shape
+        chunk, m = ctx.chunk, w.shape[0]
+        f_q, phi_k, d_fq, d_pk = (q.new_empty(b, h, chunk, m) for _ in range(4))
+        dq, dk, dv1 = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v1)
+        after = torch.zeros_like(states[:, :, 0])  # sum over later chunks of exp(g_end - g_i) phi(q_i) dy_i^T
+        lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+        for c, (s, e) in reversed(list(enumerate(_blocks(length, chunk)))):
+            n, real_c, v1_c, dy_c = e - s, None if real is None else real[:, :, s:e], v1[:, :, s:e], dy[:, :, s:e]
+            fq, pk = feats.queries_(q[:, :, s:e], f_q[:, :, :n]), phi_k[:, :, :n]
+            _, half_sq_norm = feats.key_logits(k[:, :, s:e], pk, real_c)
+            g_c = g[:, :, s:e]
+            feats.keys_(pk, half_sq_norm, g_c, real_c)
+            g_prev, g_end = (g_c[..., 0] if c == 0 else g[:, :, s - 1]), g_c[..., -1]
+            decay = _decay(g_c, lower[:n, :n])
+            from_prev = torch.exp(g_prev[..., None] - g_c)[..., None]  # (B, H, n, 1), <= 1
+            to_end = torch.exp(g_c - g_end[..., None])[..., None]  # (B, H, n, 1), <= 1
+            dy_prev = dy_c * from_prev
+            # intra-chunk
+            da = (dy_c @ v1_c.transpose(-1, -2)).mul_(decay)  # (B, H, n, n)
+            dfq = torch.matmul(da, pk, out=d_fq[:, :, :n])
+            dpk = torch.matmul(da.transpose(-1, -2), fq, out=d_pk[:, :, :n])
+            dv1_c = ((fq @ pk.transpose(-1, -2)).mul_(decay)).transpose(-1, -2) @ dy_c
+            # queries read the state carried from earlier chunks; keys and values feed every later chunk
+            if c:
+                dfq += dy_prev @ states[:, :, c].transpose(-1, -2)
+            dpk += (v1_c * to_end) @ after.transpose(-1, -2)
+            dv1_c += to_end * (pk @ after)
+            dv1[:, :, s:e] = dv1_c
+            after.mul_(torch.exp(g_prev - g_end)[..., None, None])
+            after += fq.transpose(-1, -2) @ dy_prev
+            dq[:, :, s:e] = feats.queries_backward_(dfq, fq)
+            dk[:, :, s:e] = feats.keys_backward_(dpk, pk, k[:, :, s:e])
+        return dq, dk, dv1, None, None, None, None
+
+
+def _decay(g_c, lower):
+    """exp(g_j - g_i) for j <= i, else 0 (B, H, n, n): the decay between positions of one chunk, <= 1."""
+    return torch.exp((g_c[..., None, :] - g_c[..., :, None]).masked_fill(~lower, float("-inf")))

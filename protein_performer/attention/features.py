@@ -182,3 +182,68 @@ class _ReluFeatures(torch.autograd.Function):
         w, phi = ctx.saved_tensors
         grad = d_phi * (phi > RELU_EPS)  # active where x W^T > 0
         return (grad @ w) * w.shape[0] ** -0.5, None
+
+
+class BlockFeatures:
+    """Softmax or projected-ReLU features of one block of rows, written in place into a reused buffer.
+
+    FAVOR's chunked Functions (favor.py) call these per block of C rows so that no (B, H, L, m) tensor is ever
+    allocated: on the CPU each fresh tensor of that size costs page faults that take longer than the arithmetic
+    on it. Same formulas as feature_map: for queries phi up to a per-row factor; for keys phi times exp(-g),
+    with g (B, H, C) or (B, H, 1) chosen by the caller from the log-scales r that key_logits returns.
+    Backward methods take G = d loss / d phi and overwrite it.
+    """
+
+    def __init__(self, w: torch.Tensor, kernel: Kernel):
+        m, d = w.shape
+        self.softmax = kernel == "softmax"
+        # softmax: W x' with x' = x d^-1/4; relu: m^-1/2 relu(W x) = relu(m^-1/2 W x). Either way x @ (s W)^T.
+        self.scale = d**-0.25 if self.softmax else m**-0.5
+        self.w = w * self.scale  # (m, d)
+        self.wt = self.w.T  # (d, m)
+        self.log_sqrt_m = 0.5 * math.log(m)
+
+    def _logits(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.wt, out=out)  # (B, H, C, m)
+
+    def queries_(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (B, H, C, m) <- features of x (B, H, C, d): exp(W x' - max) or m^-1/2 relu(W x) + eps."""
+        self._logits(x, out)
+        if self.softmax:
+            return out.sub_(out.amax(-1, keepdim=True)).exp_()
+        return out.relu_().add_(RELU_EPS)
+
+    def key_logits(self, x: torch.Tensor, out: torch.Tensor, real: torch.Tensor | None):
+        """out <- W x'; returns (r, half_sq_norm) (B, H, C): the log-scale r = max_i (W x')_i - |x'|^2/2
+        (padded keys: a very negative value that never raises a maximum), or (None, None) for relu."""
+        self._logits(x, out)
+        if not self.softmax:
+            return None, None
+        half_sq_norm = (0.5 * self.scale**2) * (x * x).sum(-1)
+        r = out.amax(-1) - half_sq_norm
+        if real is not None:
+            r.masked_fill_(~real, torch.finfo(r.dtype).min / 4)
+        return r, half_sq_norm
+
+    def keys_(self, logits: torch.Tensor, half_sq_norm, g, real: torch.Tensor | None) -> torch.Tensor:
+        """logits (from key_logits) <- phi(k) exp(-g), in place; padded keys get 0."""
+        if self.softmax:
+            offset = half_sq_norm + g + self.log_sqrt_m
+            if real is not None:
+                offset.masked_fill_(~real, float("inf"))  # exp(-inf) = 0
+            return logits.sub_(offset[..., None]).exp_()
+        logits.relu_().add_(RELU_EPS)
+        return logits if real is None else logits.mul_(real[..., None])
+
+    def queries_backward_(self, grad: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """d loss / d x (B, H, C, d) from grad = d loss / d phi (overwritten) and the query features phi."""
+        if self.softmax:  # the subtracted row maximum cancels in D^-1: no gradient through it
+            return grad.mul_(phi) @ self.w
+        return grad.mul_(phi > RELU_EPS) @ self.w  # active where W x > 0
+
+    def keys_backward_(self, grad: torch.Tensor, phi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """As queries_backward_ for keys, whose exponent also holds -|x'|^2/2 (g is detached: it cancels)."""
+        if not self.softmax:
+            return self.queries_backward_(grad, phi)  # padded keys: phi = 0, so no gradient
+        grad.mul_(phi)
+        return grad @ self.w - (self.scale**2 * grad.sum(-1, keepdim=True)) * x
