@@ -350,7 +350,7 @@ class _CausalFavor(torch.autograd.Function):
         state = q.new_zeros(b, h, m, width)
         g = q.new_zeros(b, h, length)  # stays 0 for relu
         y = q.new_empty(v1.shape)
-        lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+        upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
         g_end = None  # (B, H): the running maximum at the end of the previous chunk
         for c, (s, e) in enumerate(_blocks(length, chunk)):
             n, real_c, v1_c = e - s, None if real is None else real[:, :, s:e], v1[:, :, s:e]
@@ -364,7 +364,7 @@ class _CausalFavor(torch.autograd.Function):
             g_c = g[:, :, s:e]  # (B, H, n), non-decreasing
             feats.keys_(pk, half_sq_norm, g_c, real_c)  # phi(k_j) exp(-g_j)
             g_prev = g_c[..., 0] if g_end is None else g_end
-            decay = _decay(g_c, lower[:n, :n])
+            decay = _decay(g_c, upper[:n, :n])
             y_c = ((fq @ pk.transpose(-1, -2)).mul_(decay)) @ v1_c  # intra-chunk
             if c:
                 y_c += torch.exp(g_prev[..., None] - g_c)[..., None] * (fq @ state)
@@ -386,7 +386,7 @@ class _CausalFavor(torch.autograd.Function):
         f_q, phi_k, d_fq, d_pk = (q.new_empty(b, h, chunk, m) for _ in range(4))
         dq, dk, dv1 = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v1)
         after = torch.zeros_like(states[:, :, 0])  # sum over later chunks of exp(g_end - g_i) phi(q_i) dy_i^T
-        lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+        upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
         for c, (s, e) in reversed(list(enumerate(_blocks(length, chunk)))):
             n, real_c, v1_c, dy_c = e - s, None if real is None else real[:, :, s:e], v1[:, :, s:e], dy[:, :, s:e]
             fq, pk = feats.queries_(q[:, :, s:e], f_q[:, :, :n]), phi_k[:, :, :n]
@@ -394,7 +394,7 @@ class _CausalFavor(torch.autograd.Function):
             g_c = g[:, :, s:e]
             feats.keys_(pk, half_sq_norm, g_c, real_c)
             g_prev, g_end = (g_c[..., 0] if c == 0 else g[:, :, s - 1]), g_c[..., -1]
-            decay = _decay(g_c, lower[:n, :n])
+            decay = _decay(g_c, upper[:n, :n])
             from_prev = torch.exp(g_prev[..., None] - g_c)[..., None]  # (B, H, n, 1), <= 1
             to_end = torch.exp(g_c - g_end[..., None])[..., None]  # (B, H, n, 1), <= 1
             dy_prev = dy_c * from_prev
@@ -416,6 +416,6 @@ class _CausalFavor(torch.autograd.Function):
         return dq, dk, dv1, None, None, None, None
 
 
-def _decay(g_c, lower):
+def _decay(g_c, upper):
     """exp(g_j - g_i) for j <= i, else 0 (B, H, n, n): the decay between positions of one chunk, <= 1."""
-    return torch.exp((g_c[..., None, :] - g_c[..., :, None]).masked_fill(~lower, float("-inf")))
+    return (g_c[..., None, :] - g_c[..., :, None]).masked_fill_(upper, float("-inf")).exp_()
