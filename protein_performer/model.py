@@ -41,7 +41,7 @@ class Config:
     relu_random_features: bool = False  # False: the authors' deterministic relu(x) + 1e-3 map
     orthogonal_features: bool = True
     feature_scaling: Literal["chi", "sqrt_d"] = "chi"
-    chunk_size: int = 64  # causal FAVOR chunk length
+    chunk_size: int = 128  # causal FAVOR chunk length
     feature_seed: int = 0  # projections at construction are drawn from (feature_seed, layer)
     activation_checkpointing: bool = False  # recompute each block in backward: memory ~ L x d_model per layer
 
