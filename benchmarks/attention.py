@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from results_io import RESULTS, write_csv
+from results_io import RESULTS, time_memory_plot, write_csv
 
 METHODS = ("exact", "favor-softmax", "favor-relu", "performer-pytorch")
 
@@ -144,6 +144,8 @@ def main(argv=None):
                 if row["seconds"] > args.skip_after:
                     break
     write_csv(rows, args.out)
+    time_memory_plot(rows, args.out.with_suffix(".png"), "method", "seconds (forward + backward)", "peak_mib",
+                     "peak memory above baseline (MiB)")
     _summary(rows)
 
 

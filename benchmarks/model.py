@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from results_io import RESULTS, write_csv
+from results_io import RESULTS, time_memory_plot, write_csv
 
 SYSTEMS = ("softmax", "favor-softmax", "favor-relu", "performer-pytorch")
 
@@ -182,30 +182,8 @@ def main(argv=None):
             largest[key] = max(largest.get(key, 0), r["length"])
     for (mode, system), length in sorted(largest.items()):
         print(f"largest L measured within {args.memory_limit_gib:g} GiB: {mode} {system}: {length}")
-    plot(rows, args.out.with_suffix(".png"))
-
-
-def plot(rows, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for (mode, system) in sorted({(r["mode"], r["system"]) for r in rows}):
-        pts = [r for r in rows if r["mode"] == mode and r["system"] == system and r["seconds"]]
-        if not pts:
-            continue
-        style = "-" if mode == "masked" else "--"
-        xs = [r["length"] for r in pts]
-        axes[0].loglog(xs, [r["seconds"] for r in pts], style, marker="o", label=f"{system} ({mode})")
-        axes[1].loglog(xs, [r["peak_gib"] for r in pts], style, marker="o", label=f"{system} ({mode})")
-    axes[0].set(xlabel="sequence length L", ylabel="seconds per training step", title="time")
-    axes[1].set(xlabel="sequence length L", ylabel="peak memory (GiB)", title="memory")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    time_memory_plot(rows, args.out.with_suffix(".png"), "system", "seconds per training step", "peak_gib",
+                     "peak memory (GiB)")
 
 
 def _installed(name: str) -> bool:
