@@ -13,7 +13,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ def _inputs(model: ProteinLM, proteins: list[Protein]) -> list[np.ndarray]:
 
 # ---- embeddings ---------------------------------------------------------------------------------------------
 
-Pool = str  # "mean" | "bos" | "per-residue"
+Pool = Literal["mean", "bos", "per-residue"]
 
 
 @torch.no_grad()
@@ -100,9 +100,8 @@ def embed(model: ProteinLM, proteins: list[Protein], layers: Sequence[int], pool
         for layer in layers:
             r = reps[layer].float().cpu().numpy()
             for row, i in enumerate(idx):
-                residues = r[row, 1 : len(seqs[i])]  # without BOS
-                out[layer][i] = {"mean": residues.mean(0) if len(residues) else r[row, 0],
-                                 "bos": r[row, 0], "per-residue": residues}[pool].copy()
+                residues = r[row, 1 : len(seqs[i])]  # without BOS (read_proteins skips empty records)
+                out[layer][i] = r[row, 0].copy() if pool == "bos" else residues.mean(0) if pool == "mean" else residues.copy()
     return out
 
 

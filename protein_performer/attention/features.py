@@ -92,12 +92,11 @@ def feature_map(
     if projection is not None and x.shape[-1] != projection.shape[1]:
         raise ValueError(f"projection has d={projection.shape[1]} columns but q/k have d_head={x.shape[-1]}")
     real = None if key_padding_mask is None else key_padding_mask[:, None, :].to(torch.bool)  # (B, 1, L)
-    if kernel == "softmax":
-        return _SoftmaxFeatures.apply(x, projection, key_stabiliser, real)
-    if kernel == "relu":
-        phi = relu_features(x, projection)
-        g = x.new_zeros(x.shape[:-1])
-        return (phi if real is None else phi * real[..., None]), g
+    if projection is not None and kernel != "trig":
+        return _ProjectedFeatures.apply(x, projection, kernel, key_stabiliser, real)
+    if kernel == "relu":  # the authors' deterministic map, no projection
+        phi = torch.relu(x) + RELU_EPS
+        return (phi if real is None else phi * real[..., None]), x.new_zeros(x.shape[:-1])
     # trig: an ablation, kept in plain autograd; its log-scale |x'|^2/2 carries gradient
     m, d = projection.shape
     x = x * d**-0.25
@@ -123,65 +122,34 @@ def _stabiliser(r: torch.Tensor, kind: str, real: torch.Tensor | None) -> torch.
     return r.amax(-1, keepdim=True).expand(r.shape)
 
 
-class _SoftmaxFeatures(torch.autograd.Function):
-    """Positive softmax features in one (B, H, L, m) buffer, updated in place.
-
-    Written by hand because on the CPU every fresh tensor of this size costs page faults that take longer
-    than the arithmetic: plain autograd would allocate five of them where this allocates one.
-    """
+class _ProjectedFeatures(torch.autograd.Function):
+    """feature_map for the softmax and projected-ReLU kernels: BlockFeatures over the whole sequence as one
+    block, so the formulas and the hand-written backward live in one place."""
 
     @staticmethod
-    def forward(ctx, x, w, key_stabiliser, real):
-        m, d = w.shape
-        xs = x * d**-0.25
-        phi = xs @ w.T  # (B, H, L, m), becomes phi in place
-        row_max = phi.amax(-1)  # (B, H, L)
+    def forward(ctx, x, w, kernel, key_stabiliser, real):
+        feats = BlockFeatures(w, kernel)
+        phi = x.new_empty(*x.shape[:-1], w.shape[0])  # (B, H, L, m), filled in place
+        g = x.new_zeros(x.shape[:-1])
         if key_stabiliser == "none":
-            offset, g = -row_max, torch.zeros_like(row_max)
+            feats.queries_(x, phi)
         else:
-            half_sq_norm = 0.5 * (xs * xs).sum(-1)
-            g = _stabiliser(row_max - half_sq_norm, key_stabiliser, real)
-            offset = -half_sq_norm - g - 0.5 * math.log(m)
-            if real is not None:
-                offset = offset.masked_fill(~real, float("-inf"))  # exp(-inf) = 0 for padded keys
-        phi.add_(offset[..., None]).exp_()
-        ctx.save_for_backward(xs, w, phi)
-        ctx.with_norm = key_stabiliser != "none"
+            r, half_sq_norm = feats.key_logits(x, phi, real)
+            if r is not None:  # softmax (relu has nothing to stabilise)
+                g = _stabiliser(r, key_stabiliser, None)  # key_logits already kept padded keys out of r
+            feats.keys_(phi, half_sq_norm, g, real)
+        ctx.save_for_backward(x, w, phi)
+        ctx.kernel, ctx.is_key = kernel, key_stabiliser != "none"
         ctx.mark_non_differentiable(g)
         return phi, g
 
     @staticmethod
     def backward(ctx, d_phi, _):
-        xs, w, phi = ctx.saved_tensors
-        grad = d_phi * phi  # d loss / d exponent
-        d_xs = grad @ w
-        if ctx.with_norm:  # the exponent holds -|x'|^2/2
-            d_xs -= grad.sum(-1, keepdim=True) * xs
-        return d_xs * w.shape[1] ** -0.25, None, None, None
-
-
-def relu_features(x: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
-    """The generalized ReLU kernel's features (B, H, L, F)."""
-    if projection is None:
-        return torch.relu(x) + RELU_EPS
-    return _ReluFeatures.apply(x, projection)
-
-
-class _ReluFeatures(torch.autograd.Function):
-    """m^-1/2 relu(x W^T) + eps in one buffer, in place (same reason as _SoftmaxFeatures)."""
-
-    @staticmethod
-    def forward(ctx, x, w):
-        scale = w.shape[0] ** -0.5
-        phi = (x @ w.T).relu_().mul_(scale).add_(RELU_EPS)
-        ctx.save_for_backward(w, phi)
-        return phi
-
-    @staticmethod
-    def backward(ctx, d_phi):
-        w, phi = ctx.saved_tensors
-        grad = d_phi * (phi > RELU_EPS)  # active where x W^T > 0
-        return (grad @ w) * w.shape[0] ** -0.5, None
+        x, w, phi = ctx.saved_tensors
+        feats = BlockFeatures(w, ctx.kernel)
+        grad = d_phi.clone()  # the BlockFeatures backward methods overwrite their input
+        dx = feats.keys_backward_(grad, phi, x) if ctx.is_key else feats.queries_backward_(grad, phi)
+        return dx, None, None, None, None
 
 
 class BlockFeatures:
