@@ -56,8 +56,10 @@ def step_flops(system: str, causal: bool, length: int, size: dict) -> float:
     else:
         f = 2 * m if system == "performer-pytorch" else m  # (q, k features) + kv + out
         attn = 2 * length * f * d_head * heads * 2 + 2 * length * m * (d_head + 1) * heads * 2
-        if causal:  # intra-chunk C x C products on top (C = 128)
-            attn += 2 * length * 128 * (m + d_head + 1) * heads
+        if causal:  # intra-chunk C x C products on top
+            from protein_performer.attention.favor import DEFAULT_CHUNK
+
+            attn += 2 * length * DEFAULT_CHUNK * (m + d_head + 1) * heads
     return flops + 3 * layers * attn
 
 

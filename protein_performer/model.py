@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import vocab
 from .attention import ExactAttention, FavorAttention, attention_matrix
+from .attention.favor import DEFAULT_CHUNK
 
 AttentionKind = Literal["softmax", "favor-softmax", "favor-relu"]
 ATTENTION_KINDS: tuple[str, ...] = ("softmax", "favor-softmax", "favor-relu")
@@ -41,7 +42,7 @@ class Config:
     relu_random_features: bool = False  # False: the authors' deterministic relu(x) + 1e-3 map
     orthogonal_features: bool = True
     feature_scaling: Literal["chi", "sqrt_d"] = "chi"
-    chunk_size: int = 128  # causal FAVOR chunk length
+    chunk_size: int = DEFAULT_CHUNK  # causal FAVOR chunk length
     feature_seed: int = 0  # projections at construction are drawn from (feature_seed, layer)
     activation_checkpointing: bool = False  # recompute each block in backward: memory ~ L x d_model per layer
 
@@ -121,13 +122,44 @@ class SelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).flatten(2)), state
 
 
+class MLP(nn.Sequential):
+    """Linear -> GELU -> Linear -> Dropout, storing one (B, L, d_ff) activation for backward instead of two."""
+
+    def forward(self, x):
+        fc, _, proj, drop = self
+        return drop(GeluLinear.apply(fc(x), proj.weight, proj.bias))
+
+
+class GeluLinear(torch.autograd.Function):
+    """linear(gelu(h), weight, bias) that saves h only and recomputes gelu(h) in backward.
+
+    Autograd would keep both h (for GELU) and gelu(h) (for the Linear): the two (B, L, d_ff) tensors are the
+    largest activations of a block (400 MB of the 6-layer model at L = 8192). The recomputation is one
+    elementwise pass; torch.utils.checkpoint would recompute the d_ff x d_model product as well.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        return F.linear(F.gelu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx, dout):
+        h, weight = ctx.saved_tensors  # under autocast h and dout are bf16, weight float32: cast explicitly
+        a = F.gelu(h).to(dout.dtype)
+        d_weight = dout.flatten(0, -2).T @ a.flatten(0, -2)  # (d_model, d_ff)
+        del a
+        dh = torch.ops.aten.gelu_backward(dout @ weight.to(dout.dtype), h.to(dout.dtype))
+        return dh.to(h.dtype), d_weight.to(weight.dtype), dout.flatten(0, -2).sum(0).to(weight.dtype)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = SelfAttention(cfg, layer)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = nn.Sequential(
+        self.mlp = MLP(
             nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model), nn.Dropout(cfg.dropout)
         )
         self.drop = nn.Dropout(cfg.dropout)

@@ -370,3 +370,31 @@ def test_bidirectional_blocks_values_and_gradients(kernel, length, block, padded
     ref_grads = torch.autograd.grad(ref, (q, k, v), dy)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+# ---- the causal Function over several spans of chunks ----------------------------------------------------
+
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+@pytest.mark.parametrize("length,chunk,span", [(37, 4, 12), (40, 4, 8), (23, 5, 10), (9, 4, 4)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_causal_spans_values_and_gradients(kernel, length, chunk, span, padded, monkeypatch):
+    # several spans of several chunks, a short last span (37 = 3 x 12 + 1; 23 = 2 x 10 + 3, padded to a chunk),
+    # keys large enough that later chunks raise the running maximum, padding after and between real keys
+    from protein_performer.attention import favor
+
+    monkeypatch.setattr(favor, "SPAN", span)
+    w = projection(32, 16)
+    q, k, v = qkv(length=length, scale=1.5, requires_grad=True)
+    mask = None
+    if padded:
+        mask = torch.ones(2, length, dtype=torch.bool)
+        mask[0, length // 2:] = False
+        mask[1, 3:7] = False  # every row keeps key 0: no row without a real key (0 / 0 in the reference)
+    out = favor_attention(q, k, v, w, kernel=kernel, causal=True, chunk_size=chunk, key_padding_mask=mask)
+    ref = naive_favor(q, k, v, w, kernel, causal=True, key_padding_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)  # float64 round-off only
+    dy = rand(*out.shape, seed=9)
+    grads = torch.autograd.grad(out, (q, k, v), dy)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dy)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)  # float64; sums over up to 40 positions

@@ -5,7 +5,7 @@ import torch
 
 from protein_performer import vocab
 from protein_performer.attention import FavorAttention
-from protein_performer.model import ATTENTION_KINDS, PRESETS, Config, ProteinLM
+from protein_performer.model import ATTENTION_KINDS, PRESETS, Config, GeluLinear, ProteinLM
 
 VARIANTS = [(a, c) for a in ATTENTION_KINDS for c in (False, True)]
 
@@ -146,3 +146,35 @@ def test_decode_with_cache_equals_full_forward(attention):
         tiny(attention, False).decode(tokens)
     with pytest.raises(ValueError, match="beyond the model's max_len 512"):
         model.decode(batch(b=1, length=10), type(cache)([None] * 2, 505))
+
+
+def test_gelu_linear_matches_autograd_and_stores_one_activation():
+    # values and gradients against nn.Linear(GELU(h)) in float64 (round-off only), and finite-difference check
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 7, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64)
+    out = GeluLinear.apply(h, w, b)
+    ref = torch.nn.functional.linear(torch.nn.functional.gelu(h), w, b)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(torch.autograd.grad(out, (h, w, b), dy), torch.autograd.grad(ref, (h, w, b), dy)):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(GeluLinear.apply, (h[:1, :3], w, b))
+    # autograd keeps only h from the block's hidden layer (the GELU output is recomputed)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        GeluLinear.apply(h, w, b)
+    assert saved.count(h.shape) == 1
+
+
+def test_bf16_autocast_training_step_is_finite():
+    model = tiny("favor-softmax", causal=False)
+    tokens = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens)["logits"]
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() and p.grad.dtype == torch.float32 for p in model.parameters()
+               if p.grad is not None)

@@ -19,7 +19,10 @@ import torch
 
 from .features import BlockFeatures, Kernel, feature_map
 
-DEFAULT_CHUNK = 128  # causal chunk: measured fastest of 64 / 128 / 256 at L = 4096 and 8192 on a 2-core CPU
+# Causal chunk C and span: of C = 32 / 64 / 128 with spans of 512 rows, C = 64 was fastest at L = 4096, 8192 and
+# 16,384 on a 2-core CPU (median causal / bidirectional time 1.74 / 1.57 / 1.61, against 2.02 / 1.67 / 1.82 at 128).
+DEFAULT_CHUNK = 64
+SPAN = 512  # rows per pass of the causal Function: SPAN / C chunks batched in each product
 BLOCK = 512  # rows per block in the bidirectional Function
 
 
@@ -42,43 +45,71 @@ def favor_attention(
     when given float64), also under autocast; the output has v's dtype.
     """
     with torch.autocast(device_type=q.device.type, enabled=False):
-        if kernel == "softmax" or (kernel == "relu" and projection is not None):
+        if kernel == "relu" and projection is None:
+            # the deterministic map relu(x) + eps is the projected one with W = sqrt(d) I: m^-1/2 relu(W x) = relu(x)
+            projection = torch.eye(q.shape[-1], dtype=torch.float64, device=q.device) * q.shape[-1] ** 0.5
+        if kernel != "trig":
             # features block by block inside hand-written Functions: no (B, H, L, m) tensor
-            q, k, v1, projection = _work_inputs(q, k, v, projection)
+            q, k, v_work, projection = _work_inputs(q, k, v, projection)
             feature_map(q[:, :1, :1], projection, kernel)  # argument checks only
             real = None if key_padding_mask is None else key_padding_mask[:, None, :].to(torch.bool)  # (B, 1, L)
             if causal:
-                y = _CausalFavor.apply(q, k, v1, projection, kernel, real, chunk_size)
+                out = _CausalFavor.apply(q, k, v_work, projection, kernel, real, chunk_size)
             else:
-                y = _BidirectionalFavor.apply(q, k, v1, projection, kernel, real, BLOCK)
+                out = _BidirectionalFavor.apply(q, k, v_work, projection, kernel, real, BLOCK)
+            return out.to(v.dtype)
+        # trig (the ablation's estimator): whole-sequence features
+        f_q, phi_k, g, v1 = _features(q, k, v, projection, kernel, "running" if causal else "shared",
+                                      key_padding_mask)
+        if causal:
+            y = _CausalLinearAttention.apply(f_q, phi_k, v1, g, chunk_size)
         else:
-            f_q, phi_k, g, v1 = _features(q, k, v, projection, kernel, "running" if causal else "shared",
-                                          key_padding_mask)
-            if causal:
-                y = _CausalLinearAttention.apply(f_q, phi_k, v1, g, chunk_size)
-            else:
-                y = f_q @ (phi_k.transpose(-1, -2) @ v1)  # (B, H, L, F) @ (B, H, F, d_v + 1)
+            y = f_q @ (phi_k.transpose(-1, -2) @ v1)  # (B, H, L, F) @ (B, H, F, d_v + 1)
         out = y[..., :-1] / _safe_denominator(y[..., -1:], kernel)
     return out.to(v.dtype)
+
+
+def _with_ones(v: torch.Tensor) -> torch.Tensor:
+    """[V, 1] (..., d_v + 1): the last column carries the denominator D through the numerator's products."""
+    return torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1)
+
+
+def _normalise_(y: torch.Tensor, out: torch.Tensor, den: torch.Tensor) -> None:
+    """out <- numerator / D and den <- D (clamped as in _safe_denominator) for rows y = [numerator, D]."""
+    torch.clamp_min(y[..., -1:], torch.finfo(y.dtype).tiny, out=den)
+    torch.div(y[..., :-1], den, out=out)
+
+
+def _grad_y(d_out: torch.Tensor, out: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """d loss / d [numerator, D] (..., d_v + 1) from d loss / d out, for out = numerator / D."""
+    d_num = d_out / den
+    return torch.cat([d_num, -(d_num * out).sum(-1, keepdim=True)], -1)
+
+
+def _new_output(q: torch.Tensor, d_v: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (B, H, L, d_v) output, stored as (B, L, H, d_v) so that the caller's merge of heads,
+    out.transpose(1, 2).flatten(2), is a view; and the (B, H, L, 1) denominators."""
+    b, h, length, _ = q.shape
+    return q.new_empty(b, length, h, d_v).transpose(1, 2), q.new_empty(b, h, length, 1)
 
 
 def _features(q, k, v, projection, kernel, key_stabiliser, key_padding_mask=None):
     """phi(Q), phi(K) (scaled by exp(-g)) and g in float32 (float64 if given), and [V, 1] (B, H, L, d_v + 1)
     whose last column carries the denominator through the same products as the numerator."""
-    q, k, v1, projection = _work_inputs(q, k, v, projection)
+    q, k, v, projection = _work_inputs(q, k, v, projection)
+    v1 = None if v is None else _with_ones(v)
     f_q, _ = feature_map(q, projection, kernel)
     phi_k, g = feature_map(k, projection, kernel, key_stabiliser=key_stabiliser, key_padding_mask=key_padding_mask)
     return f_q, phi_k, g, v1
 
 
 def _work_inputs(q, k, v, projection):
-    """q, k, projection in float32 (float64 if given), and [V, 1] (B, H, L, d_v + 1) or None."""
+    """q, k, v (or None), projection in float32 (float64 if given)."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k = q.to(work), k.to(work)
     if projection is not None:
         projection = projection.to(work)
-    v1 = None if v is None else torch.cat([v.to(work), v.new_ones(v.shape[:-1] + (1,), dtype=work)], -1)
-    return q, k, v1, projection
+    return q, k, None if v is None else v.to(work), projection
 
 
 class DecodeState(NamedTuple):
@@ -172,12 +203,7 @@ def _allowed(length, device, causal, key_padding_mask):
 def _chunked(x: torch.Tensor, chunk: int, pad_value_last: bool = False) -> torch.Tensor:
     """(B, H, L, ...) -> (B, H, N, C, ...), padding L up to N * C (with zeros, or the last value)."""
     length = x.shape[2]
-    pad = -length % chunk
-    if pad:
-        fill = x[:, :, -1:].expand(*x.shape[:2], pad, *x.shape[3:]) if pad_value_last else x.new_zeros(
-            *x.shape[:2], pad, *x.shape[3:])
-        x = torch.cat([x, fill], 2)
-    return x.view(*x.shape[:2], -1, chunk, *x.shape[3:])
+    return _span_rows(x, 0, length, -length % chunk, pad_value_last).unflatten(2, (-1, chunk))
 
 
 class _CausalLinearAttention(torch.autograd.Function):
@@ -239,8 +265,9 @@ def _forward_states(kc, vc, gc, g_prev, g_end):
     return _scan(local, torch.exp(g_prev - g_end), reverse=False)
 
 
-def _scan(local, decay, reverse):
-    """states[c] = sum over chunks c' before c (after c when reverse) of local[c'], decayed chunk by chunk.
+def _scan(local, decay, reverse, initial=None):
+    """states[c] = sum over chunks c' before c (after c when reverse) of local[c'], decayed chunk by chunk, plus
+    `initial` (B, H, F, D) decayed likewise: the state entering the first (last when reverse) chunk.
 
     Forward: states[c + 1] = states[c] * decay[c] + local[c]; reverse: states[c - 1] = states[c] * decay[c]
     + local[c]. One fused multiply-add per chunk, written in place.
@@ -249,15 +276,25 @@ def _scan(local, decay, reverse):
     n = local.shape[2]
     order = range(n - 1, 0, -1) if reverse else range(n - 1)
     step = -1 if reverse else 1
-    states[:, :, order.start].zero_()
+    first = n - 1 if reverse else 0
+    if initial is None:
+        states[:, :, first].zero_()
+    else:
+        states[:, :, first] = initial
     decay = decay[..., None, None]  # (B, H, N, 1, 1)
     for c in order:
         torch.addcmul(local[:, :, c], states[:, :, c], decay[:, :, c], out=states[:, :, c + step])
     return states
 
 
+def _scan_out(states, local, decay, reverse):
+    """The state leaving the last (first when reverse) chunk of a _scan: (B, H, F, D)."""
+    c = 0 if reverse else local.shape[2] - 1
+    return torch.addcmul(local[:, :, c], states[:, :, c], decay[:, :, c, None, None])
+
+
 class _BidirectionalFavor(torch.autograd.Function):
-    """y = phi(Q) (phi(K)^T [V, 1]) (B, H, L, d_v + 1) for softmax or projected-ReLU features, by blocks of rows.
+    """D^-1 phi(Q) (phi(K)^T V) (B, H, L, d_v) for softmax or projected-ReLU features, by blocks of rows.
 
     Hand-written so that no (B, H, L, m) feature tensor exists: on the CPU every fresh tensor of that size costs
     page faults that take longer than the arithmetic on it. Forward: one pass over key blocks builds
@@ -265,20 +302,21 @@ class _BidirectionalFavor(torch.autograd.Function):
     (kv is rescaled by exp(g_old - g_new) when a block raises it, as in flash attention), then one pass over
     query blocks gives y = phi(q) kv. Backward recomputes the block features: a query pass for dq and
     dkv = sum_i phi(q_i) dy_i^T, then a key pass for dk and dv. Two (B, H, C, m) buffers serve every block.
-    Saves only q, k, [V, 1], the projection, kv and g.
+    Saves only q, k, v, the projection, kv, g, the output and D: with the output laid out as the caller's
+    merged heads (see _new_output) no (B, H, L, d_v) tensor is stored that the next layer does not keep anyway.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v1, w, kernel, real, block):
+    def forward(ctx, q, k, v, w, kernel, real, block):
         feats = BlockFeatures(w, kernel)
         b, h, length, _ = q.shape
         block = min(block, length)
         buf = q.new_empty(b, h, block, w.shape[0])
-        kv = q.new_zeros(b, h, w.shape[0], v1.shape[-1])  # (B, H, m, d_v + 1), referenced at g
+        kv = q.new_zeros(b, h, w.shape[0], v.shape[-1] + 1)  # (B, H, m, d_v + 1), referenced at g
         g = None  # (B, H, 1): maximum key log-scale so far (softmax only)
         for s, e in _blocks(length, block):
             real_c = None if real is None else real[:, :, s:e]
-            phi = buf[:, :, : e - s]
+            phi = _rows(buf, e - s)
             r, half_sq_norm = feats.key_logits(k[:, :, s:e], phi, real_c)
             if r is not None:
                 g_new = r.amax(-1, keepdim=True)
@@ -287,38 +325,45 @@ class _BidirectionalFavor(torch.autograd.Function):
                     kv.mul_(torch.exp(g - g_new)[..., None])  # <= 1
                 g = g_new
             feats.keys_(phi, half_sq_norm, g, real_c)
-            kv += phi.transpose(-1, -2) @ v1[:, :, s:e]
-        y = q.new_empty(v1.shape)
+            kv += phi.transpose(-1, -2) @ _with_ones(v[:, :, s:e])
+        out, den = _new_output(q, v.shape[-1])
         for s, e in _blocks(length, block):
-            y[:, :, s:e] = feats.queries_(q[:, :, s:e], buf[:, :, : e - s]) @ kv
-        ctx.save_for_backward(q, k, v1, w, kv, g, real)
+            y = feats.queries_(q[:, :, s:e], _rows(buf, e - s)) @ kv  # (B, H, C, d_v + 1)
+            _normalise_(y, out[:, :, s:e], den[:, :, s:e])
+        ctx.save_for_backward(q, k, v, w, kv, g, real, out, den)
         ctx.kernel, ctx.block = kernel, block
-        return y
+        return out
 
     @staticmethod
-    def backward(ctx, dy):
-        q, k, v1, w, kv, g, real = ctx.saved_tensors
+    def backward(ctx, d_out):
+        q, k, v, w, kv, g, real, out, den = ctx.saved_tensors
         feats = BlockFeatures(w, ctx.kernel)
         b, h, length, _ = q.shape
         buf, grad = (q.new_empty(b, h, ctx.block, w.shape[0]) for _ in range(2))
-        dq, dk, dv1 = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v1)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dkv = torch.zeros_like(kv)
         for s, e in _blocks(length, ctx.block):  # queries
-            phi = feats.queries_(q[:, :, s:e], buf[:, :, : e - s])
-            dy_c = dy[:, :, s:e]
+            phi = feats.queries_(q[:, :, s:e], _rows(buf, e - s))
+            dy_c = _grad_y(d_out[:, :, s:e], out[:, :, s:e], den[:, :, s:e])  # (B, H, C, d_v + 1)
             dkv += phi.transpose(-1, -2) @ dy_c
-            d_phi = torch.matmul(dy_c, kv.transpose(-1, -2), out=grad[:, :, : e - s])
+            d_phi = torch.matmul(dy_c, kv.transpose(-1, -2), out=_rows(grad, e - s))
             dq[:, :, s:e] = feats.queries_backward_(d_phi, phi)
         for s, e in _blocks(length, ctx.block):  # keys
             real_c = None if real is None else real[:, :, s:e]
-            phi = buf[:, :, : e - s]
+            phi = _rows(buf, e - s)
             _, half_sq_norm = feats.key_logits(k[:, :, s:e], phi, real_c)
             feats.keys_(phi, half_sq_norm, g, real_c)
-            v1_c = v1[:, :, s:e]
-            dv1[:, :, s:e] = phi @ dkv
-            d_phi = torch.matmul(v1_c, dkv.transpose(-1, -2), out=grad[:, :, : e - s])
+            dv[:, :, s:e] = phi @ dkv[..., :-1]
+            d_phi = torch.matmul(_with_ones(v[:, :, s:e]), dkv.transpose(-1, -2), out=_rows(grad, e - s))
             dk[:, :, s:e] = feats.keys_backward_(d_phi, phi, k[:, :, s:e])
-        return dq, dk, dv1, None, None, None, None
+        return dq, dk, dv, None, None, None, None
+
+
+def _rows(buffer, n):
+    """The first n rows of a (B, H, R, m) work buffer as a contiguous (B, H, n, m) tensor (matmul's out= needs
+    one: it folds a contiguous input's batch dimensions into its rows)."""
+    b, h, _, m = buffer.shape
+    return buffer.view(-1)[: b * h * n * m].view(b, h, n, m)
 
 
 def _blocks(length, block):
@@ -326,94 +371,136 @@ def _blocks(length, block):
 
 
 class _CausalFavor(torch.autograd.Function):
-    """Causal y_i = phi(q_i) sum_{j<=i} phi(k_j) exp(g_j - g_i) [v_j, 1]^T for softmax or projected-ReLU features,
-    with g the running maximum of the key log-scales, in chunks of C positions.
+    """Causal D^-1 y for y_i = phi(q_i) sum_{j<=i} phi(k_j) exp(g_j - g_i) [v_j, 1]^T, softmax or projected-ReLU
+    features, g the running maximum of the key log-scales, in chunks of C positions.
 
     The algorithm of _CausalLinearAttention (intra-chunk masked C x C products, a carried (m, d_v + 1) state
-    rescaled when the maximum grows), but with the features computed chunk by chunk inside the loop, into
-    reused (B, H, C, m) buffers, instead of materialising phi(Q) and phi(K) for the whole sequence: on the CPU
-    each fresh tensor of that size costs page faults that take longer than the arithmetic. The running
-    maximum is found chunk by chunk too (cummax within the chunk, then the maximum with the previous chunk's
-    end), so nothing from after position i ever reaches output i. Saves q, k, [V, 1], the projection, g (B, H, L)
-    and the state before each chunk (B, H, N, m, d_v + 1); backward is one reverse pass that recomputes the
-    chunk features and carries sum_{i later} exp(g_end - g_i) phi(q_i) dy_i^T for the keys' gradients.
+    rescaled when the maximum grows), run over spans of SPAN rows (several chunks) at a time: the features of
+    a span come from one product into reused (B, H, SPAN, m) buffers (no (B, H, L, m) tensor: on the CPU each
+    fresh tensor of that size costs page faults that take longer than the arithmetic), and the intra-chunk
+    products and the per-chunk states of all its chunks are single batched products. Only the scan of the
+    (m, d_v + 1) state from chunk to chunk is a Python loop. The running maximum is a cummax over the span
+    joined with the previous span's end, so nothing from after position i ever reaches output i.
+    Saves q, k, v, the projection, g (B, H, L), the state before each chunk (B, H, N, m, d_v + 1), the output
+    and D (as _BidirectionalFavor);
+    backward is one reverse pass over the spans that recomputes their features and carries
+    sum_{i later} exp(g_end - g_i) phi(q_i) dy_i^T for the keys' gradients.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v1, w, kernel, real, chunk):
+    def forward(ctx, q, k, v, w, kernel, real, chunk):
         feats = BlockFeatures(w, kernel)
         b, h, length, _ = q.shape
         chunk = min(chunk, length)
-        m, width = w.shape[0], v1.shape[-1]
-        f_q, phi_k = (q.new_empty(b, h, chunk, m) for _ in range(2))
-        states = q.new_empty(b, h, -(-length // chunk), m, width)  # state before each chunk, at g_prev
-        state = q.new_zeros(b, h, m, width)
+        span = chunk * max(1, SPAN // chunk)
+        m, width = w.shape[0], v.shape[-1] + 1
+        f_q, phi_k = (q.new_empty(b, h, span, m) for _ in range(2))
+        states = []  # per span: the state before each of its chunks (B, H, nc, m, D), referenced at its g_prev
+        state = None
         g = q.new_zeros(b, h, length)  # stays 0 for relu
-        y = q.new_empty(v1.shape)
+        out, den = _new_output(q, v.shape[-1])
         upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
-        g_end = None  # (B, H): the running maximum at the end of the previous chunk
-        for c, (s, e) in enumerate(_blocks(length, chunk)):
-            n, real_c, v1_c = e - s, None if real is None else real[:, :, s:e], v1[:, :, s:e]
-            fq, pk = feats.queries_(q[:, :, s:e], f_q[:, :, :n]), phi_k[:, :, :n]
-            r, half_sq_norm = feats.key_logits(k[:, :, s:e], pk, real_c)
-            if r is not None:
-                g_c = torch.cummax(r, -1).values
+        g_end = None  # (B, H): the running maximum at the end of the previous span
+        for s, e in _blocks(length, span):
+            pad = -(e - s) % chunk  # only the last span can be short
+            qs, ks, real_s = (_span_rows(x, s, e, pad) for x in (q, k, real))
+            vs = _span_rows(_with_ones(v[:, :, s:e]), 0, e - s, pad)
+            n, nc = qs.shape[2], qs.shape[2] // chunk
+            fq, pk = feats.queries_(qs, _rows(f_q, n)), _rows(phi_k, n)
+            r, half_sq_norm = feats.key_logits(ks, pk, real_s)
+            if r is None:
+                g_s = q.new_zeros(b, h, n)
+            else:
+                g_s = torch.cummax(r, -1).values
                 if g_end is not None:
-                    g_c = torch.maximum(g_c, g_end[..., None])
-                g[:, :, s:e] = g_c
-            g_c = g[:, :, s:e]  # (B, H, n), non-decreasing
-            feats.keys_(pk, half_sq_norm, g_c, real_c)  # phi(k_j) exp(-g_j)
-            g_prev = g_c[..., 0] if g_end is None else g_end
-            decay = _decay(g_c, upper[:n, :n])
-            y_c = ((fq @ pk.transpose(-1, -2)).mul_(decay)) @ v1_c  # intra-chunk
-            if c:
-                y_c += torch.exp(g_prev[..., None] - g_c)[..., None] * (fq @ state)
-            y[:, :, s:e] = y_c
-            states[:, :, c] = state
-            g_end = g_c[..., -1]
-            state.mul_(torch.exp(g_prev - g_end)[..., None, None])
-            state += pk.transpose(-1, -2) @ (v1_c * torch.exp(g_c - g_end[..., None])[..., None])
-        ctx.save_for_backward(q, k, v1, w, g, states, real)
+                    g_s = torch.maximum(g_s, g_end[..., None])
+                g[:, :, s:e] = g_s[..., : e - s]
+            feats.keys_(pk, half_sq_norm, g_s, real_s)  # phi(k_j) exp(-g_j)
+            gc, fqc, pkc, vc = _split(chunk, g_s, fq, pk, vs)  # (B, H, nc, C[, ...])
+            prev, ends = _chunk_references(gc, g_end)
+            y_s = ((fqc @ pkc.transpose(-1, -2)).mul_(_decay(gc, upper))) @ vc  # intra-chunk
+            local = pkc.transpose(-1, -2) @ (vc * torch.exp(gc - ends[..., None])[..., None])  # (B, H, nc, m, D)
+            carry = torch.exp(prev - ends)  # (B, H, nc), <= 1
+            before = _scan(local, carry, reverse=False, initial=state)
+            state = _scan_out(before, local, carry, reverse=False)
+            states.append(before)
+            y_s += torch.exp(prev[..., None] - gc)[..., None] * (fqc @ before)  # the state from earlier chunks
+            _normalise_(y_s.view(b, h, n, width)[:, :, : e - s], out[:, :, s:e], den[:, :, s:e])
+            g_end = ends[..., -1]
+        ctx.save_for_backward(q, k, v, w, g, real, out, den, *states)
         ctx.kernel, ctx.chunk = kernel, chunk
-        return y
+        return out
 
     @staticmethod
-    def backward(ctx, dy):
-        q, k, v1, w, g, states, real = ctx.saved_tensors
+    def backward(ctx, d_out):
+        q, k, v, w, g, real, out, den, *states = ctx.saved_tensors
         feats = BlockFeatures(w, ctx.kernel)
         b, h, length, _ = q.shape
         chunk, m = ctx.chunk, w.shape[0]
-        f_q, phi_k, d_fq, d_pk = (q.new_empty(b, h, chunk, m) for _ in range(4))
-        dq, dk, dv1 = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v1)
-        after = torch.zeros_like(states[:, :, 0])  # sum over later chunks of exp(g_end - g_i) phi(q_i) dy_i^T
+        span = chunk * max(1, SPAN // chunk)
+        f_q, phi_k, d_fq, d_pk = (q.new_empty(b, h, span, m) for _ in range(4))
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        after = None  # sum over later chunks of exp(g_end - g_i) phi(q_i) dy_i^T (B, H, m, D)
         upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
-        for c, (s, e) in reversed(list(enumerate(_blocks(length, chunk)))):
-            n, real_c, v1_c, dy_c = e - s, None if real is None else real[:, :, s:e], v1[:, :, s:e], dy[:, :, s:e]
-            fq, pk = feats.queries_(q[:, :, s:e], f_q[:, :, :n]), phi_k[:, :, :n]
-            _, half_sq_norm = feats.key_logits(k[:, :, s:e], pk, real_c)
-            g_c = g[:, :, s:e]
-            feats.keys_(pk, half_sq_norm, g_c, real_c)
-            g_prev, g_end = (g_c[..., 0] if c == 0 else g[:, :, s - 1]), g_c[..., -1]
-            decay = _decay(g_c, upper[:n, :n])
-            from_prev = torch.exp(g_prev[..., None] - g_c)[..., None]  # (B, H, n, 1), <= 1
-            to_end = torch.exp(g_c - g_end[..., None])[..., None]  # (B, H, n, 1), <= 1
-            dy_prev = dy_c * from_prev
+        for (s, e), before in reversed(list(zip(_blocks(length, span), states))):
+            pad = -(e - s) % chunk
+            qs, ks, real_s = (_span_rows(x, s, e, pad) for x in (q, k, real))
+            vs = _span_rows(_with_ones(v[:, :, s:e]), 0, e - s, pad)
+            dys = _span_rows(_grad_y(d_out[:, :, s:e], out[:, :, s:e], den[:, :, s:e]), 0, e - s, pad)
+            g_s = _span_rows(g, s, e, pad, repeat_last=True)
+            n, nc = qs.shape[2], qs.shape[2] // chunk
+            fq, pk = feats.queries_(qs, _rows(f_q, n)), _rows(phi_k, n)
+            _, half_sq_norm = feats.key_logits(ks, pk, real_s)
+            feats.keys_(pk, half_sq_norm, g_s, real_s)
+            gc, fqc, pkc, vc, dyc = _split(chunk, g_s, fq, pk, vs, dys)
+            prev, ends = _chunk_references(gc, None if s == 0 else g[:, :, s - 1])
+            decay = _decay(gc, upper)
+            dy_prev = dyc * torch.exp(prev[..., None] - gc)[..., None]  # (B, H, nc, C, D), scale <= 1
+            to_end = torch.exp(gc - ends[..., None])[..., None]  # (B, H, nc, C, 1), <= 1
             # intra-chunk
-            da = (dy_c @ v1_c.transpose(-1, -2)).mul_(decay)  # (B, H, n, n)
-            dfq = torch.matmul(da, pk, out=d_fq[:, :, :n])
-            dpk = torch.matmul(da.transpose(-1, -2), fq, out=d_pk[:, :, :n])
-            dv1_c = ((fq @ pk.transpose(-1, -2)).mul_(decay)).transpose(-1, -2) @ dy_c
-            # queries read the state carried from earlier chunks; keys and values feed every later chunk
-            if c:
-                dfq += dy_prev @ states[:, :, c].transpose(-1, -2)
-            dpk += (v1_c * to_end) @ after.transpose(-1, -2)
-            dv1_c += to_end * (pk @ after)
-            dv1[:, :, s:e] = dv1_c
-            after.mul_(torch.exp(g_prev - g_end)[..., None, None])
-            after += fq.transpose(-1, -2) @ dy_prev
-            dq[:, :, s:e] = feats.queries_backward_(dfq, fq)
-            dk[:, :, s:e] = feats.keys_backward_(dpk, pk, k[:, :, s:e])
-        return dq, dk, dv1, None, None, None, None
+            da = (dyc @ vc.transpose(-1, -2)).mul_(decay)  # (B, H, nc, C, C)
+            dfq = torch.matmul(da, pkc, out=_rows(d_fq, n).view(fqc.shape))
+            dpk = torch.matmul(da.transpose(-1, -2), fqc, out=_rows(d_pk, n).view(pkc.shape))
+            dvc = ((fqc @ pkc.transpose(-1, -2)).mul_(decay)).transpose(-1, -2) @ dyc
+            # queries read the state carried from earlier chunks ...
+            dfq += dy_prev @ before.transpose(-1, -2)
+            # ... keys and values feed every later chunk: reverse scan of the carried query-gradient sums
+            local = fqc.transpose(-1, -2) @ dy_prev  # (B, H, nc, m, D)
+            carry = torch.exp(prev - ends)
+            afters = _scan(local, carry, reverse=True, initial=after)
+            after = _scan_out(afters, local, carry, reverse=True)
+            dpk += (vc * to_end) @ afters.transpose(-1, -2)
+            dvc += to_end * (pkc @ afters)
+            dv[:, :, s:e] = dvc.view(b, h, n, -1)[:, :, : e - s, :-1]
+            dq[:, :, s:e] = feats.queries_backward_(_rows(d_fq, n), fq)[:, :, : e - s]
+            dk[:, :, s:e] = feats.keys_backward_(_rows(d_pk, n), pk, ks)[:, :, : e - s]
+        return dq, dk, dv, None, None, None, None
+
+
+def _span_rows(x, s, e, pad, repeat_last=False):
+    """Rows s:e of x (B, H or 1, L, ...) with `pad` rows appended: zeros (False for a mask), or the last row
+    repeated (for the non-decreasing g). Padding rows sit after every real row of the sequence, so causality
+    keeps them out of every real output."""
+    if x is None:
+        return None
+    x = x[:, :, s:e]
+    if not pad:
+        return x
+    shape = (*x.shape[:2], pad, *x.shape[3:])
+    return torch.cat([x, x[:, :, -1:].expand(shape) if repeat_last else x.new_zeros(shape)], 2)
+
+
+def _split(chunk, *tensors):
+    """(B, H, n, ...) -> (B, H, n / C, C, ...)."""
+    return [x.unflatten(2, (-1, chunk)) for x in tensors]
+
+
+def _chunk_references(gc, g_in):
+    """For the chunks of a span, gc (B, H, nc, C): the maximum each chunk's incoming state is referenced at
+    (g_prev: the previous chunk's end, or g_in, the end of the previous span) and at each chunk's end."""
+    ends = gc[..., -1]  # (B, H, nc)
+    start = gc[..., :1, 0] if g_in is None else g_in[..., None]
+    return torch.cat([start, ends[..., :-1]], -1), ends
 
 
 def _decay(g_c, upper):
