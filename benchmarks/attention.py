@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from results_io import RESULTS, time_memory_plot, write_csv
+from results_io import RESULTS, fastest_of_rounds, time_memory_plot, write_csv
 
 METHODS = ("exact", "favor-softmax", "favor-relu", "performer-pytorch")
 
@@ -31,8 +31,6 @@ def _rss_mib() -> float:
 
 
 def _build(method: str, causal: bool, d: int, m: int):
-    import torch
-
     if method == "exact":
         from protein_performer.attention import softmax_attention
 
@@ -108,7 +106,10 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--d-head", type=int, default=64)
     p.add_argument("--features", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per process, after one warm-up run")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="processes per (method, mode, length), interleaved across methods and modes; the fastest "
+                        "counts (a shared machine's slow spells then hit every method alike)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--timeout", type=float, default=300, help="seconds per (method, length) before giving up")
     p.add_argument("--skip-after", type=float, default=60,
@@ -128,21 +129,20 @@ def main(argv=None):
         print("performer-pytorch is not installed: skipping it (pip install performer-pytorch==1.1.4)")
     rows = []
     print(f"B={args.batch} H={args.heads} d_head={args.d_head} m={args.features}, forward+backward, "
-          f"device={args.device}, torch threads={_threads()}")
+          f"device={args.device}, torch threads={_threads()}, {args.rounds} round(s)")
     print(f"{'mode':<14}{'method':<19}{'L':>7}{'seconds':>10}{'peak MiB':>10}")
-    for mode in args.modes:
-        for method in methods:
-            for length in args.lengths:
-                r = run_one(args, method, length, mode == "causal")
-                row = {"mode": mode, "method": method, "length": length, "seconds": r.get("seconds"),
-                       "peak_mib": r.get("peak_mib"), "error": r.get("error", "")}
-                rows.append(row)
-                if row["error"]:
-                    print(f"{mode:<14}{method:<19}{length:>7}   {row['error']}", flush=True)
-                    break
-                print(f"{mode:<14}{method:<19}{length:>7}{row['seconds']:>10.3f}{row['peak_mib']:>10.0f}", flush=True)
-                if row["seconds"] > args.skip_after:
-                    break
+    keys = [(mode, method) for mode in args.modes for method in methods]
+    runs = fastest_of_rounds(keys, args.lengths, args.rounds,
+                             lambda key, length: run_one(args, key[1], length, key[0] == "causal"),
+                             stop=lambda r: r["seconds"] > args.skip_after)
+    for (mode, method), length, r in runs:
+        row = {"mode": mode, "method": method, "length": length, "seconds": r.get("seconds"),
+               "peak_mib": r.get("peak_mib"), "error": r.get("error", "")}
+        rows.append(row)
+        if row["error"]:
+            print(f"{mode:<14}{method:<19}{length:>7}   {row['error']}", flush=True)
+        else:
+            print(f"{mode:<14}{method:<19}{length:>7}{row['seconds']:>10.3f}{row['peak_mib']:>10.0f}", flush=True)
     write_csv(rows, args.out)
     time_memory_plot(rows, args.out.with_suffix(".png"), "method", "seconds (forward + backward)", "peak_mib",
                      "peak memory above baseline (MiB)")

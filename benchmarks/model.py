@@ -7,29 +7,29 @@ concatenated-task model (6 layers, d_model 512, 8 heads, d_ff 2048, m = 256). Ea
 fresh subprocess so its peak memory is its own. Beside each row: the compute floor (model FLOPs over the
 machine's measured matmul rate) and the fraction of it reached.
 
-    python benchmarks/model.py                                  # 1K .. 64K, every system, both modes
-    python benchmarks/model.py --lengths 8192 --modes masked    # one column of the issue's table
-    python benchmarks/model.py --max-length-search               # largest L within --memory-limit-gib
+A system stops growing L once a step takes longer than --skip-after seconds or more than --memory-limit-gib;
+the last lines name the largest L measured within that memory for each system.
+
+    python benchmarks/model.py                                              # 1K .. 64K, every system, both modes
+    python benchmarks/model.py --lengths 8192 --modes masked --rounds 3     # one column of the issue's table
+    python benchmarks/model.py --lengths 65536 --activation-checkpointing   # the longest length
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from results_io import RESULTS, time_memory_plot, write_csv
+from results_io import RESULTS, fastest_of_rounds, time_memory_plot, write_csv
 
 SYSTEMS = ("softmax", "favor-softmax", "favor-relu", "performer-pytorch")
 
 
 def build(system: str, causal: bool, length: int, size: dict):
-    import torch
-
     if system == "performer-pytorch":
         from performer_pytorch import PerformerLM
 
@@ -56,7 +56,7 @@ def step_flops(system: str, causal: bool, length: int, size: dict) -> float:
     else:
         f = 2 * m if system == "performer-pytorch" else m  # (q, k features) + kv + out
         attn = 2 * length * f * d_head * heads * 2 + 2 * length * m * (d_head + 1) * heads * 2
-        if causal:  # intra-chunk C x C products on top
+        if causal and system != "performer-pytorch":  # our intra-chunk C x C products on top
             from protein_performer.attention.favor import DEFAULT_CHUNK
 
             attn += 2 * length * DEFAULT_CHUNK * (m + d_head + 1) * heads
@@ -69,10 +69,12 @@ def matmul_rate() -> float:
 
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
-    start, reps = time.perf_counter(), 5
-    for _ in range(reps):
+    times = []
+    for _ in range(11):  # the median product: the machine's sustained rate, not one lucky or unlucky moment
+        start = time.perf_counter()
         a @ b
-    return reps * 2 * 2048**3 / (time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+    return 2 * 2048**3 / sorted(times)[5]
 
 
 def worker(system: str, causal: bool, length: int, size: dict, repeats: int, device: str) -> dict:
@@ -134,7 +136,10 @@ def main(argv=None):
                    help="model size as JSON (default: the paper's concatenated-task Performer)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in backward (this project's models only)")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="timed steps per run, after one warm-up step")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="runs of every system per length, interleaved; the fastest counts (a shared machine's "
+                        "slow spells then hit every system alike)")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--skip-after", type=float, default=120, help="stop growing L once a step took this long")
     p.add_argument("--memory-limit-gib", type=float, default=16.0)
@@ -154,28 +159,33 @@ def main(argv=None):
     if args.activation_checkpointing and "performer-pytorch" in systems:
         systems.remove("performer-pytorch")  # it has no such option
     rate = matmul_rate()
-    print(f"device={args.device}, size={args.size}, matmul roof {rate / 1e9:.0f} GFLOP/s")
-    header = f"{'mode':<8}{'system':<19}{'L':>7}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'floor s':>9}{'of floor':>9}"
-    print(header)
+    print(f"device={args.device}, size={args.size}, {args.rounds} round(s) per length")
+    print(f"{'mode':<8}{'system':<19}{'L':>7}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'floor s':>9}{'of floor':>9}")
+
+    def remeasure_roof():
+        nonlocal rate
+        rate = max(rate, matmul_rate())
+
+    keys = [(mode, system) for mode in args.modes for system in systems]
+    runs = fastest_of_rounds(keys, args.lengths, args.rounds,
+                             lambda key, length: run_one(args, key[1], key[0] == "causal", length),
+                             stop=lambda r: r["seconds"] > args.skip_after or r["peak_gib"] > args.memory_limit_gib,
+                             before_round=remeasure_roof)
     rows = []
-    for mode in args.modes:
-        for system in systems:
-            for length in args.lengths:
-                r = run_one(args, system, mode == "causal", length)
-                floor = step_flops(system, mode == "causal", length, args.size) / rate
-                row = {"device": args.device, "mode": mode, "system": system, "length": length,
-                       "seconds": r.get("seconds"), "tokens_per_s": length / r["seconds"] if "seconds" in r else None,
-                       "peak_gib": r.get("peak_gib"), "floor_seconds": floor,
-                       "fraction_of_floor": floor / r["seconds"] if "seconds" in r else None,
-                       "error": r.get("error", "")}
-                rows.append(row)
-                if row["error"]:
-                    print(f"{mode:<8}{system:<19}{length:>7}   {row['error']}", flush=True)
-                    break
-                print(f"{mode:<8}{system:<19}{length:>7}{row['seconds']:>9.2f}{row['tokens_per_s']:>10.0f}"
-                      f"{row['peak_gib']:>10.2f}{floor:>9.2f}{row['fraction_of_floor']:>9.0%}", flush=True)
-                if row["seconds"] > args.skip_after or row["peak_gib"] > args.memory_limit_gib:
-                    break
+    for (mode, system), length, r in runs:
+        row = {"device": args.device, "mode": mode, "system": system, "length": length,
+               "seconds": r.get("seconds"), "tokens_per_s": length / r["seconds"] if "seconds" in r else None,
+               "peak_gib": r.get("peak_gib"), "floor_seconds": None, "fraction_of_floor": None,
+               "error": r.get("error", "")}
+        rows.append(row)
+        if row["error"]:
+            print(f"{mode:<8}{system:<19}{length:>7}   {row['error']}", flush=True)
+            continue
+        floor = step_flops(system, mode == "causal", length, args.size) / rate
+        row.update(floor_seconds=floor, fraction_of_floor=floor / row["seconds"])
+        print(f"{mode:<8}{system:<19}{length:>7}{row['seconds']:>9.2f}{row['tokens_per_s']:>10.0f}"
+              f"{row['peak_gib']:>10.2f}{floor:>9.2f}{row['fraction_of_floor']:>9.0%}", flush=True)
+    print(f"matmul roof {rate / 1e9:.0f} GFLOP/s (median of 11 products of 2048 x 2048 matrices, best round)")
     write_csv(rows, args.out)
     largest = {}
     for r in rows:

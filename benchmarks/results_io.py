@@ -4,8 +4,37 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Callable, Iterator
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def fastest_of_rounds(keys: list, lengths: list[int], rounds: int, run: Callable[[object, int], dict],
+                      stop: Callable[[dict], bool], before_round: Callable[[], None] = lambda: None,
+                      ) -> Iterator[tuple[object, int, dict]]:
+    """Yields (key, length, result) for every key and length, lengths in order.
+
+    Each length runs every key still active `rounds` times, interleaved, so that the slow spells of a shared
+    machine hit every key alike; the result is the fastest successful run (with the largest "peak*" values of
+    its runs), or the first error. A key stops growing the length after an error or when stop(result) is true.
+    """
+    active = list(keys)
+    for length in lengths:
+        runs = {key: [] for key in active}
+        for _ in range(rounds):
+            before_round()
+            for key in active:
+                runs[key].append(run(key, length))
+        for key, results in runs.items():
+            ok = [r for r in results if "seconds" in r]
+            if ok:
+                best = dict(min(ok, key=lambda r: r["seconds"]))
+                best.update({k: max(r[k] for r in ok) for k in best if k.startswith("peak")})
+            else:
+                best = results[0]
+            yield key, length, best
+            if not ok or stop(best):
+                active.remove(key)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import vocab
 from .inputs import InputError, LoadedModel, Protein, load_model, read_proteins
-from .model import DecodeCache, ProteinLM
+from .model import ProteinLM
 
 
 # ---- batching -----------------------------------------------------------------------------------------------

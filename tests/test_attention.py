@@ -345,53 +345,30 @@ def test_recurrent_decoding_equals_causal_attention(kernel, projected):
     torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-10, atol=1e-10)  # float64 round-off
 
 
-# ---- the bidirectional Function over several blocks of rows --------------------------------------------------
+# ---- the hand-written Functions over several blocks (bidirectional) or spans of chunks (causal) ----------
 
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
-@pytest.mark.parametrize("length,block", [(37, 8), (20, 7), (5, 16)])
+@pytest.mark.parametrize("causal,length,chunk,rows", [
+    (False, 37, None, 8), (False, 20, None, 7), (False, 5, None, 16),  # blocks that do not divide L
+    # several spans of several chunks, a short last span (37 = 3 x 12 + 1; 23 = 2 x 10 + 3, padded to a chunk)
+    (True, 37, 4, 12), (True, 40, 4, 8), (True, 23, 5, 10), (True, 9, 4, 4),
+])
 @pytest.mark.parametrize("padded", [False, True])
-def test_bidirectional_blocks_values_and_gradients(kernel, length, block, padded, monkeypatch):
-    # blocks that do not divide L, with keys large enough that later blocks raise the online maximum
+def test_blocked_functions_values_and_gradients(kernel, causal, length, chunk, rows, padded, monkeypatch):
+    # keys large enough that later blocks raise the online (running) maximum; padding after and between real keys
     from protein_performer.attention import favor
 
-    monkeypatch.setattr(favor, "BLOCK", block)
+    monkeypatch.setattr(favor, "SPAN" if causal else "BLOCK", rows)
     w = projection(32, 16)
     q, k, v = qkv(length=length, scale=1.5, requires_grad=True)
     mask = None
     if padded:
         mask = torch.ones(2, length, dtype=torch.bool)
         mask[0, length // 2:] = False
-        mask[1, :3] = False
-    out = favor_attention(q, k, v, w, kernel=kernel, key_padding_mask=mask)
-    ref = naive_favor(q, k, v, w, kernel, key_padding_mask=mask)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    dy = rand(*out.shape, seed=9)
-    grads = torch.autograd.grad(out, (q, k, v), dy)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), dy)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-
-
-# ---- the causal Function over several spans of chunks ----------------------------------------------------
-
-@pytest.mark.parametrize("kernel", ["softmax", "relu"])
-@pytest.mark.parametrize("length,chunk,span", [(37, 4, 12), (40, 4, 8), (23, 5, 10), (9, 4, 4)])
-@pytest.mark.parametrize("padded", [False, True])
-def test_causal_spans_values_and_gradients(kernel, length, chunk, span, padded, monkeypatch):
-    # several spans of several chunks, a short last span (37 = 3 x 12 + 1; 23 = 2 x 10 + 3, padded to a chunk),
-    # keys large enough that later chunks raise the running maximum, padding after and between real keys
-    from protein_performer.attention import favor
-
-    monkeypatch.setattr(favor, "SPAN", span)
-    w = projection(32, 16)
-    q, k, v = qkv(length=length, scale=1.5, requires_grad=True)
-    mask = None
-    if padded:
-        mask = torch.ones(2, length, dtype=torch.bool)
-        mask[0, length // 2:] = False
-        mask[1, 3:7] = False  # every row keeps key 0: no row without a real key (0 / 0 in the reference)
-    out = favor_attention(q, k, v, w, kernel=kernel, causal=True, chunk_size=chunk, key_padding_mask=mask)
-    ref = naive_favor(q, k, v, w, kernel, causal=True, key_padding_mask=mask)
+        # causal: padding between real keys (a row before any real key is 0 / 0 in the reference); else first
+        mask[1, slice(3, 7) if causal else slice(0, 3)] = False
+    out = favor_attention(q, k, v, w, kernel=kernel, causal=causal, chunk_size=chunk or 64, key_padding_mask=mask)
+    ref = naive_favor(q, k, v, w, kernel, causal=causal, key_padding_mask=mask)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)  # float64 round-off only
     dy = rand(*out.shape, seed=9)
     grads = torch.autograd.grad(out, (q, k, v), dy)

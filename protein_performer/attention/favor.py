@@ -381,10 +381,9 @@ class _CausalFavor(torch.autograd.Function):
     products and the per-chunk states of all its chunks are single batched products. Only the scan of the
     (m, d_v + 1) state from chunk to chunk is a Python loop. The running maximum is a cummax over the span
     joined with the previous span's end, so nothing from after position i ever reaches output i.
-    Saves q, k, v, the projection, g (B, H, L), the state before each chunk (B, H, N, m, d_v + 1), the output
-    and D (as _BidirectionalFavor);
-    backward is one reverse pass over the spans that recomputes their features and carries
-    sum_{i later} exp(g_end - g_i) phi(q_i) dy_i^T for the keys' gradients.
+    Saves q, k, v, the projection, g (B, H, L), the state before each chunk ((B, H, SPAN / C, m, d_v + 1) per
+    span), the output and D (as _BidirectionalFavor). Backward is one reverse pass over the spans that
+    recomputes their features and carries sum_{i later} exp(g_end - g_i) phi(q_i) dy_i^T for the keys' gradients.
     """
 
     @staticmethod
@@ -405,7 +404,7 @@ class _CausalFavor(torch.autograd.Function):
             pad = -(e - s) % chunk  # only the last span can be short
             qs, ks, real_s = (_span_rows(x, s, e, pad) for x in (q, k, real))
             vs = _span_rows(_with_ones(v[:, :, s:e]), 0, e - s, pad)
-            n, nc = qs.shape[2], qs.shape[2] // chunk
+            n = qs.shape[2]
             fq, pk = feats.queries_(qs, _rows(f_q, n)), _rows(phi_k, n)
             r, half_sq_norm = feats.key_logits(ks, pk, real_s)
             if r is None:
@@ -448,7 +447,7 @@ class _CausalFavor(torch.autograd.Function):
             vs = _span_rows(_with_ones(v[:, :, s:e]), 0, e - s, pad)
             dys = _span_rows(_grad_y(d_out[:, :, s:e], out[:, :, s:e], den[:, :, s:e]), 0, e - s, pad)
             g_s = _span_rows(g, s, e, pad, repeat_last=True)
-            n, nc = qs.shape[2], qs.shape[2] // chunk
+            n = qs.shape[2]
             fq, pk = feats.queries_(qs, _rows(f_q, n)), _rows(phi_k, n)
             _, half_sq_norm = feats.key_logits(ks, pk, real_s)
             feats.keys_(pk, half_sq_norm, g_s, real_s)
