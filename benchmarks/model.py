@@ -160,7 +160,8 @@ def main(argv=None):
         systems.remove("performer-pytorch")  # it has no such option
     rate = matmul_rate()
     print(f"device={args.device}, size={args.size}, {args.rounds} round(s) per length")
-    print(f"{'mode':<8}{'system':<19}{'L':>7}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'floor s':>9}{'of floor':>9}")
+    print(f"{'mode':<8}{'system':<19}{'L':>7}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'floor s':>9}{'of floor':>9}"
+          f"{'roof GFLOP/s':>14}")
 
     def remeasure_roof():
         nonlocal rate
@@ -175,8 +176,8 @@ def main(argv=None):
     for (mode, system), length, r in runs:
         row = {"device": args.device, "mode": mode, "system": system, "length": length,
                "seconds": r.get("seconds"), "tokens_per_s": length / r["seconds"] if "seconds" in r else None,
-               "peak_gib": r.get("peak_gib"), "floor_seconds": None, "fraction_of_floor": None,
-               "error": r.get("error", "")}
+               "peak_gib": r.get("peak_gib"), "roof_gflop_s": rate / 1e9, "floor_seconds": None,
+               "fraction_of_floor": None, "error": r.get("error", "")}
         rows.append(row)
         if row["error"]:
             print(f"{mode:<8}{system:<19}{length:>7}   {row['error']}", flush=True)
@@ -184,8 +185,8 @@ def main(argv=None):
         floor = step_flops(system, mode == "causal", length, args.size) / rate
         row.update(floor_seconds=floor, fraction_of_floor=floor / row["seconds"])
         print(f"{mode:<8}{system:<19}{length:>7}{row['seconds']:>9.2f}{row['tokens_per_s']:>10.0f}"
-              f"{row['peak_gib']:>10.2f}{floor:>9.2f}{row['fraction_of_floor']:>9.0%}", flush=True)
-    print(f"matmul roof {rate / 1e9:.0f} GFLOP/s (median of 11 products of 2048 x 2048 matrices, best round)")
+              f"{row['peak_gib']:>10.2f}{floor:>9.2f}{row['fraction_of_floor']:>9.0%}{rate / 1e9:>14.0f}", flush=True)
+    print("roof: the median of 11 products of 2048 x 2048 matrices, the best of the rounds so far")
     write_csv(rows, args.out)
     largest = {}
     for r in rows:

@@ -16,7 +16,8 @@ def fastest_of_rounds(keys: list, lengths: list[int], rounds: int, run: Callable
 
     Each length runs every key still active `rounds` times, interleaved, so that the slow spells of a shared
     machine hit every key alike; the result is the fastest successful run (with the largest "peak*" values of
-    its runs), or the first error. A key stops growing the length after an error or when stop(result) is true.
+    its runs), or the first error. A key is not run again after an error (a timeout would only repeat), and stops
+    growing the length after an error or when stop(result) is true.
     """
     active = list(keys)
     for length in lengths:
@@ -24,9 +25,12 @@ def fastest_of_rounds(keys: list, lengths: list[int], rounds: int, run: Callable
         for _ in range(rounds):
             before_round()
             for key in active:
-                runs[key].append(run(key, length))
+                if not any("error" in r for r in runs[key]):
+                    runs[key].append(run(key, length))
         for key, results in runs.items():
             ok = [r for r in results if "seconds" in r]
+            if ok and len(ok) < len(results):
+                print(f"{key} at L={length}: a later round failed ({results[-1]['error']}); the rounds before it count")
             if ok:
                 best = dict(min(ok, key=lambda r: r["seconds"]))
                 best.update({k: max(r[k] for r in ok) for k in best if k.startswith("peak")})

@@ -123,7 +123,8 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Sequential):
-    """Linear -> GELU -> Linear -> Dropout, storing one (B, L, d_ff) activation for backward instead of two."""
+    """Linear -> GELU -> Linear -> Dropout, storing one (B, L, d_ff) activation for backward instead of two.
+    A Sequential for its state-dict keys (mlp.0, mlp.2); forward applies the exact GELU through GeluLinear."""
 
     def forward(self, x):
         fc, _, proj, drop = self
@@ -139,8 +140,9 @@ class GeluLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias):
+    def forward(ctx, h, weight, bias=None):
         ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
         return F.linear(F.gelu(h), weight, bias)
 
     @staticmethod
@@ -150,7 +152,8 @@ class GeluLinear(torch.autograd.Function):
         d_weight = dout.flatten(0, -2).T @ a.flatten(0, -2)  # (d_model, d_ff)
         del a
         dh = torch.ops.aten.gelu_backward(dout @ weight.to(dout.dtype), h.to(dout.dtype))
-        return dh.to(h.dtype), d_weight.to(weight.dtype), dout.flatten(0, -2).sum(0).to(weight.dtype)
+        d_bias = dout.flatten(0, -2).sum(0).to(weight.dtype) if ctx.has_bias else None
+        return dh.to(h.dtype), d_weight.to(weight.dtype), d_bias
 
 
 class Block(nn.Module):

@@ -326,6 +326,37 @@ def test_bf16_autocast_is_finite_and_close(causal):
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kernel,projected", [("softmax", True), ("relu", False)])
+def test_backward_inside_autocast_runs_in_float32(kernel, projected, causal):
+    # loss.backward() called inside the autocast region: the hand-written backward passes must not drop to
+    # bf16 (their products would mix dtypes); same forward, so the gradients equal those outside autocast
+    w = projection(32, 16) if projected else None
+    q, k, v = qkv(length=40, dtype=torch.float32, requires_grad=True)
+    dy = rand(2, 3, 40, 16, seed=9, dtype=torch.float32)
+    out = favor_attention(q, k, v, w, kernel=kernel, causal=causal, chunk_size=16)
+    ref = torch.autograd.grad(out, (q, k, v), dy)
+    out = favor_attention(q, k, v, w, kernel=kernel, causal=causal, chunk_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads = torch.autograd.grad(out, (q, k, v), dy)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_without_real_keys_get_zero_not_nan_gradients(causal):
+    # float32, upstream gradients of 1e3: where D is clamped (no real key), 1 / D ~ 1e38 would overflow to inf
+    w = projection(32, 16)
+    q, k, v = qkv(length=24, dtype=torch.float32, requires_grad=True)
+    mask = torch.ones(2, 24, dtype=torch.bool)
+    mask[1] = False  # the second sequence is all padding
+    out = favor_attention(q, k, v, w, causal=causal, key_padding_mask=mask, chunk_size=8)
+    grads = torch.autograd.grad(out, (q, k, v), torch.full_like(out, 1e3))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    for g in grads:
+        assert torch.isfinite(g).all() and torch.equal(g[1], torch.zeros_like(g[1]))
+
+
 # ---- recurrent decoding --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kernel,projected", KINDS)

@@ -161,6 +161,7 @@ def test_gelu_linear_matches_autograd_and_stores_one_activation():
     for g, r in zip(torch.autograd.grad(out, (h, w, b), dy), torch.autograd.grad(ref, (h, w, b), dy)):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(GeluLinear.apply, (h[:1, :3], w, b))
+    assert torch.autograd.gradcheck(GeluLinear.apply, (h[:1, :3], w, None))  # no bias
     # autograd keeps only h from the block's hidden layer (the GELU output is recomputed)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):

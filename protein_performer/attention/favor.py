@@ -8,7 +8,7 @@ Key stabiliser: phi(k_j) = f_j exp(r_j - g) with g the maximum of r over real ke
 running maximum g_i = max_{j<=i} r_j (causal). A running maximum never lets the future move the past;
 it makes causal FAVOR a linear recurrence with scalar decay exp(g_j - g_i) <= 1 (the form of gated
 linear attention), computed here in chunks of C positions: inside a chunk an explicit masked C x C
-product, across chunks a carried (F, d_v) state that is rescaled when the maximum grows.
+product, across chunks a carried (F, d_v + 1) state that is rescaled when the maximum grows.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from .features import BlockFeatures, Kernel, feature_map
+from .features import BlockFeatures, Kernel, feature_map, without_autocast
 
 # Causal chunk C and span: of C = 32 / 64 / 128 with spans of 512 rows, C = 64 was fastest at L = 4096, 8192 and
 # 16,384 on a 2-core CPU (median causal / bidirectional time 1.74 / 1.57 / 1.61, against 2.02 / 1.67 / 1.82 at 128).
@@ -42,12 +42,11 @@ def favor_attention(
     kernel "softmax" approximates softmax(q k^T / sqrt(d)) v with positive random features; "relu" is the
     generalized ReLU kernel (projection=None: the deterministic relu(x) + 1e-3 map); "trig" is the
     sin/cos estimator of the original Performer ablation. Features and sums run in float32 (or float64
-    when given float64), also under autocast; the output has v's dtype.
+    when given float64), also under autocast; the output has v's dtype. For softmax and relu the output is a
+    (B, H, L, d_v) view of a (B, L, H, d_v) tensor, so out.transpose(1, 2).flatten(2) costs no copy; autograd
+    saves it, so clone it before modifying it in place.
     """
     with torch.autocast(device_type=q.device.type, enabled=False):
-        if kernel == "relu" and projection is None:
-            # the deterministic map relu(x) + eps is the projected one with W = sqrt(d) I: m^-1/2 relu(W x) = relu(x)
-            projection = torch.eye(q.shape[-1], dtype=torch.float64, device=q.device) * q.shape[-1] ** 0.5
         if kernel != "trig":
             # features block by block inside hand-written Functions: no (B, H, L, m) tensor
             q, k, v_work, projection = _work_inputs(q, k, v, projection)
@@ -82,7 +81,8 @@ def _normalise_(y: torch.Tensor, out: torch.Tensor, den: torch.Tensor) -> None:
 
 def _grad_y(d_out: torch.Tensor, out: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """d loss / d [numerator, D] (..., d_v + 1) from d loss / d out, for out = numerator / D."""
-    d_num = d_out / den
+    # rows without a real key (D clamped to the smallest normal number, out = 0) get no gradient, not inf * 0
+    d_num = (d_out / den).masked_fill_(den <= torch.finfo(den.dtype).tiny, 0.0)
     return torch.cat([d_num, -(d_num * out).sum(-1, keepdim=True)], -1)
 
 
@@ -226,6 +226,7 @@ class _CausalLinearAttention(torch.autograd.Function):
         return y.flatten(2, 3)[:, :, :length]
 
     @staticmethod
+    @without_autocast
     def backward(ctx, dy):
         q, k, v, g = ctx.saved_tensors
         length = q.shape[2]
@@ -303,16 +304,16 @@ class _BidirectionalFavor(torch.autograd.Function):
     query blocks gives y = phi(q) kv. Backward recomputes the block features: a query pass for dq and
     dkv = sum_i phi(q_i) dy_i^T, then a key pass for dk and dv. Two (B, H, C, m) buffers serve every block.
     Saves only q, k, v, the projection, kv, g, the output and D: with the output laid out as the caller's
-    merged heads (see _new_output) no (B, H, L, d_v) tensor is stored that the next layer does not keep anyway.
+    merged heads (see _new_output), in float32 the output projection's saved input is this same tensor.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, w, kernel, real, block):
-        feats = BlockFeatures(w, kernel)
+        feats = BlockFeatures(w, kernel, q.shape[-1])
         b, h, length, _ = q.shape
         block = min(block, length)
-        buf = q.new_empty(b, h, block, w.shape[0])
-        kv = q.new_zeros(b, h, w.shape[0], v.shape[-1] + 1)  # (B, H, m, d_v + 1), referenced at g
+        buf = q.new_empty(b, h, block, feats.m)
+        kv = q.new_zeros(b, h, feats.m, v.shape[-1] + 1)  # (B, H, m, d_v + 1), referenced at g
         g = None  # (B, H, 1): maximum key log-scale so far (softmax only)
         for s, e in _blocks(length, block):
             real_c = None if real is None else real[:, :, s:e]
@@ -335,11 +336,12 @@ class _BidirectionalFavor(torch.autograd.Function):
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, d_out):
         q, k, v, w, kv, g, real, out, den = ctx.saved_tensors
-        feats = BlockFeatures(w, ctx.kernel)
+        feats = BlockFeatures(w, ctx.kernel, q.shape[-1])
         b, h, length, _ = q.shape
-        buf, grad = (q.new_empty(b, h, ctx.block, w.shape[0]) for _ in range(2))
+        buf, grad = (q.new_empty(b, h, ctx.block, feats.m) for _ in range(2))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dkv = torch.zeros_like(kv)
         for s, e in _blocks(length, ctx.block):  # queries
@@ -388,11 +390,11 @@ class _CausalFavor(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, w, kernel, real, chunk):
-        feats = BlockFeatures(w, kernel)
+        feats = BlockFeatures(w, kernel, q.shape[-1])
         b, h, length, _ = q.shape
         chunk = min(chunk, length)
         span = chunk * max(1, SPAN // chunk)
-        m, width = w.shape[0], v.shape[-1] + 1
+        m, width = feats.m, v.shape[-1] + 1
         f_q, phi_k = (q.new_empty(b, h, span, m) for _ in range(2))
         states = []  # per span: the state before each of its chunks (B, H, nc, m, D), referenced at its g_prev
         state = None
@@ -427,16 +429,16 @@ class _CausalFavor(torch.autograd.Function):
             _normalise_(y_s.view(b, h, n, width)[:, :, : e - s], out[:, :, s:e], den[:, :, s:e])
             g_end = ends[..., -1]
         ctx.save_for_backward(q, k, v, w, g, real, out, den, *states)
-        ctx.kernel, ctx.chunk = kernel, chunk
+        ctx.kernel, ctx.chunk, ctx.span = kernel, chunk, span
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, d_out):
         q, k, v, w, g, real, out, den, *states = ctx.saved_tensors
-        feats = BlockFeatures(w, ctx.kernel)
+        feats = BlockFeatures(w, ctx.kernel, q.shape[-1])
         b, h, length, _ = q.shape
-        chunk, m = ctx.chunk, w.shape[0]
-        span = chunk * max(1, SPAN // chunk)
+        chunk, span, m = ctx.chunk, ctx.span, feats.m
         f_q, phi_k, d_fq, d_pk = (q.new_empty(b, h, span, m) for _ in range(4))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         after = None  # sum over later chunks of exp(g_end - g_i) phi(q_i) dy_i^T (B, H, m, D)

@@ -9,6 +9,7 @@ attention towards uniform (the performer-pytorch defect, PAPER_NOTES section 5).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -122,14 +123,27 @@ def _stabiliser(r: torch.Tensor, kind: str, real: torch.Tensor | None) -> torch.
     return r.amax(-1, keepdim=True).expand(r.shape)
 
 
+def without_autocast(backward):
+    """For the hand-written backward passes: run in the forward's precision (float32 or float64) also when
+    loss.backward() is called inside an autocast region, where their products would otherwise drop to bf16."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        device = next(g for g in grads if g is not None).device  # not ctx.saved_tensors: unpack only once
+        with torch.autocast(device_type=device.type, enabled=False):
+            return backward(ctx, *grads)
+
+    return wrapped
+
+
 class _ProjectedFeatures(torch.autograd.Function):
     """feature_map for the softmax and projected-ReLU kernels: BlockFeatures over the whole sequence as one
     block, so the formulas and the hand-written backward live in one place."""
 
     @staticmethod
     def forward(ctx, x, w, kernel, key_stabiliser, real):
-        feats = BlockFeatures(w, kernel)
-        phi = x.new_empty(*x.shape[:-1], w.shape[0])  # (B, H, L, m), filled in place
+        feats = BlockFeatures(w, kernel, x.shape[-1])
+        phi = x.new_empty(*x.shape[:-1], feats.m)  # (B, H, L, m), filled in place
         g = x.new_zeros(x.shape[:-1])
         if key_stabiliser == "none":
             feats.queries_(x, phi)
@@ -144,35 +158,44 @@ class _ProjectedFeatures(torch.autograd.Function):
         return phi, g
 
     @staticmethod
+    @without_autocast
     def backward(ctx, d_phi, _):
         x, w, phi = ctx.saved_tensors
-        feats = BlockFeatures(w, ctx.kernel)
+        feats = BlockFeatures(w, ctx.kernel, x.shape[-1])
         grad = d_phi.clone()  # the BlockFeatures backward methods overwrite their input
         dx = feats.keys_backward_(grad, phi, x) if ctx.is_key else feats.queries_backward_(grad, phi)
         return dx, None, None, None, None
 
 
 class BlockFeatures:
-    """Softmax or projected-ReLU features of one block of rows, written in place into a reused buffer.
+    """Softmax or ReLU features of one block of rows, written in place into a reused buffer.
 
-    FAVOR's chunked Functions (favor.py) call these per block of C rows so that no (B, H, L, m) tensor is ever
-    allocated: on the CPU each fresh tensor of that size costs page faults that take longer than the arithmetic
-    on it. Same formulas as feature_map: for queries phi up to a per-row factor; for keys phi times exp(-g),
-    with g (B, H, C) or (B, H, 1) chosen by the caller from the log-scales r that key_logits returns.
+    FAVOR's Functions (favor.py) call these per block of rows (bidirectional) or span of chunks (causal) so that
+    no (B, H, L, m) tensor is ever allocated: on the CPU each fresh tensor of that size costs page faults that
+    take longer than the arithmetic on it. Same formulas as feature_map: for queries phi up to a per-row factor;
+    for keys phi times exp(-g), with g (B, H, C) or (B, H, 1) chosen by the caller from the log-scales r that
+    key_logits returns. w=None (relu only) is the authors' deterministic map relu(x) + eps, m = d features.
     Backward methods take G = d loss / d phi and overwrite it.
     """
 
-    def __init__(self, w: torch.Tensor, kernel: Kernel):
-        m, d = w.shape
+    def __init__(self, w: torch.Tensor | None, kernel: Kernel, d: int):
         self.softmax = kernel == "softmax"
+        if w is None and self.softmax:
+            raise ValueError("softmax features need a projection")
+        self.m = d if w is None else w.shape[0]
         # softmax: W x' with x' = x d^-1/4; relu: m^-1/2 relu(W x) = relu(m^-1/2 W x). Either way x @ (s W)^T.
-        self.scale = d**-0.25 if self.softmax else m**-0.5
-        self.w = w * self.scale  # (m, d)
-        self.wt = self.w.T  # (d, m)
-        self.log_sqrt_m = 0.5 * math.log(m)
+        self.scale = d**-0.25 if self.softmax else self.m**-0.5
+        self.w = None if w is None else w * self.scale  # (m, d)
+        self.wt = None if w is None else self.w.T  # (d, m)
+        self.log_sqrt_m = 0.5 * math.log(self.m)
 
     def _logits(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.w is None:  # deterministic relu: the coordinates themselves
+            return out.copy_(x)
         return torch.matmul(x, self.wt, out=out)  # (B, H, C, m)
+
+    def _project_back(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad if self.w is None else grad @ self.w  # (B, H, C, d)
 
     def queries_(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out (B, H, C, m) <- features of x (B, H, C, d): exp(W x' - max) or m^-1/2 relu(W x) + eps."""
@@ -207,7 +230,7 @@ class BlockFeatures:
         """d loss / d x (B, H, C, d) from grad = d loss / d phi (overwritten) and the query features phi."""
         if self.softmax:  # the subtracted row maximum cancels in D^-1: no gradient through it
             return grad.mul_(phi) @ self.w
-        return grad.mul_(phi > RELU_EPS) @ self.w  # active where W x > 0
+        return self._project_back(grad.mul_(phi > RELU_EPS))  # active where W x > 0
 
     def keys_backward_(self, grad: torch.Tensor, phi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """As queries_backward_ for keys, whose exponent also holds -|x'|^2/2 (g is detached: it cancels)."""
