@@ -15,12 +15,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from results_io import RESULTS, fastest_of_rounds, time_memory_plot, write_csv
+from results_io import (RESULTS, default_device, fastest_of_rounds, performer_pytorch_installed, run_worker,
+                        time_memory_plot, write_csv)
 
 METHODS = ("exact", "favor-softmax", "favor-relu", "performer-pytorch")
 
@@ -84,17 +84,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_one(args, method: str, length: int, causal: bool) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", method, str(length), str(int(causal)),
-           "--batch", str(args.batch), "--heads", str(args.heads), "--d-head", str(args.d_head),
-           "--features", str(args.features), "--repeats", str(args.repeats), "--device", args.device]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout > {args.timeout}s"}
-    if res.returncode != 0:
-        return {"error": (res.stderr.strip().splitlines() or ["failed"])[-1][:120]}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def run_one(args, method: str, length: int, causal: bool) -> dict:
+    return run_worker([sys.executable, __file__, "--worker", method, str(length), str(int(causal)),
+                       "--batch", str(args.batch), "--heads", str(args.heads), "--d-head", str(args.d_head),
+                       "--features", str(args.features), "--repeats", str(args.repeats), "--device", args.device],
+                      args.timeout)
 
 
 def main(argv=None):
@@ -110,7 +104,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=1,
                    help="processes per (method, mode, length), interleaved across methods and modes; the fastest "
                         "counts (a shared machine's slow spells then hit every method alike)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--timeout", type=float, default=300, help="seconds per (method, length) before giving up")
     p.add_argument("--skip-after", type=float, default=60,
                    help="stop growing L for a method once one run took longer than this many seconds")
@@ -124,7 +118,7 @@ def main(argv=None):
                                 args.repeats, args.device)))
         return
 
-    methods = [m for m in args.methods if m != "performer-pytorch" or _has_performer_pytorch()]
+    methods = [m for m in args.methods if m != "performer-pytorch" or performer_pytorch_installed()]
     if len(methods) < len(args.methods):
         print("performer-pytorch is not installed: skipping it (pip install performer-pytorch==1.1.4)")
     rows = []
@@ -165,18 +159,6 @@ def _summary(rows):
         c, b = t.get(("causal", "favor-softmax", length)), t.get(("bidirectional", "favor-softmax", length))
         if c and b:
             print(f"L={length}: FAVOR causal / bidirectional time = {c / b:.2f}")
-
-
-def _has_performer_pytorch() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("performer_pytorch") is not None
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _threads() -> int:

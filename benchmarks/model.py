@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from results_io import RESULTS, fastest_of_rounds, time_memory_plot, write_csv
+from results_io import (RESULTS, default_device, fastest_of_rounds, performer_pytorch_installed, run_worker,
+                        time_memory_plot, write_csv)
 
 SYSTEMS = ("softmax", "favor-softmax", "favor-relu", "performer-pytorch")
 
@@ -114,16 +114,9 @@ def worker(system: str, causal: bool, length: int, size: dict, repeats: int, dev
 
 
 def run_one(args, system, causal, length):
-    cmd = [sys.executable, __file__, "--worker", system, str(int(causal)), str(length),
-           "--size", json.dumps(args.size), "--repeats", str(args.repeats), "--device", args.device]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout > {args.timeout:.0f}s"}
-    if res.returncode != 0:
-        last = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1]
-        return {"error": ("killed (out of memory?)" if res.returncode < 0 else last)[:100]}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_worker([sys.executable, __file__, "--worker", system, str(int(causal)), str(length),
+                       "--size", json.dumps(args.size), "--repeats", str(args.repeats), "--device", args.device],
+                      args.timeout)
 
 
 def main(argv=None):
@@ -143,7 +136,7 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--skip-after", type=float, default=120, help="stop growing L once a step took this long")
     p.add_argument("--memory-limit-gib", type=float, default=16.0)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--out", type=Path, default=RESULTS / "model.csv")
     p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -155,7 +148,7 @@ def main(argv=None):
 
     if args.activation_checkpointing:
         args.size["activation_checkpointing"] = True
-    systems = [s for s in args.systems if s != "performer-pytorch" or _installed("performer_pytorch")]
+    systems = [s for s in args.systems if s != "performer-pytorch" or performer_pytorch_installed()]
     if args.activation_checkpointing and "performer-pytorch" in systems:
         systems.remove("performer-pytorch")  # it has no such option
     rate = matmul_rate()
@@ -197,18 +190,6 @@ def main(argv=None):
         print(f"largest L measured within {args.memory_limit_gib:g} GiB: {mode} {system}: {length}")
     time_memory_plot(rows, args.out.with_suffix(".png"), "system", "seconds per training step", "peak_gib",
                      "peak memory (GiB)")
-
-
-def _installed(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -3,10 +3,36 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
+import json
+import subprocess
 from pathlib import Path
 from typing import Callable, Iterator
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_worker(cmd: list[str], timeout: float) -> dict:
+    """Runs one benchmark worker process (its peak memory is then its own): the JSON dict of its last stdout
+    line, or {"error": ...} for a timeout, a crash or a kill."""
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout > {timeout:.0f}s"}
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1]
+        return {"error": ("killed (out of memory?)" if res.returncode < 0 else last)[:120]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def performer_pytorch_installed() -> bool:
+    return importlib.util.find_spec("performer_pytorch") is not None
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def fastest_of_rounds(keys: list, lengths: list[int], rounds: int, run: Callable[[object, int], dict],
