@@ -249,8 +249,8 @@ class ProteinLM(nn.Module):
     def decode(self, tokens: torch.Tensor, cache: "DecodeCache | None" = None) -> tuple[torch.Tensor, "DecodeCache"]:
         """Causal models: logits (B, T, V) of the next T tokens given the cache of everything before them.
 
-        FAVOR layers carry a constant-size state (prefix sums S and z), so each new token costs the same
-        whatever the prefix length; exact layers carry a key/value cache. The logits equal those of a full
+        FAVOR layers carry a constant-size state (the prefix sums [S, z] and their running maximum), so each new
+        token costs the same whatever the prefix length; exact layers carry a key/value cache. The logits equal those of a full
         forward pass over prefix + tokens. Pass the whole prompt once, then one token at a time.
         """
         if not self.cfg.causal:
@@ -278,8 +278,7 @@ class ProteinLM(nn.Module):
         for block, (q, k) in zip(self.blocks, qks):
             core = block.attn.core
             if isinstance(core, FavorAttention):
-                projection = core.projection if core.projection.numel() else None
-                a = attention_matrix(q, k, projection, kernel=core.kernel, causal=core.causal,
+                a = attention_matrix(q, k, core.random_projection, kernel=core.kernel, causal=core.causal,
                                      key_padding_mask=padding_mask)
             else:
                 a = attention_matrix(q, k, kernel="exact", causal=core.causal, key_padding_mask=padding_mask)

@@ -17,10 +17,11 @@ from typing import NamedTuple
 
 import torch
 
-from .features import BlockFeatures, Kernel, feature_map, without_autocast
+from .features import BlockFeatures, Kernel, check_feature_args, feature_map, without_autocast
 
-# Causal chunk C and span: of C = 32 / 64 / 128 with spans of 512 rows, C = 64 was fastest at L = 4096, 8192 and
-# 16,384 on a 2-core CPU (median causal / bidirectional time 1.74 / 1.57 / 1.61, against 2.02 / 1.67 / 1.82 at 128).
+# Causal chunk C and span: of C = 32 / 64 / 128 with spans of 512 rows, C = 64 was fastest on a 2-core CPU (median
+# ratio of causal to bidirectional time at L = 4096 / 8192 / 16,384: 1.74 / 1.57 / 1.61, against 2.02 / 1.67 / 1.82
+# at C = 128).
 DEFAULT_CHUNK = 64
 SPAN = 512  # rows per pass of the causal Function: SPAN / C chunks batched in each product
 BLOCK = 512  # rows per block in the bidirectional Function
@@ -50,7 +51,7 @@ def favor_attention(
         if kernel != "trig":
             # features block by block inside hand-written Functions: no (B, H, L, m) tensor
             q, k, v_work, projection = _work_inputs(q, k, v, projection)
-            feature_map(q[:, :1, :1], projection, kernel)  # argument checks only
+            check_feature_args(q.shape[-1], projection, kernel)
             real = None if key_padding_mask is None else key_padding_mask[:, None, :].to(torch.bool)  # (B, 1, L)
             if causal:
                 out = _CausalFavor.apply(q, k, v_work, projection, kernel, real, chunk_size)
@@ -200,10 +201,10 @@ def _allowed(length, device, causal, key_padding_mask):
     return allowed
 
 
-def _chunked(x: torch.Tensor, chunk: int, pad_value_last: bool = False) -> torch.Tensor:
+def _chunked(x: torch.Tensor, chunk: int, repeat_last: bool = False) -> torch.Tensor:
     """(B, H, L, ...) -> (B, H, N, C, ...), padding L up to N * C (with zeros, or the last value)."""
     length = x.shape[2]
-    return _span_rows(x, 0, length, -length % chunk, pad_value_last).unflatten(2, (-1, chunk))
+    return _span_rows(x, 0, length, -length % chunk, repeat_last).unflatten(2, (-1, chunk))
 
 
 class _CausalLinearAttention(torch.autograd.Function):
@@ -239,10 +240,11 @@ class _CausalLinearAttention(torch.autograd.Function):
         dv = ((qc @ kc.transpose(-1, -2)) * decay).transpose(-1, -2) @ dyc
         # queries read the state carried from earlier chunks
         states = _forward_states(kc, vc, gc, g_prev, g_end)
-        dq = dq + (dyc * torch.exp(g_prev[..., None] - gc)[..., None]) @ states.transpose(-1, -2)
+        dy_prev = dyc * torch.exp(g_prev[..., None] - gc)[..., None]  # (B, H, N, C, D), scale <= 1
+        dq = dq + dy_prev @ states.transpose(-1, -2)
         # keys and values feed every later chunk: reverse scan of sum_i exp(g_end[c] - g_i) q_i dy_i^T
         to_end = torch.exp(gc - g_end[..., None])[..., None]  # (B, H, N, C, 1), <= 1
-        qdy = qc.transpose(-1, -2) @ (dyc * torch.exp(g_prev[..., None] - gc)[..., None])  # (B, H, N, F, D)
+        qdy = qc.transpose(-1, -2) @ dy_prev  # (B, H, N, F, D)
         after = _scan(qdy, torch.exp(g_prev - g_end), reverse=True)  # referenced at g_end[c]
         dk = dk + (vc * to_end) @ after.transpose(-1, -2)
         dv = dv + to_end * (kc @ after)
@@ -252,12 +254,10 @@ class _CausalLinearAttention(torch.autograd.Function):
 
 def _chunk_inputs(q, k, v, g, chunk):
     qc, kc, vc = _chunked(q, chunk), _chunked(k, chunk), _chunked(v, chunk)
-    gc = _chunked(g, chunk, pad_value_last=True)  # (B, H, N, C), non-decreasing
-    g_end = gc[..., -1]  # (B, H, N): the maximum at each chunk's end
-    g_prev = torch.cat([gc[:, :, :1, 0], g_end[:, :, :-1]], -1)  # reference of the incoming state
-    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    decay = torch.exp((gc[..., None, :] - gc[..., :, None]).masked_fill(~lower, float("-inf")))
-    return qc, kc, vc, gc, g_prev, g_end, decay  # decay[..., i, j] = exp(g_j - g_i) for j <= i, else 0
+    gc = _chunked(g, chunk, repeat_last=True)  # (B, H, N, C), non-decreasing
+    g_prev, g_end = _chunk_references(gc, None)
+    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
+    return qc, kc, vc, gc, g_prev, g_end, _decay(gc, upper)
 
 
 def _forward_states(kc, vc, gc, g_prev, g_end):
@@ -353,8 +353,7 @@ class _BidirectionalFavor(torch.autograd.Function):
         for s, e in _blocks(length, ctx.block):  # keys
             real_c = None if real is None else real[:, :, s:e]
             phi = _rows(buf, e - s)
-            _, half_sq_norm = feats.key_logits(k[:, :, s:e], phi, real_c)
-            feats.keys_(phi, half_sq_norm, g, real_c)
+            feats.keys_at_(k[:, :, s:e], phi, g, real_c)
             dv[:, :, s:e] = phi @ dkv[..., :-1]
             d_phi = torch.matmul(_with_ones(v[:, :, s:e]), dkv.transpose(-1, -2), out=_rows(grad, e - s))
             dk[:, :, s:e] = feats.keys_backward_(d_phi, phi, k[:, :, s:e])
@@ -451,8 +450,7 @@ class _CausalFavor(torch.autograd.Function):
             g_s = _span_rows(g, s, e, pad, repeat_last=True)
             n = qs.shape[2]
             fq, pk = feats.queries_(qs, _rows(f_q, n)), _rows(phi_k, n)
-            _, half_sq_norm = feats.key_logits(ks, pk, real_s)
-            feats.keys_(pk, half_sq_norm, g_s, real_s)
+            feats.keys_at_(ks, pk, g_s, real_s)
             gc, fqc, pkc, vc, dyc = _split(chunk, g_s, fq, pk, vs, dys)
             prev, ends = _chunk_references(gc, None if s == 0 else g[:, :, s - 1])
             decay = _decay(gc, upper)

@@ -1,10 +1,10 @@
 """Random projections and FAVOR+ feature maps.
 
-Every feature map returns phi(x) factored as ``f * exp(r)``: ``f`` (B, H, L, F) is bounded, ``r`` (B, H, L)
-is a per-position log-scale. For queries exp(r) cancels in the attention normaliser, so only ``f`` is
-used; for keys the caller combines ``r`` with a shared (bidirectional) or running (causal) maximum,
-so no exponent is ever positive and nothing can overflow, and no epsilon is added that would bias
-attention towards uniform (the performer-pytorch defect, PAPER_NOTES section 5).
+Every feature phi(x) factors as ``f * exp(r)``: ``f`` (B, H, L, F) is bounded, ``r`` (B, H, L) is a
+per-position log-scale. For queries exp(r) cancels in the attention normaliser, so only ``f`` is used;
+keys are returned times exp(-g), g the shared (bidirectional) or running (causal) maximum of ``r``, so no
+exponent is ever positive and nothing can overflow, and no epsilon is added that would bias attention
+towards uniform (the performer-pytorch defect, PAPER_NOTES section 5).
 """
 
 from __future__ import annotations
@@ -86,12 +86,7 @@ def feature_map(
     performer-pytorch defect, PAPER_NOTES section 5). Padded keys (key_padding_mask False) get phi = 0.
     g is detached: it cancels exactly in D^-1.
     """
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
-    if projection is None and kernel != "relu":
-        raise ValueError(f"kernel {kernel!r} needs a projection matrix")
-    if projection is not None and x.shape[-1] != projection.shape[1]:
-        raise ValueError(f"projection has d={projection.shape[1]} columns but q/k have d_head={x.shape[-1]}")
+    check_feature_args(x.shape[-1], projection, kernel)
     real = None if key_padding_mask is None else key_padding_mask[:, None, :].to(torch.bool)  # (B, 1, L)
     if projection is not None and kernel != "trig":
         return _ProjectedFeatures.apply(x, projection, kernel, key_stabiliser, real)
@@ -111,6 +106,16 @@ def feature_map(
     if real is not None:
         scale = scale.masked_fill(~real, 0.0)
     return phi * scale[..., None], g
+
+
+def check_feature_args(d: int, projection: torch.Tensor | None, kernel: str) -> None:
+    """Clear errors for an unknown kernel, a missing projection, or one whose width is not d_head."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
+    if projection is None and kernel != "relu":
+        raise ValueError(f"kernel {kernel!r} needs a projection matrix")
+    if projection is not None and d != projection.shape[1]:
+        raise ValueError(f"projection has d={projection.shape[1]} columns but q/k have d_head={d}")
 
 
 def _stabiliser(r: torch.Tensor, kind: str, real: torch.Tensor | None) -> torch.Tensor:
@@ -210,11 +215,19 @@ class BlockFeatures:
         self._logits(x, out)
         if not self.softmax:
             return None, None
-        half_sq_norm = (0.5 * self.scale**2) * (x * x).sum(-1)
+        half_sq_norm = self._half_sq_norm(x)
         r = out.amax(-1) - half_sq_norm
         if real is not None:
             r.masked_fill_(~real, torch.finfo(r.dtype).min / 4)
         return r, half_sq_norm
+
+    def _half_sq_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return (0.5 * self.scale**2) * (x * x).sum(-1)  # |x'|^2 / 2 (B, H, C)
+
+    def keys_at_(self, x: torch.Tensor, out: torch.Tensor, g, real: torch.Tensor | None) -> torch.Tensor:
+        """out <- phi(k) exp(-g) for a g already known (backward's recomputation): no log-scales needed."""
+        self._logits(x, out)
+        return self.keys_(out, self._half_sq_norm(x) if self.softmax else None, g, real)
 
     def keys_(self, logits: torch.Tensor, half_sq_norm, g, real: torch.Tensor | None) -> torch.Tensor:
         """logits (from key_logits) <- phi(k) exp(-g), in place; padded keys get 0."""

@@ -54,17 +54,20 @@ class FavorAttention(nn.Module):
         if self.projection.numel():
             self.projection.copy_(self._draw(seed))
 
+    @property
+    def random_projection(self) -> torch.Tensor | None:
+        """The projection, or None for the deterministic relu map (the buffer is then empty)."""
+        return self.projection if self.projection.numel() else None
+
     def forward(self, q, k, v, key_padding_mask=None):
-        projection = self.projection if self.projection.numel() else None
         return favor_attention(
-            q, k, v, projection, kernel=self.kernel, causal=self.causal,
+            q, k, v, self.random_projection, kernel=self.kernel, causal=self.causal,
             key_padding_mask=key_padding_mask, chunk_size=self.chunk_size,
         )
 
     def decode(self, q, k, v, state: DecodeState | None):
         """Causal decoding: outputs of the next positions and the constant-size state after them."""
-        projection = self.projection if self.projection.numel() else None
-        return favor_decode_step(q, k, v, projection, state, kernel=self.kernel)
+        return favor_decode_step(q, k, v, self.random_projection, state, kernel=self.kernel)
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel}, causal={self.causal}, nb_features={self.nb_features if self.projection.numel() else 0}"
