@@ -8,6 +8,7 @@ import sys
 
 from data_prep import PrepError
 from data_prep.pipeline import Settings, run
+from data_prep.readers import FORMATS
 from data_prep.splits import PAPER_OOD_FAMILIES, normalize_family, read_family_file
 
 
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="UniProt FASTA (.fasta[.gz]) or flat file (.dat[.gz])")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (swapped in only when the run succeeds)")
-    p.add_argument("--format", choices=("auto", "fasta", "swiss"), default="auto", help="input format; auto looks at the first line")
+    p.add_argument("--format", choices=("auto", *FORMATS), default="auto", help="input format; auto looks at the first line")
     p.add_argument(
         "--pfam-labels",
         metavar="TSV",

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from protein_performer import vocab
 from protein_performer.vocab import BOS
 
 SPLITS = ("train", "valid", "test", "ood")
@@ -151,3 +152,14 @@ class ConcatenatedDataset(Dataset):
             raise IndexError(f"index {i} out of range for {len(self)} windows")
         start = (i % len(self)) * self.window
         return torch.from_numpy(self.split.tokens[start : start + self.window].astype(np.int64))
+
+
+def token_counts(tokens_bin: str | Path, chunk: int = 1 << 26) -> np.ndarray:
+    """Count of every vocabulary id in a uint8 token stream, read in chunks (TrEMBL's train is ~40 GB)."""
+    counts = np.zeros(vocab.VOCAB_SIZE, dtype=np.int64)
+    if not Path(tokens_bin).stat().st_size:  # np.memmap refuses an empty file
+        return counts
+    stream = np.memmap(tokens_bin, dtype=np.uint8, mode="r")
+    for start in range(0, len(stream), chunk):
+        counts += np.bincount(stream[start : start + chunk], minlength=vocab.VOCAB_SIZE)[: vocab.VOCAB_SIZE]
+    return counts

@@ -58,12 +58,21 @@ def pad(seqs: Sequence[np.ndarray], device: torch.device | str = "cpu") -> tuple
     return tokens, tokens != vocab.PAD
 
 
-def _batched(seqs: list[np.ndarray], tokens_per_batch: int, desc: str, progress: bool | None):
-    """(indices, tokens, mask) of each token-budget batch, with a progress bar over sequences."""
+def _bar(total: int, desc: str, progress: bool | None) -> tqdm:
+    """A progress bar over sequences; progress None: shown on a terminal only."""
+    return tqdm(total=total, desc=desc, unit="seq", disable=not progress if progress is not None else None)
+
+
+def _device(model: ProteinLM) -> torch.device:
+    return model.tok_emb.weight.device
+
+
+def _batched(seqs: list[np.ndarray], tokens_per_batch: int, desc: str, progress: bool | None, device):
+    """(indices, tokens, mask) of each token-budget batch on `device`, with a progress bar over sequences."""
     lengths = np.array([len(s) for s in seqs])
-    bar = tqdm(total=len(seqs), desc=desc, unit="seq", disable=not progress if progress is not None else None)
+    bar = _bar(len(seqs), desc, progress)
     for idx in token_budget_batches(lengths, tokens_per_batch):
-        yield idx, *pad([seqs[i] for i in idx])
+        yield idx, *pad([seqs[i] for i in idx], device)
         bar.update(len(idx))
     bar.close()
 
@@ -95,7 +104,7 @@ def embed(model: ProteinLM, proteins: list[Protein], layers: Sequence[int], pool
         raise InputError(f"layers {bad} do not exist: the model has layers 0..{model.cfg.n_layers}")
     seqs = _inputs(model, proteins)
     out: dict[int, list] = {layer: [None] * len(seqs) for layer in layers}
-    for idx, tokens, mask in _batched(seqs, tokens_per_batch, "embed", progress):
+    for idx, tokens, mask in _batched(seqs, tokens_per_batch, "embed", progress, _device(model)):
         reps = model(tokens, mask, repr_layers=tuple(layers))["representations"]
         for layer in layers:
             r = reps[layer].float().cpu().numpy()
@@ -113,7 +122,7 @@ def score_causal(model: ProteinLM, proteins: list[Protein], tokens_per_batch: in
     """log p(x_i | BOS, x_<i) of every residue, exactly (one forward pass per batch)."""
     seqs = _inputs(model, proteins)
     out: list = [None] * len(seqs)
-    for idx, tokens, mask in _batched(seqs, tokens_per_batch, "score", progress):
+    for idx, tokens, mask in _batched(seqs, tokens_per_batch, "score", progress, _device(model)):
         logp = torch.log_softmax(model(tokens, mask)["logits"].float(), -1)[:, :-1]  # predicts tokens[:, 1:]
         per_token = logp.gather(-1, tokens[:, 1:, None])[..., 0].cpu().numpy()
         for row, i in enumerate(idx):
@@ -127,8 +136,7 @@ def score_masked(model: ProteinLM, proteins: list[Protein], tokens_per_batch: in
     """Pseudo-log-likelihood terms log p(x_i | x without i), i masked: one masked copy per residue, batched."""
     seqs = _inputs(model, proteins)
     out: list = []
-    bar = tqdm(total=len(seqs), desc="score (pseudo-likelihood)", unit="seq",
-               disable=not progress if progress is not None else None)
+    bar = _bar(len(seqs), "score (pseudo-likelihood)", progress)
     for s in seqs:
         n = len(s) - 1
         positions = np.arange(1, len(s))
@@ -136,11 +144,11 @@ def score_masked(model: ProteinLM, proteins: list[Protein], tokens_per_batch: in
         terms = np.empty(n, dtype=np.float32)
         for start in range(0, n, rows_per_batch):
             pos = positions[start : start + rows_per_batch]
+            rows, cols = torch.arange(len(pos)), torch.from_numpy(pos)
             tokens = torch.from_numpy(np.repeat(s[None], len(pos), 0))
-            tokens[torch.arange(len(pos)), torch.from_numpy(pos)] = vocab.MASK
-            logits = model(tokens)["logits"].float()[torch.arange(len(pos)), torch.from_numpy(pos)]  # (rows, V)
-            terms[start : start + len(pos)] = torch.log_softmax(logits, -1)[
-                torch.arange(len(pos)), torch.from_numpy(s[pos])].numpy()
+            tokens[rows, cols] = vocab.MASK
+            logits = model(tokens.to(_device(model)))["logits"].float().cpu()[rows, cols]  # (rows, V)
+            terms[start : start + len(pos)] = torch.log_softmax(logits, -1)[rows, torch.from_numpy(s[pos])].numpy()
         out.append(terms)
         bar.update(1)
     bar.close()
@@ -186,11 +194,11 @@ def generate(model: ProteinLM, prompt: str = "", num: int = 1, max_length: int =
         raise InputError(f"the prompt has {len(prompt_ids)} residues, not fewer than --max-length {max_length}")
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.from_numpy(np.concatenate([[vocab.BOS], prompt_ids]).astype(np.int64)).repeat(num, 1)
-    logits, cache = model.decode(tokens)
+    logits, cache = model.decode(tokens.to(_device(model)))
     out = [list(prompt_ids) for _ in range(num)]
     done = torch.zeros(num, dtype=torch.bool)
     for _ in range(max_length - len(prompt_ids)):
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        nxt = sample_next(logits[:, -1].cpu(), temperature, top_k, top_p, generator)  # the generator is on the CPU
         for row in (~done).nonzero()[:, 0].tolist():
             if nxt[row] == vocab.EOS:
                 done[row] = True
@@ -198,7 +206,7 @@ def generate(model: ProteinLM, prompt: str = "", num: int = 1, max_length: int =
                 out[row].append(int(nxt[row]))
         if done.all():
             break
-        logits, cache = model.decode(nxt[:, None], cache)
+        logits, cache = model.decode(nxt[:, None].to(_device(model)), cache)
     return [vocab.decode(np.array(s, dtype=np.int64)) for s in out]
 
 
@@ -219,7 +227,8 @@ def _fasta_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> tuple[LoadedModel, list[Protein] | None]:
-    loaded = load_model(args.ckpt, map_location=args.device)
+    loaded = load_model(args.ckpt)
+    loaded.model.to(args.device)
     proteins = read_proteins(args.fasta, unknown=args.unknown) if hasattr(args, "fasta") else None
     return loaded, proteins
 

@@ -25,7 +25,7 @@ class InputError(Exception):
 
 @dataclass
 class LoadedModel:
-    model: ProteinLM  # in eval mode, on CPU
+    model: ProteinLM  # in eval mode, on CPU (move it with .to(device))
     config: Config
     objective: str  # "masked" or "causal"
     step: int | None  # global step the checkpoint was written at
@@ -46,7 +46,7 @@ def find_checkpoint(path: str | Path) -> Path:
     raise InputError(f"no checkpoint (*.ckpt) under {path}")
 
 
-def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
+def load_model(ckpt_path: str | Path) -> LoadedModel:
     """Load a Lightning checkpoint written by protein_performer training (`protein-performer fit`).
 
     `ckpt_path` may also be a run directory (see find_checkpoint). The checkpoint is read with
@@ -54,7 +54,7 @@ def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu") 
     """
     path = find_checkpoint(ckpt_path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, or pickled objects beyond plain types
         raise InputError(f"checkpoint {path} cannot be read as a torch checkpoint: {e}") from None
     meta = ckpt.get("protein_performer") if isinstance(ckpt, dict) else None

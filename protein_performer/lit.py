@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchmetrics import SumMetric
 
 from . import __version__, vocab
-from .data import ConcatenatedDataset, SingleSequenceDataset, load_manifest
+from .data import ConcatenatedDataset, SingleSequenceDataset, load_manifest, token_counts
 from .evaluate import format_table, write_report
 from .masking import IGNORE, Collator, Objective
 from .model import AttentionKind, Config, ProteinLM
@@ -262,15 +262,6 @@ class ProteinDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self._loader(self.datasets[s], train=False) for s in self.test_split_names]
-
-
-def token_counts(tokens_bin: str | Path, chunk: int = 1 << 26) -> np.ndarray:
-    """Count of every vocabulary id in a uint8 token stream, read in chunks (TrEMBL's train is ~40 GB)."""
-    stream = np.memmap(tokens_bin, dtype=np.uint8, mode="r")
-    counts = np.zeros(vocab.VOCAB_SIZE, dtype=np.int64)
-    for start in range(0, len(stream), chunk):
-        counts += np.bincount(stream[start : start + chunk], minlength=vocab.VOCAB_SIZE)[: vocab.VOCAB_SIZE]
-    return counts
 
 
 def unigram_log_probs(counts: torch.Tensor, objective: Objective) -> torch.Tensor:

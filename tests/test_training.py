@@ -24,9 +24,9 @@ from protein_performer.lit import (
     ShardedBatchSampler,
     derive_seed,
     lr_factor,
-    token_counts,
     unigram_log_probs,
 )
+from protein_performer.data import token_counts
 from protein_performer.masking import IGNORE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .. import vocab
-from ..data import SPLITS
-from ..lit import token_counts
+from ..data import SPLITS, token_counts
 from ..inputs import InputError, is_prepared_dir
 
 
@@ -42,7 +41,7 @@ def composition(root: str | Path) -> pd.DataFrame:
     rows = {}
     for split in split_lengths(root):
         path = Path(root) / split / "tokens.bin"
-        letters = token_counts(path)[: len(vocab.LETTERS)] if path.stat().st_size else np.zeros(len(vocab.LETTERS))
+        letters = token_counts(path)[: len(vocab.LETTERS)]
         rows[split] = letters / max(letters.sum(), 1)
     return pd.DataFrame.from_dict(rows, orient="index", columns=list(vocab.LETTERS))
 

@@ -51,7 +51,6 @@ class AttentionToAminoAcids:
         self.kept_total = np.zeros(shape)  # count of weights >= threshold landing on any residue
         self.weight = np.zeros((*shape, vocab.NUM_AMINO_ACIDS))  # sum of weights landing on a
         self.weight_total = np.zeros(shape)
-        self.proteins = 0
 
     @torch.no_grad()
     def update(self, maps: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -68,7 +67,6 @@ class AttentionToAminoAcids:
         self.kept_total += kept.sum(-1).cpu().numpy()
         self.weight += (weight @ onehot).cpu().numpy()
         self.weight_total += weight.sum(-1).cpu().numpy()
-        self.proteins += 1
 
     def shares(self, variant: str) -> tuple[np.ndarray, np.ndarray]:
         """(p, totals): p (n_layers, H, 20) = p_h(a), totals (n_layers, H) the head's denominators."""
