@@ -163,3 +163,20 @@ def token_counts(tokens_bin: str | Path, chunk: int = 1 << 26) -> np.ndarray:
     for start in range(0, len(stream), chunk):
         counts += np.bincount(stream[start : start + chunk], minlength=vocab.VOCAB_SIZE)[: vocab.VOCAB_SIZE]
     return counts
+
+
+def token_budget_batches(lengths: np.ndarray, tokens_per_batch: int) -> list[np.ndarray]:
+    """Indices grouped longest-first so that (batch size x longest length) stays within the budget.
+
+    A sequence longer than the budget gets a batch of its own.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[current[0]] > tokens_per_batch:
+            batches.append(np.array(current))
+            current = []
+        current.append(i)
+    if current:
+        batches.append(np.array(current))
+    return batches

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from . import vocab
+from .data import token_budget_batches
 from .inputs import InputError, LoadedModel, Protein, load_model, read_proteins
 from .model import ProteinLM
 
@@ -29,23 +30,6 @@ from .model import ProteinLM
 def model_tokens(protein: Protein, max_len: int) -> np.ndarray:
     """[BOS] + residues, cropped to max_len tokens."""
     return np.concatenate([[vocab.BOS], protein.tokens[: max_len - 1]]).astype(np.int64)
-
-
-def token_budget_batches(lengths: np.ndarray, tokens_per_batch: int) -> list[np.ndarray]:
-    """Indices grouped longest-first so that (batch size x longest length) stays within the budget.
-
-    A sequence longer than the budget gets a batch of its own.
-    """
-    order = np.argsort(-lengths, kind="stable")
-    batches, current = [], []
-    for i in order:
-        if current and (len(current) + 1) * lengths[current[0]] > tokens_per_batch:
-            batches.append(np.array(current))
-            current = []
-        current.append(i)
-    if current:
-        batches.append(np.array(current))
-    return batches
 
 
 def pad(seqs: Sequence[np.ndarray], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

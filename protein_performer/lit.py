@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchmetrics import SumMetric
 
 from . import __version__, vocab
-from .data import ConcatenatedDataset, SingleSequenceDataset, load_manifest, token_counts
+from .data import ConcatenatedDataset, SingleSequenceDataset, load_manifest, token_budget_batches, token_counts
 from .evaluate import format_table, write_report
 from .masking import IGNORE, Collator, Objective
 from .model import AttentionKind, Config, ProteinLM
@@ -115,12 +115,7 @@ class ShardedBatchSampler:
         batches: list[np.ndarray] = []
         for start in range(0, len(order), self.bucket):
             chunk = order[start : start + self.bucket]
-            chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
-            first = 0
-            for i in range(1, len(chunk) + 1):  # chunk is longest-first: padded size = count * first length
-                if i == len(chunk) or (i + 1 - first) * lengths[chunk[first]] > self.max_tokens:
-                    batches.append(chunk[first:i])
-                    first = i
+            batches += [chunk[b] for b in token_budget_batches(lengths[chunk], self.max_tokens)]
         if self.sampler.shuffle:
             batches = [batches[i] for i in self.sampler.rng().permutation(len(batches))]
         return batches
