@@ -502,14 +502,16 @@ def _parser_name(fmt: str, fasta_parser: str) -> str:
 
 def run(s: Settings) -> dict:
     """Prepare `s.out` from `s.inputs`; returns the manifest."""
-    ood_families = frozenset(s.ood_families)
-    ood_accessions = frozenset(read_ood_accessions(s.pfam_labels, set(ood_families))) if s.pfam_labels else frozenset()
+    # cheap checks (seed, inputs, output) before the labels file, which can take minutes to stream
     if s.seed < 0 or s.seed >= 2**128:
         raise PrepError("--seed must lie in [0, 2**128)")
-    config = _WorkerConfig(s.unknown, seed_key(s.seed), ood_families, ood_accessions)
     files = [InputFile(p, s.format, s.block_size) for p in s.inputs]
+    out_dir = OutputDir(s.out, s.overwrite)
+    ood_families = frozenset(s.ood_families)
+    ood_accessions = frozenset(read_ood_accessions(s.pfam_labels, set(ood_families))) if s.pfam_labels else frozenset()
+    config = _WorkerConfig(s.unknown, seed_key(s.seed), ood_families, ood_accessions)
     start = time.perf_counter()
-    with OutputDir(s.out, s.overwrite) as root:
+    with out_dir as root:
         prep = _Prep(s, root)
         pool = mp.get_context().Pool(s.workers, _init_worker, (config,)) if s.workers > 1 else None
         if pool is None:

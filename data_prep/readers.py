@@ -1,7 +1,8 @@
 """Streaming input: open plain or gzipped files, cut them into blocks of whole records, parse blocks.
 
-The main process only decompresses and cuts (python-isal's igzip, about 3x faster than zlib);
-the Biopython parsing of each block runs in worker processes (see pipeline.py).
+Decompression (python-isal's igzip, about 3x faster than zlib) runs in a reader thread; blocks are parsed by
+the fast FASTA parser (SimpleFastaParser's rules on whole blocks) or Biopython's SwissProt reader, in the main
+process or in worker processes with --workers > 1 (see pipeline.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ from isal import igzip
 from data_prep import PrepError
 
 GZIP_MAGIC = b"\x1f\x8b"
+
+
+def is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+def open_text(path: Path):
+    """A text stream of a plain or gzipped file (igzip)."""
+    return igzip.open(path, "rt") if is_gzip(path) else open(path)
 FORMATS = ("fasta", "swiss")
 
 
@@ -57,8 +68,7 @@ class InputFile:
         self.path, self.block_size = Path(path), block_size
         if not self.path.is_file():
             raise PrepError(f"{self.path}: no such file")
-        with open(self.path, "rb") as f:
-            self.gzipped = f.read(2) == GZIP_MAGIC
+        self.gzipped = is_gzip(self.path)
         self.format = fmt
         self.sha256 = ""
         self.size = self.path.stat().st_size

@@ -13,7 +13,6 @@ n_valid (see `promotion_targets`). Only then does a sequence's split depend on t
 
 from __future__ import annotations
 
-import gzip
 import itertools
 import re
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import PrepError
+from data_prep.readers import open_text
 
 SPLITS = ("train", "valid", "test", "ood")
 
@@ -51,12 +51,6 @@ def read_family_file(path: str | Path) -> list[str]:
     return [normalize_family(w) for w in words if w]
 
 
-def _open_text(path: Path):
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rt") if gz else open(path)
-
-
 def read_ood_accessions(path: str | Path, families: set[str]) -> set[str]:
     """Accessions carrying any of `families`, from a labels TSV (streamed; only matches are kept).
 
@@ -68,7 +62,7 @@ def read_ood_accessions(path: str | Path, families: set[str]) -> set[str]:
     if not path.is_file():
         raise PrepError(f"{path}: no such Pfam labels file")
     found: set[str] = set()
-    with _open_text(path) as f:
+    with open_text(path) as f:
         header = f.readline().rstrip("\n").split("\t")
         if "families" in header and "accession" in header:
             acc_col, fam_col, skip_header = header.index("accession"), header.index("families"), True

@@ -180,3 +180,8 @@ def token_budget_batches(lengths: np.ndarray, tokens_per_batch: int) -> list[np.
     if current:
         batches.append(np.array(current))
     return batches
+
+
+def model_tokens(residues: np.ndarray, max_len: int) -> np.ndarray:
+    """[BOS] + residue ids, cropped to max_len tokens (int64): the model input of one protein."""
+    return np.concatenate([[BOS], np.asarray(residues, dtype=np.int64)[: max_len - 1]]).astype(np.int64)

@@ -20,17 +20,12 @@ import torch
 from tqdm import tqdm
 
 from . import vocab
-from .data import token_budget_batches
+from .data import model_tokens, token_budget_batches
 from .inputs import InputError, LoadedModel, Protein, load_model, read_proteins
 from .model import ProteinLM
 
 
 # ---- batching -----------------------------------------------------------------------------------------------
-
-def model_tokens(protein: Protein, max_len: int) -> np.ndarray:
-    """[BOS] + residues, cropped to max_len tokens."""
-    return np.concatenate([[vocab.BOS], protein.tokens[: max_len - 1]]).astype(np.int64)
-
 
 def pad(seqs: Sequence[np.ndarray], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded tokens (B, L) and the padding mask (B, L), True = real token."""
@@ -66,7 +61,7 @@ def _inputs(model: ProteinLM, proteins: list[Protein]) -> list[np.ndarray]:
     if longest > model.cfg.max_len:
         warnings.warn(f"sequences longer than the model's max_len ({model.cfg.max_len} tokens with BOS) are cropped: "
                       f"its learned position embeddings end there", stacklevel=3)
-    return [model_tokens(p, model.cfg.max_len) for p in proteins]
+    return [model_tokens(p.tokens, model.cfg.max_len) for p in proteins]
 
 
 # ---- embeddings ---------------------------------------------------------------------------------------------

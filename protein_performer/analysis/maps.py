@@ -11,14 +11,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import vocab
+from ..data import model_tokens
 from ..model import ProteinLM
 
 
 def model_input(tokens: np.ndarray, max_length: int) -> torch.Tensor:
     """(1, L) model input: [BOS] + residues, cropped to L <= max_length tokens (the training format)."""
-    ids = np.concatenate([[vocab.BOS], np.asarray(tokens, dtype=np.int64)[: max_length - 1]])
-    return torch.from_numpy(ids)[None]
+    return torch.from_numpy(model_tokens(tokens, max_length))[None]
 
 
 @torch.no_grad()
