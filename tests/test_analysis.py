@@ -258,10 +258,6 @@ def test_cli_end_to_end_fasta_with_accession(run, ckpt, tmp_path):
 
 
 def test_cli_subcommand(run, ckpt, tmp_path):
-    from protein_performer import cli
-
-    if "analyze" not in cli.COMMANDS:
-        pytest.skip("protein_performer.cli does not dispatch `analyze` yet")
     out = tmp_path / "out"
     result = subprocess.run(
         ["protein-performer", "analyze", "--ckpt", str(ckpt), "--input", str(run["fasta"]), "--out", str(out),

@@ -122,9 +122,16 @@ def test_float32_finite_where_plain_formula_underflows():
     q, k, v = qkv(length=64, scale=12.0, dtype=torch.float32)  # exponents of minus several hundred nats
     w = projection(64, 16, dtype=torch.float32)
     assert not torch.isfinite(naive_favor(q, k, v, w, "softmax")).all()  # 0 / 0
+    # reference in log space (float64): phi(k_j) phi(q_i) summed as exp of logsumexp over features, then a
+    # row softmax; 1e-3 absolute on outputs up to ~40: float32 features whose exponents span hundreds of nats
+    qs, ks, wd = q.double() * 16**-0.25, k.double() * 16**-0.25, w.double()
+    scores = torch.logsumexp((qs @ wd.T)[..., :, None, :] + (ks @ wd.T)[..., None, :, :], -1)
+    scores = scores - 0.5 * (ks * ks).sum(-1)[..., None, :]
     for causal in (False, True):
         out = favor_attention(q, k, v, w, causal=causal)
         assert torch.isfinite(out).all()
+        s = scores.masked_fill(torch.ones(64, 64, dtype=torch.bool).triu(1), -torch.inf) if causal else scores
+        torch.testing.assert_close(out.double(), s.softmax(-1) @ v.double(), rtol=1e-4, atol=1e-3)
 
 
 # ---- chunked causal against the O(L^2) masked computation -----------------------------------------------

@@ -54,6 +54,12 @@ def test_embeddings_do_not_depend_on_batching(ckpts, attention, pool):
         for a, b in zip(one_by_one[layer], together[layer]):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # float32 sums over padded lengths
     assert together[2][0].shape == ((len(prots[0].tokens), 64) if pool == "per-residue" else (64,))
+    # what each pooling means: the residues' mean (BOS excluded), the BOS position, or every residue
+    with torch.no_grad():
+        reps = model(torch.from_numpy(np.concatenate([[vocab.BOS], prots[0].tokens]))[None],
+                     repr_layers=(2,))["representations"][2][0].numpy()
+    expected = {"mean": reps[1:].mean(0), "bos": reps[0], "per-residue": reps[1:]}[pool]
+    np.testing.assert_allclose(together[2][0], expected, rtol=1e-4, atol=1e-5)  # float32, batch vs alone
 
 
 @pytest.mark.parametrize("attention", ["softmax", "favor-relu"])

@@ -5,6 +5,7 @@ import torch
 
 from protein_performer import vocab
 from protein_performer.attention import FavorAttention
+from protein_performer.attention.naive import linear_attention, naive_softmax_attention, plain_softmax_features
 from protein_performer.model import ATTENTION_KINDS, PRESETS, Config, GeluLinear, ProteinLM
 
 VARIANTS = [(a, c) for a in ATTENTION_KINDS for c in (False, True)]
@@ -179,3 +180,29 @@ def test_bf16_autocast_training_step_is_finite():
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() and p.grad.dtype == torch.float32 for p in model.parameters()
                if p.grad is not None)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_self_attention_layer_equals_its_naive_formula(attention, causal):
+    # the layer wires each attention kind to the right formula: exact softmax, FAVOR with positive softmax
+    # features of its own projection, or the deterministic relu(x) + 1e-3 map; float64, round-off only
+    torch.manual_seed(0)
+    model = ProteinLM(Config.from_name("tiny", attention=attention, causal=causal, dropout=0.0)).double().eval()
+    layer = model.blocks[0].attn
+    x = torch.randn(2, 30, 64, dtype=torch.float64)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 22:] = False
+    q, k, v = layer.project(x)
+    if attention == "softmax":
+        y = naive_softmax_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    elif attention == "favor-softmax":
+        w = layer.core.projection
+        y = linear_attention(plain_softmax_features(q, w), plain_softmax_features(k, w), v, causal=causal,
+                             key_padding_mask=mask)
+    else:
+        y = linear_attention(torch.relu(q) + 1e-3, torch.relu(k) + 1e-3, v, causal=causal, key_padding_mask=mask)
+    expected = layer.out(y.transpose(1, 2).flatten(2))
+    out, _ = layer(x, mask)
+    real = mask[..., None]
+    torch.testing.assert_close(out * real, expected * real, rtol=1e-10, atol=1e-12)
