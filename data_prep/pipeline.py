@@ -26,12 +26,12 @@ from data_prep.dedup import HashSet
 from data_prep.readers import PARSERS, InputFile, TruncatedInput, fasta_accession
 from data_prep.splits import SPLITS, assign_split, promotion_targets, read_ood_accessions, split_thresholds
 from data_prep.writer import OutputDir, SplitWriter, commit_rewrite, finish_split, read_split, rewrite_split, write_manifest
-from protein_performer.vocab import BOS, EOS, LETTERS, MASK, PAD, TOKENS, X, _TABLE
+from protein_performer.vocab import BOS, BYTE_TO_ID, EOS, LETTERS, MASK, NOT_A_LETTER, PAD, TOKENS, X
 
 FORMAT_VERSION = 1
 _UNKNOWN = 255
 # The vocabulary's table with lowercase letters sent to 254, so one memchr finds them.
-_STRICT_TABLE = bytes(254 if 97 <= b <= 122 and _TABLE[b] != _UNKNOWN else int(_TABLE[b]) for b in range(256))
+_STRICT_TABLE = bytes(254 if 97 <= b <= 122 and BYTE_TO_ID[b] != NOT_A_LETTER else int(BYTE_TO_ID[b]) for b in range(256))
 _NUCLEOTIDE_IDS = [LETTERS.index(c) for c in "ACGTUN"]
 MAX_WARNINGS = 5  # per reason; the rest are only counted
 

@@ -1,123 +1,264 @@
 """`protein-performer`: one entry point for training, evaluation, analysis and using trained models.
 
-    protein-performer fit      --config configs/cpu/demo.yaml [--trainer.max_steps 10 --data.data_dir DIR ...]
-    protein-performer fit      --config configs/cpu/demo.yaml --ckpt_path last    # resume DEFAULT_ROOT_DIR/checkpoints/last.ckpt
-    protein-performer validate --config configs/cpu/demo.yaml --ckpt_path CKPT
-    protein-performer test     --config configs/cpu/demo.yaml --ckpt_path CKPT   # Table-2 report
-    protein-performer report   RUN_A/report/report.json RUN_B/report/report.json  # join reports
-    protein-performer analyze  --ckpt CKPT --input FASTA_OR_DIR --out DIR          # attention vs BLOSUM62
-    protein-performer embed | score | generate --ckpt CKPT ...                     # see inference.py
+    protein-performer fit | validate | test --config CONFIG.yaml [--trainer.max_steps 10 --model.d_model 128 ...]
+    protein-performer report    RUN_A/report/report.json RUN_B/report/report.json
+    protein-performer analyze   --ckpt CKPT --input FASTA_OR_DIR --out DIR
+    protein-performer agreement --ckpts RUN/checkpoints --input FASTA_OR_DIR --out DIR
+    protein-performer embed | score | generate --ckpt CKPT ...
 
-fit/validate/test are Lightning's LightningCLI; other subcommands are plain functions in COMMANDS.
+fit/validate/test are LightningCLI (training/cli.py). The other subcommands are the functions below: their
+command lines are generated from the signatures and docstrings (commands.py), they read what the user gives,
+call the library, and write through outputs.py. Bad input: `PROG: error: ...` and exit status 2.
 """
 
 from __future__ import annotations
 
-import importlib
+import csv
+import math
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
+from jsonargparse.typing import NonNegativeFloat, PositiveInt
 
-from .evaluate import report_main
-from .lit import ProteinDataModule, ProteinLMModule
-
-
-
-def _lazy(module: str, function: str) -> Callable[[list[str]], None]:
-    """A subcommand whose module is imported only when it runs (keeps `fit` start-up free of matplotlib)."""
-
-    def run(argv: list[str]) -> None:
-        getattr(importlib.import_module(module, __package__), function)(argv)
-
-    return run
+from . import commands
+from .errors import UserError
+from .inference import Pool
+from .outputs import atomic_write, output_dir, output_file
+from .proteins import DEFAULT_SPLIT
+from .vocab import UnknownPolicy
 
 
-# Subcommands that are not Lightning's: name -> function(argv).
-COMMANDS: dict[str, Callable[[list[str]], None]] = {
-    "report": report_main,
-    "analyze": _lazy(".analysis.cli", "main"),
-    "embed": _lazy(".inference", "embed_main"),
-    "score": _lazy(".inference", "score_main"),
-    "generate": _lazy(".inference", "generate_main"),
-}
+def report(reports: list[str]) -> None:
+    """Join the reports of several `protein-performer test` runs into the paper's Table 2 layout.
+
+    Args:
+        reports: report.json files (RUN/.../report/report.json).
+    """
+    from .evaluate import combine, read_report
+
+    print(combine([read_report(p) for p in reports]))
 
 
-def auto_precision(accelerator: str) -> str:
-    """bf16 mixed precision on a GPU that supports it, full fp32 elsewhere (CPU bf16 is slow and lossy)."""
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
+def analyze(ckpt: str, input: str, out: str, num_sequences: PositiveInt = 800, max_length: PositiveInt = 512,
+            threshold: float = 0.3, min_kept: int = 100, accession: str | None = None,
+            head: tuple[int, int] | None = None, split: str = DEFAULT_SPLIT, permutations: PositiveInt = 10_000,
+            seed: int = 0, device: str = "cpu", overwrite: bool = False, progress: bool | None = None) -> None:
+    """Attention of a trained model against amino-acid similarity (BLOSUM62), after Vig et al. 2020.
+
+    Writes to --out the attention maps of every layer and head for one protein, the amino-acid similarity its
+    attention implies (threshold and attention-weighted variants) and that of its embeddings, with their
+    agreement with BLOSUM62 (permutation p-values): PNG figures, CSV matrices and summary.json.
+
+    Args:
+        ckpt: checkpoint written by `protein-performer fit`, or a run directory (its newest last.ckpt).
+        input: FASTA file (.fasta[.gz], or a pipe) or prepared data directory.
+        out: output directory.
+        num_sequences: analyse the first N proteins (the paper used 800).
+        max_length: crop each protein to this many tokens ([BOS] + residues; also capped by the model's max_len).
+        threshold: attention weights >= this count in the threshold variant (Vig et al.).
+        min_kept: threshold variant: drop heads with fewer kept weights over all proteins.
+        accession: protein to draw (accession, entry name, or SPLIT/INDEX of a prepared directory); default the first.
+        head: LAYER HEAD to enlarge (0-based); default the most focused head of the drawn protein.
+        split: split of a prepared directory.
+        permutations: amino-acid label permutations of the significance test.
+        seed: seed of the permutations.
+        device: torch device, e.g. cuda.
+        overwrite: replace the files of an earlier analysis in --out.
+        progress: progress bar (default: on a terminal).
+    """
+    from .analysis import analyze_attention, headline, write_analysis
+    from .checkpoints import load_model
+    from .proteins import read_proteins
+
+    if not 0 < threshold <= 1:
+        raise UserError(f"--threshold must lie in (0, 1], not {threshold}")
+    out_path = output_dir(out, overwrite, "summary.json", ANALYSIS_FILES)
+    loaded = load_model(ckpt, device)
+    proteins, featured = read_proteins(input, num_sequences, split, also=accession)
+    result = analyze_attention(loaded, proteins, featured or proteins[0], max_length=max_length, threshold=threshold,
+                               min_kept=min_kept, head=head, permutations=permutations, seed=seed, progress=progress)
+    summary = write_analysis(result, out_path, input=str(input), split=split)
+    print(headline(summary, out_path))
 
 
-class SaveAndLogConfig(SaveConfigCallback):
-    """Writes config.yaml to the log directory (Lightning's default) and sends the whole run config to wandb."""
-
-    def save_config(self, trainer, pl_module, stage: str) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_hyperparams({"cli": self.config.as_dict()})
+ANALYSIS_FILES = ("*.png", "*.csv", "attention_maps.npz", "summary.json")
 
 
-class ProteinCLI(LightningCLI):
-    """LightningCLI with the data objective linked to the model's, a checkpoint callback and runtime precision."""
+def agreement(ckpts: list[str], input: str, out: str, num_sequences: PositiveInt = 300, max_length: PositiveInt = 256,
+              threshold: float = 0.3, min_kept: int = 100, split: str = DEFAULT_SPLIT,
+              permutations: PositiveInt = 2000, seed: int = 0, device: str = "cpu", overwrite: bool = False,
+              progress: bool | None = None) -> None:
+    """Agreement with BLOSUM62 along training: the analysis of every checkpoint given, against its step.
 
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}  # no predict_step
+    Writes agreement_over_training.csv (one row per checkpoint: step, attention kind, Pearson r and p of the
+    weighted and threshold variants, heads used, the embedding control, mean attention entropy) and a plot.
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("model.objective", "data.objective")
-        # last.ckpt for resuming (--ckpt_path last) and the best by validation perplexity
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val/ppl",
-            "checkpoint.mode": "min",
-            "checkpoint.save_last": True,
-            "checkpoint.filename": "best-step{step}-ppl{val/ppl:.3f}",
-            "checkpoint.auto_insert_metric_name": False,
-        })
+    Args:
+        ckpts: checkpoint files or run directories (all their *.ckpt), of one or several runs.
+        input: FASTA file or prepared data directory of the proteins to analyse.
+        out: output directory.
+        num_sequences: proteins analysed per checkpoint.
+        max_length: crop each protein to this many tokens.
+        threshold: threshold variant's weight cut-off.
+        min_kept: threshold variant: drop heads with fewer kept weights.
+        split: split of a prepared directory.
+        permutations: label permutations per significance test.
+        seed: seed of the permutations.
+        device: torch device.
+        overwrite: replace the files of an earlier run of this command in --out.
+        progress: progress bar (default: on a terminal).
+    """
+    from .analysis import agreement_over_training, write_agreement_over_training
+    from .proteins import read_proteins
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.trainer.precision is None:  # configs say null: decide on the machine that runs
-            config.trainer.precision = auto_precision(str(config.trainer.accelerator))
-        if config.checkpoint.dirpath is None:  # one place per run directory, so `--ckpt_path last` finds it
-            config.checkpoint.dirpath = str(Path(config.trainer.default_root_dir or ".") / "checkpoints")
-        if self.subcommand and config.get("weights_only") is None:  # checkpoints hold tensors and plain types only
-            config.weights_only = True
+    out_path = output_dir(out, overwrite, "agreement_over_training.csv", ("agreement_over_training.*",))
+    proteins, _ = read_proteins(input, num_sequences, split)
+    table = agreement_over_training(ckpts, proteins, max_length=max_length, threshold=threshold, min_kept=min_kept,
+                                    permutations=permutations, seed=seed, device=device, progress=progress)
+    print(write_agreement_over_training(table, out_path))
 
 
-def build_cli(args: Sequence[str] | None = None, run: bool = True) -> ProteinCLI:
-    """The Lightning CLI; run=False parses `args` (no subcommand) and instantiates without running."""
-    return ProteinCLI(
-        ProteinLMModule,
-        ProteinDataModule,
-        args=args,
-        run=run,
-        seed_everything_default=0,
-        # ProteinDataModule shards over ranks itself (no padding of the validation set)
-        trainer_defaults={"use_distributed_sampler": False, "gradient_clip_val": 0.5},
-        parser_kwargs={"description": "Train and evaluate protein language models (Performer / Transformer). "
-                       f"Other subcommands: {', '.join(COMMANDS)} (protein-performer report REPORT.json ...)."},
-        save_config_callback=SaveAndLogConfig,
-        save_config_kwargs={"overwrite": True},
-    )
+def embed(ckpt: str, fasta: str, out: str, layers: list[int] | None = None, pool: Pool = "mean",
+          unknown: UnknownPolicy = "error", tokens_per_batch: PositiveInt = 8192, device: str = "cpu",
+          overwrite: bool = False, progress: bool | None = None) -> None:
+    """Per-protein or per-residue embeddings of the proteins of a FASTA file.
+
+    Writes index.tsv (row, id, length, cropped length) and one array per layer: layerN_mean.npy or layerN_bos.npy
+    (proteins x d_model), or layerN_per_residue.npz (one array per row of index.tsv).
+
+    Args:
+        ckpt: checkpoint written by `protein-performer fit`, or a run directory.
+        fasta: input FASTA (.fasta or .fasta.gz, or a pipe).
+        out: output directory.
+        layers: layers to save (0 = embeddings; default: the last).
+        pool: mean over residues, the BOS position, or per-residue.
+        unknown: letters outside the vocabulary: stop (error), read as X (x), or skip the record (reject).
+        tokens_per_batch: token budget of a batch (B x longest L).
+        device: torch device, e.g. cuda.
+        overwrite: replace the files of an earlier embed in --out.
+        progress: progress bar (default: on a terminal).
+    """
+    import numpy as np
+
+    from .checkpoints import load_model
+    from .inference import embed as embed_proteins
+    from .proteins import read_proteins
+
+    out_path = output_dir(out, overwrite, "index.tsv", ("index.tsv", "layer*_*.npy", "layer*_per_residue.npz"))
+    loaded = load_model(ckpt, device)
+    proteins, _ = read_proteins(fasta, unknown=unknown)
+    layers = layers or [loaded.config.n_layers]
+    reps = embed_proteins(loaded.model, proteins, layers, pool, tokens_per_batch, progress)
+    for layer in layers:
+        if pool == "per-residue":  # ragged: one array per protein, keyed by its row in index.tsv
+            with atomic_write(out_path / f"layer{layer}_per_residue.npz", "wb") as f:
+                np.savez(f, **{str(i): r for i, r in enumerate(reps[layer])})
+        else:
+            with atomic_write(out_path / f"layer{layer}_{pool}.npy", "wb") as f:
+                np.save(f, np.stack(reps[layer]))
+    with atomic_write(out_path / "index.tsv", newline="") as f:  # last: its presence marks a complete output
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["row", "id", "length", "cropped_to"])
+        for i, prot in enumerate(proteins):
+            w.writerow([i, prot.name, len(prot.tokens), min(len(prot.tokens), loaded.config.max_len - 1)])
+    print(f"wrote {len(proteins)} {pool} embeddings of layers {layers} to {out_path} (index.tsv lists the rows)")
+
+
+def score(ckpt: str, fasta: str, out: str, per_position: str | None = None, unknown: UnknownPolicy = "error",
+          tokens_per_batch: PositiveInt = 8192, device: str = "cpu", overwrite: bool = False,
+          progress: bool | None = None) -> None:
+    """Per-sequence log-likelihood and perplexity: exact for causal models, pseudo-log-likelihood for masked ones
+    (each position masked in turn).
+
+    Args:
+        ckpt: checkpoint written by `protein-performer fit`, or a run directory.
+        fasta: input FASTA (.fasta or .fasta.gz, or a pipe).
+        out: output TSV (id, length, scored, log_likelihood, perplexity, method).
+        per_position: also write one row per residue (id, position counted from 1, residue, log_prob) to this TSV.
+        unknown: letters outside the vocabulary: stop (error), read as X (x), or skip the record (reject).
+        tokens_per_batch: token budget of a batch.
+        device: torch device, e.g. cuda.
+        overwrite: replace existing output files.
+        progress: progress bar (default: on a terminal).
+    """
+    from .checkpoints import load_model
+    from .inference import score as score_proteins
+    from .proteins import read_proteins
+
+    out_path = output_file(out, overwrite)
+    per_position_path = output_file(per_position, overwrite) if per_position else None
+    loaded = load_model(ckpt, device)
+    proteins, _ = read_proteins(fasta, unknown=unknown)
+    terms = score_proteins(loaded.model, proteins, tokens_per_batch=tokens_per_batch, progress=progress)
+    method = "causal" if loaded.config.causal else "pseudo"
+    with atomic_write(out_path, newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["id", "length", "scored", "log_likelihood", "perplexity", "method"])
+        for prot, t in zip(proteins, terms):
+            w.writerow([prot.name, len(prot.tokens), len(t), f"{t.sum():.4f}", f"{math.exp(-t.mean()):.4f}", method])
+    if per_position_path:
+        with atomic_write(per_position_path, newline="") as f:
+            w = csv.writer(f, delimiter="\t")
+            w.writerow(["id", "position", "residue", "log_prob"])
+            for prot, t in zip(proteins, terms):
+                for pos, (res, lp) in enumerate(zip(prot.sequence, t), start=1):
+                    w.writerow([prot.name, pos, res, f"{lp:.5f}"])
+    print(f"scored {len(proteins)} sequences ({method} log-likelihood) -> {out_path}")
+
+
+def generate(ckpt: str, prompt: str = "", num: PositiveInt = 4, max_length: PositiveInt = 200,
+             temperature: NonNegativeFloat = 1.0, top_k: PositiveInt | None = None, top_p: float | None = None,
+             seed: int = 0, out: str | None = None, device: str = "cpu", overwrite: bool = False) -> None:
+    """Sample sequences from a causal model, written as FASTA.
+
+    Args:
+        ckpt: checkpoint of a causal model, or its run directory.
+        prompt: residues every sequence starts with.
+        num: sequences to sample.
+        max_length: residues per sequence, prompt included.
+        temperature: sampling temperature; 0 is greedy.
+        top_k: sample among the k most likely tokens.
+        top_p: nucleus sampling: the smallest set of tokens whose probability reaches top_p, in (0, 1].
+        seed: seed of the sampling.
+        out: output FASTA (default: standard output).
+        device: torch device, e.g. cuda.
+        overwrite: replace an existing --out file.
+    """
+    from .checkpoints import load_model
+    from .inference import generate as sample
+
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top_p must lie in (0, 1], not {top_p}")
+    out_path = output_file(out, overwrite) if out else None
+    loaded = load_model(ckpt, device)
+    seqs = sample(loaded.model, prompt, num, max_length, temperature, top_k, top_p, seed)
+    text = "".join(f">generated_{i} seed={seed} temperature={temperature} top_k={top_k} top_p={top_p} "
+                   f"length={len(s)}\n{s}\n" for i, s in enumerate(seqs))
+    if out_path is None:
+        sys.stdout.write(text)
+        return
+    with atomic_write(out_path) as f:
+        f.write(text)
+    print(f"wrote {len(seqs)} sequences to {out_path}")
+
+
+COMMANDS = {f.__name__: f for f in (report, analyze, agreement, embed, score, generate)}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in COMMANDS:
-        COMMANDS[args[0]](args[1:])
+        commands.run(COMMANDS[args[0]], args[1:], f"protein-performer {args[0]}")
         return
+    from .training.cli import build_cli
+
     try:
-        build_cli(None if argv is None else args)
-    except FileNotFoundError as e:  # a missing data directory or split: a message, not a traceback
-        sys.exit(f"protein-performer: error: {e}")
+        build_cli(None if argv is None else args, other_commands=list(COMMANDS))
+    except UserError as e:  # a missing or broken data directory or checkpoint, a diverged run
+        prog = f"protein-performer {args[0]}" if args and not args[0].startswith("-") else "protein-performer"
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The evaluation report: accuracy and perplexity per split beside the unigram baseline (the paper's Table 2).
 
-`protein-performer test --config ... --ckpt_path CKPT` fills it in (ProteinLMModule.on_test_epoch_end);
+`protein-performer test --config ... --ckpt_path CKPT` fills it in (training.module.ProteinLMModule);
 `protein-performer report A.json B.json ...` joins reports of several models into one table with a
 column per attention kind, as in the paper.
 """
@@ -11,7 +11,10 @@ import csv
 import json
 from pathlib import Path
 
-COLUMN = {"softmax": "Transformer", "favor-relu": "Performer (ReLU)", "favor-softmax": "Performer (softmax)"}
+from .errors import UserError
+from .model import LEGACY_ATTENTION
+
+COLUMN = {"exact": "Transformer", "favor-relu": "Performer (ReLU)", "favor-softmax": "Performer (softmax)"}
 
 
 def cell(results: dict[str, float]) -> str:
@@ -64,8 +67,16 @@ def combine(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report_main(paths: list[str]) -> None:
-    """`protein-performer report A/report.json B/report.json ...`: print the joined table."""
-    if not paths:
-        raise SystemExit("usage: protein-performer report REPORT.json [REPORT.json ...]")
-    print(combine([json.loads(Path(p).read_text()) for p in paths]))
+def read_report(path: str | Path) -> dict:
+    """A report.json written by `protein-performer test` (reports of 0.1 name exact attention "softmax")."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+        meta = report["meta"]
+        meta["attention"] = LEGACY_ATTENTION.get(meta["attention"], meta["attention"])
+        report["results"].items()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: not a report.json of `protein-performer test` ({type(e).__name__}: {e})") from None
+    return report

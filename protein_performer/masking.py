@@ -16,6 +16,9 @@ import torch
 from . import vocab
 
 IGNORE = -100  # target id that F.cross_entropy(ignore_index=-100) skips
+# The first field of an example's key: masking seeds of training and evaluation examples never collide, and
+# FILLER examples (an evaluation batch for a rank that has none, see training.sampler) carry no targets.
+TRAIN_STREAM, EVAL_STREAM, FILLER_STREAM = 0, 1, 2
 Objective = Literal["masked", "causal"]
 
 # Replacement of a selected token: (MASK, random amino acid, unchanged) probabilities.
@@ -64,12 +67,14 @@ def causal_targets(tokens: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Collator:
-    """Turns [(key, tokens), ...] into a padded batch dict for `objective`.
+    """Turns [(key, position, tokens), ...] into a padded batch dict for `objective`.
 
-    key = (stream, epoch, index) seeds the masking of that example together with `seed`. Output:
-    "tokens" (B, L) int64 model inputs, "targets" (B, L) int64 with IGNORE where no loss is taken,
-    "padding_mask" (B, L) bool, True at real tokens. L is the longest sequence of the batch rounded up
-    to `pad_to_multiple` (steady shapes for kernels and chunked causal FAVOR).
+    key = (stream, epoch, index) seeds the masking of that example together with `seed`; examples of
+    FILLER_STREAM get no targets (a batch that counts zero, see training.sampler). Output: "tokens" (B, L)
+    int64 model inputs, "targets" (B, L) int64 with IGNORE where no loss is taken, "padding_mask" (B, L) bool,
+    True at real tokens, or None when the batch has no padding (exact attention then takes SDPA's fused
+    kernels), and "position" (epoch, batch number) for resuming. L is the longest sequence of the batch rounded
+    up to `pad_to_multiple` (steady shapes for kernels and chunked causal FAVOR).
     """
 
     objective: Objective = "masked"
@@ -86,12 +91,12 @@ class Collator:
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob must lie in (0, 1), got {self.mask_prob}")
 
-    def __call__(self, examples: Sequence[tuple[tuple[int, ...], np.ndarray]]) -> dict[str, torch.Tensor]:
-        longest = max(len(t) for _, t in examples)
+    def __call__(self, examples: Sequence[tuple[tuple[int, ...], tuple[int, int], np.ndarray]]) -> dict:
+        longest = max(len(t) for *_, t in examples)
         length = -(-longest // self.pad_to_multiple) * self.pad_to_multiple
         inputs = np.full((len(examples), length), vocab.PAD, dtype=np.int64)
         targets = np.full((len(examples), length), IGNORE, dtype=np.int64)
-        for row, (key, tokens) in enumerate(examples):
+        for row, (key, _, tokens) in enumerate(examples):
             n = len(tokens)
             if self.objective == "masked":
                 rng = np.random.default_rng((self.seed, *key))
@@ -99,5 +104,9 @@ class Collator:
             else:
                 inputs[row, :n] = tokens
                 targets[row, :n] = causal_targets(tokens)
+            if key[0] == FILLER_STREAM:
+                targets[row] = IGNORE
         inputs_t = torch.from_numpy(inputs)
-        return {"tokens": inputs_t, "targets": torch.from_numpy(targets), "padding_mask": inputs_t != vocab.PAD}
+        mask = inputs_t != vocab.PAD
+        return {"tokens": inputs_t, "targets": torch.from_numpy(targets),
+                "padding_mask": None if bool(mask.all()) else mask, "position": examples[0][1]}

@@ -20,31 +20,48 @@ from . import vocab
 from .attention import ExactAttention, FavorAttention, attention_matrix
 from .attention.favor import DEFAULT_CHUNK
 
-AttentionKind = Literal["softmax", "favor-softmax", "favor-relu"]
-ATTENTION_KINDS: tuple[str, ...] = ("softmax", "favor-softmax", "favor-relu")
+AttentionKind = Literal["exact", "favor-softmax", "favor-relu"]
+ATTENTION_KINDS: tuple[str, ...] = ("exact", "favor-softmax", "favor-relu")
+LEGACY_ATTENTION = {"softmax": "exact"}  # names in checkpoints of protein_performer 0.1
+PresetName = Literal["paper-36l", "paper-concat-6l", "paper-concat-transformer", "small", "tiny"]
 
 
 @dataclass(frozen=True)
 class Config:
-    """Model hyper-parameters. Build one from a preset: Config.from_name("paper-36l", attention="softmax")."""
+    """Model hyper-parameters. Build one from a preset: Config.from_name("paper-36l", attention="exact")."""
 
     name: str = "custom"
     vocab_size: int = vocab.VOCAB_SIZE
     d_model: int = 512
+    """Width of the residual stream."""
     n_heads: int = 8
+    """Attention heads per layer (d_model / n_heads per head)."""
     n_layers: int = 6
+    """Transformer blocks."""
     d_ff: int = 1024
+    """Hidden width of each block's MLP."""
     dropout: float = 0.1
+    """Dropout on embeddings, attention output and MLP output."""
     max_len: int = 1024
+    """Longest input in tokens (the learned position table ends there)."""
     attention: AttentionKind = "favor-relu"
+    """exact (softmax, SDPA), favor-softmax (positive random features) or favor-relu."""
     causal: bool = False
-    nb_features: int = 256  # random features m (favor-softmax; favor-relu with relu_random_features)
-    relu_random_features: bool = False  # False: the authors' deterministic relu(x) + 1e-3 map
+    """Causal (next-token) attention; set from the training objective."""
+    nb_features: int = 256
+    """Random features m (favor-softmax; favor-relu with relu_random_features)."""
+    relu_random_features: bool = False
+    """favor-relu with m random ReLU features; False: the authors' deterministic relu(x) + 1e-3 map."""
     orthogonal_features: bool = True
+    """Orthogonal random features (False: IID Gaussian rows, the paper's ablation)."""
     feature_scaling: Literal["chi", "sqrt_d"] = "chi"
-    chunk_size: int = DEFAULT_CHUNK  # causal FAVOR chunk length
-    feature_seed: int = 0  # projections at construction are drawn from (feature_seed, layer)
-    activation_checkpointing: bool = False  # recompute each block in backward: memory ~ L x d_model per layer
+    """Row norms of the random projection: chi-distributed, or all sqrt(d)."""
+    chunk_size: int = DEFAULT_CHUNK
+    """Causal FAVOR chunk length."""
+    feature_seed: int = 0
+    """Seed of the projections drawn at construction (one per layer)."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward: memory ~ L x d_model per layer, for the longest lengths."""
 
     def __post_init__(self):
         if self.attention not in ATTENTION_KINDS:
@@ -70,6 +87,16 @@ class Config:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        """A Config from to_dict() output, including that of earlier releases (attention "softmax" = "exact")."""
+        values = dict(values)
+        values["attention"] = LEGACY_ATTENTION.get(values.get("attention"), values.get("attention"))
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown Config fields {sorted(unknown)}")
+        return cls(**values)
+
 
 PRESETS: dict[str, Config] = {
     c.name: c
@@ -79,7 +106,7 @@ PRESETS: dict[str, Config] = {
         # the concatenated task (L = 8192): the 6-layer Performer ...
         Config(name="paper-concat-6l", d_model=512, n_heads=8, n_layers=6, d_ff=2048, max_len=8192),
         # ... and the largest exact Transformer that fit (paper: 8 heads, 1-3 layers, d 256, d_ff 256)
-        Config(name="paper-concat-transformer", attention="softmax", d_model=256, n_heads=8, n_layers=3,
+        Config(name="paper-concat-transformer", attention="exact", d_model=256, n_heads=8, n_layers=3,
                d_ff=256, max_len=8192),
         # CPU sizes: the quality benchmark and the demo, and the unit tests
         Config(name="small", d_model=256, n_heads=8, n_layers=4, d_ff=1024, max_len=1024, nb_features=128),
@@ -94,7 +121,7 @@ class SelfAttention(nn.Module):
         self.n_heads = cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        if cfg.attention == "softmax":
+        if cfg.attention == "exact":
             self.core = ExactAttention(causal=cfg.causal)
         else:
             kernel = "softmax" if cfg.attention == "favor-softmax" else "relu"
@@ -122,13 +149,25 @@ class SelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).flatten(2)), state
 
 
-class MLP(nn.Sequential):
-    """Linear -> GELU -> Linear -> Dropout, storing one (B, L, d_ff) activation for backward instead of two.
-    A Sequential for its state-dict keys (mlp.0, mlp.2); forward applies the exact GELU through GeluLinear."""
+class MLP(nn.Module):
+    """Linear -> GELU -> Linear -> Dropout, storing one (B, L, d_ff) activation for backward instead of two."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self._register_load_state_dict_pre_hook(_rename_legacy_mlp_keys)
 
     def forward(self, x):
-        fc, _, proj, drop = self
-        return drop(GeluLinear.apply(fc(x), proj.weight, proj.bias))
+        return self.drop(GeluLinear.apply(self.fc(x), self.proj.weight, self.proj.bias))
+
+
+def _rename_legacy_mlp_keys(state_dict, prefix, *args):
+    """Checkpoints of protein_performer 0.1 held the MLP as an nn.Sequential: mlp.0 = fc, mlp.2 = proj."""
+    for old, new in (("0.", "fc."), ("2.", "proj.")):
+        for key in [k for k in state_dict if k.startswith(prefix + old)]:
+            state_dict[prefix + new + key.removeprefix(prefix + old)] = state_dict.pop(key)
 
 
 class GeluLinear(torch.autograd.Function):
@@ -162,9 +201,7 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = SelfAttention(cfg, layer)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = MLP(
-            nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model), nn.Dropout(cfg.dropout)
-        )
+        self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, padding_mask=None):
@@ -193,7 +230,7 @@ class ProteinLM(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
         self.apply(self._init_weights)
         for block in self.blocks:  # GPT-2: residual branches scaled by depth
-            for p in (block.attn.out.weight, block.mlp[2].weight):
+            for p in (block.attn.out.weight, block.mlp.proj.weight):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
         with torch.no_grad():
             self.pos_emb.weight.copy_(sinusoidal_positions(cfg.max_len, cfg.d_model))

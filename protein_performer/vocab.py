@@ -27,11 +27,11 @@ UnknownPolicy = Literal["error", "x", "reject"]
 """What to do with a letter outside the vocabulary (J, '*', digits, ...):
 "error" raises UnknownLetterError, "x" maps it to X, "reject" returns None (the caller skips the record)."""
 
-_UNKNOWN = 255
-_TABLE = np.full(256, _UNKNOWN, dtype=np.uint8)
+NOT_A_LETTER = 255  # BYTE_TO_ID's value for bytes that are no letter of the vocabulary
+BYTE_TO_ID = np.full(256, NOT_A_LETTER, dtype=np.uint8)  # byte of a letter (either case) -> token id
 for _i, _c in enumerate(LETTERS):
-    _TABLE[ord(_c)] = _i
-    _TABLE[ord(_c.lower())] = _i
+    BYTE_TO_ID[ord(_c)] = _i
+    BYTE_TO_ID[ord(_c.lower())] = _i
 _LETTER_BYTES = np.frombuffer(LETTERS.encode() + b"^$_#", dtype=np.uint8)  # decode table, specials as 1 char
 
 
@@ -39,7 +39,7 @@ class UnknownLetterError(ValueError):
     """A sequence holds a letter outside the vocabulary (with policy "error")."""
 
     def __init__(self, letter: str, position: int):
-        self.letter, self.position = letter, position
+        self.letter, self.position = letter, position  # position counts from 1, as biologists do
         super().__init__(f"letter {letter!r} at position {position} is not in the protein vocabulary ({LETTERS}, any case)")
 
 
@@ -49,8 +49,8 @@ def encode(seq: str | bytes, unknown: UnknownPolicy = "error") -> np.ndarray | N
     Returns None only with unknown="reject" when the sequence holds a letter outside the vocabulary.
     """
     raw = seq.encode("latin-1") if isinstance(seq, str) else seq
-    ids = _TABLE[np.frombuffer(raw, dtype=np.uint8)]
-    bad = ids == _UNKNOWN
+    ids = BYTE_TO_ID[np.frombuffer(raw, dtype=np.uint8)]
+    bad = ids == NOT_A_LETTER
     if bad.any():
         if unknown == "x":
             ids[bad] = X
@@ -58,7 +58,7 @@ def encode(seq: str | bytes, unknown: UnknownPolicy = "error") -> np.ndarray | N
             return None
         elif unknown == "error":
             pos = int(bad.argmax())
-            raise UnknownLetterError(chr(raw[pos]), pos)
+            raise UnknownLetterError(chr(raw[pos]), pos + 1)
         else:
             raise ValueError(f"unknown policy must be 'error', 'x' or 'reject', not {unknown!r}")
     return ids
@@ -67,7 +67,7 @@ def encode(seq: str | bytes, unknown: UnknownPolicy = "error") -> np.ndarray | N
 def count_unknown(seq: str | bytes) -> int:
     """Number of letters of `seq` outside the vocabulary."""
     raw = seq.encode("latin-1") if isinstance(seq, str) else seq
-    return int((_TABLE[np.frombuffer(raw, dtype=np.uint8)] == _UNKNOWN).sum())
+    return int((BYTE_TO_ID[np.frombuffer(raw, dtype=np.uint8)] == NOT_A_LETTER).sum())
 
 
 def decode(ids) -> str:

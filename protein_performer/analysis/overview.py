@@ -8,22 +8,14 @@ import numpy as np
 import pandas as pd
 
 from .. import vocab
-from ..data import SPLITS, token_counts
-from ..inputs import InputError, is_prepared_dir
+from ..corpus import PreparedDir
+from ..errors import UserError
 
 
 def split_lengths(root: str | Path) -> dict[str, np.ndarray]:
     """Residues per sequence (EOS excluded) of every split of a prepared directory, in split order."""
-    root = Path(root)
-    if not is_prepared_dir(root):
-        raise InputError(f"{root} is not a prepared data directory (no manifest.json)")
-    present = [p.name for p in root.iterdir() if (p / "tokens.bin").is_file() and (p / "offsets.npy").is_file()]
-    order = sorted(present, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s))
-    lengths = {}
-    for split in order:
-        offsets = np.load(root / split / "offsets.npy")
-        lengths[split] = np.diff(np.append(offsets, (root / split / "tokens.bin").stat().st_size)) - 1
-    return lengths
+    corpus = PreparedDir(root)
+    return {split: corpus.split(split).lengths for split in corpus.splits}
 
 
 def split_table(lengths: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -38,10 +30,9 @@ def split_table(lengths: dict[str, np.ndarray]) -> pd.DataFrame:
 
 def composition(root: str | Path) -> pd.DataFrame:
     """Share of each of the 25 letters among the residues of every split (rows: splits)."""
-    rows = {}
-    for split in split_lengths(root):
-        path = Path(root) / split / "tokens.bin"
-        letters = token_counts(path)[: len(vocab.LETTERS)]
+    corpus, rows = PreparedDir(root), {}
+    for split in corpus.splits:
+        letters = corpus.split(split).token_counts()[: len(vocab.LETTERS)]
         rows[split] = letters / max(letters.sum(), 1)
     return pd.DataFrame.from_dict(rows, orient="index", columns=list(vocab.LETTERS))
 
@@ -53,7 +44,7 @@ def find_metrics(path: str | Path) -> Path:
         return path
     found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
     if not found:
-        raise InputError(f"no metrics.csv (Lightning CSVLogger) under {path}")
+        raise UserError(f"no metrics.csv (Lightning CSVLogger) under {path}")
     return found[-1]
 
 

@@ -73,10 +73,13 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def similarity_heatmaps(matrices: dict[str, np.ndarray], agreements: dict[str, dict]) -> Figure:
-    """Side-by-side 20 x 20 heatmaps (diagonal blank); titles carry each matrix's agreement with BLOSUM62."""
-    fig = new_figure(5.2 * len(matrices), 4.8)
-    axes = fig.subplots(1, len(matrices), squeeze=False)[0]
+def similarity_heatmaps(matrices: dict[str, np.ndarray], agreements: dict[str, dict], columns: int = 3) -> Figure:
+    """20 x 20 heatmaps (diagonal blank) in a grid; titles carry each matrix's agreement with BLOSUM62."""
+    rows = -(-len(matrices) // columns)
+    fig = new_figure(5.2 * min(columns, len(matrices)), 4.8 * rows)
+    axes = fig.subplots(rows, min(columns, len(matrices)), squeeze=False).ravel()
+    for ax in axes[len(matrices):]:
+        ax.set_visible(False)
     for ax, (name, m) in zip(axes, matrices.items()):
         m = np.where(np.eye(len(m), dtype=bool), np.nan, m)
         limit = np.nanmax(np.abs(m)) if np.isfinite(m).any() else 1.0
@@ -91,6 +94,29 @@ def similarity_heatmaps(matrices: dict[str, np.ndarray], agreements: dict[str, d
             title += (f"\nvs BLOSUM62: Pearson {_fmt(g['pearson'])} (p={_fmt(g['pearson_p'], '.2g')}), "
                       f"Spearman {_fmt(g['spearman'])} (p={_fmt(g['spearman_p'], '.2g')})")
         ax.set_title(title, fontsize=9)
+    return fig
+
+
+def agreement_over_training(table: pd.DataFrame) -> Figure:
+    """Pearson r with BLOSUM62 against the training step, one line per run and similarity; filled markers where
+    the permutation p-value is below 0.001 (the issue's significance bar)."""
+    panels = [("weighted", "attention, weighted"), ("threshold", "attention, threshold"),
+              ("embedding", "token embeddings (control)")]
+    fig = new_figure(4.6 * len(panels), 3.8)
+    axes = fig.subplots(1, len(panels), sharey=True)
+    for ax, (key, title) in zip(axes, panels):
+        for (run, kind), rows in table.groupby(["run", "attention"], sort=False):
+            rows = rows.dropna(subset=[f"{key}_r"])
+            line, = ax.plot(rows["step"], rows[f"{key}_r"], marker="o", mfc="none", ms=4,
+                            label=f"{kind} ({Path(str(run)).name})")
+            strong = rows[rows[f"{key}_p"] < 1e-3]
+            ax.plot(strong["step"], strong[f"{key}_r"], "o", ms=4, color=line.get_color())
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step")
+    axes[0].set_ylabel("Pearson r with BLOSUM62")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle("Amino-acid similarity vs BLOSUM62 along training (filled: permutation p < 0.001)", fontsize=10)
     return fig
 
 

@@ -44,13 +44,15 @@ class AttentionToAminoAcids:
     proteins are analysed.
     """
 
-    def __init__(self, n_layers: int, n_heads: int, threshold: float):
-        self.threshold = threshold
+    def __init__(self, n_layers: int, n_heads: int, threshold: float, causal: bool = False):
+        self.threshold, self.causal = threshold, causal
         shape = (n_layers, n_heads)
         self.kept = np.zeros((*shape, vocab.NUM_AMINO_ACIDS))  # count of weights >= threshold landing on a
         self.kept_total = np.zeros(shape)  # count of weights >= threshold landing on any residue
         self.weight = np.zeros((*shape, vocab.NUM_AMINO_ACIDS))  # sum of weights landing on a
         self.weight_total = np.zeros(shape)
+        self.entropy = np.zeros(shape)  # sum over query rows of the row's entropy (nats)
+        self.uniform_entropy = np.zeros(shape)  # sum over the same rows of log(keys the row may attend to)
 
     @torch.no_grad()
     def update(self, maps: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -67,6 +69,17 @@ class AttentionToAminoAcids:
         self.kept_total += kept.sum(-1).cpu().numpy()
         self.weight += (weight @ onehot).cpu().numpy()
         self.weight_total += weight.sum(-1).cpu().numpy()
+        # Entropy of each residue's row over all keys (BOS included), beside that of a uniform row over the keys
+        # it may see: all L of them, or for a causal model its prefix (2 .. L keys for residue rows 1 .. L - 1).
+        length = maps.shape[-1]
+        self.entropy += torch.special.entr(maps[..., 1:, :]).sum(-1, dtype=torch.float64).sum(-1).cpu().numpy()
+        n_keys = np.arange(2, length + 1) if self.causal else np.full(length - 1, length)
+        self.uniform_entropy += float(np.log(n_keys).sum())
+
+    def mean_entropy(self) -> np.ndarray:
+        """(n_layers, H): attention entropy relative to a uniform row, averaged over rows (0 = one key, 1 = uniform)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.entropy / self.uniform_entropy
 
     def shares(self, variant: str) -> tuple[np.ndarray, np.ndarray]:
         """(p, totals): p (n_layers, H, 20) = p_h(a), totals (n_layers, H) the head's denominators."""
@@ -78,6 +91,12 @@ class AttentionToAminoAcids:
         """(n_layers, H) bool: heads used by `variant` (threshold: at least min_kept kept weights)."""
         _, totals = self.shares(variant)
         return totals >= (min_kept if variant == "threshold" else np.finfo(float).tiny)
+
+
+def embedding_similarity(rows: np.ndarray) -> np.ndarray:
+    """(20, 20) Pearson correlation between the amino acids' rows of an embedding or output matrix (20, D):
+    the control for attention similarity (a model that learned amino-acid chemistry shows it here first)."""
+    return np.corrcoef(np.asarray(rows, dtype=np.float64))
 
 
 def similarity_matrix(shares: np.ndarray) -> np.ndarray:

@@ -1,0 +1,108 @@
+"""Checkpoints written by `protein-performer fit`, rebuilt into a bare ProteinLM (no Lightning).
+
+They are read with weights_only=True (tensors and plain types only: no code runs on load), and refused with a
+UserError naming the file when empty, truncated, from a newer release, or holding non-finite weights (a
+diverged run). Checkpoints of earlier 0.x releases are upgraded (Config.from_dict; MLP key names in model.py).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import UserError
+from .model import Config, ProteinLM
+
+
+@dataclass
+class LoadedModel:
+    model: ProteinLM  # in eval mode, on the device asked for
+    config: Config
+    objective: str  # "masked" or "causal"
+    step: int | None  # global step the checkpoint was written at
+    path: Path  # the checkpoint file read
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or the newest last.ckpt (else the newest *.ckpt) under a run directory."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise UserError(f"{path}: no such checkpoint file or run directory")
+    for pattern in ("last.ckpt", "*.ckpt"):
+        found = sorted(path.rglob(pattern), key=lambda p: p.stat().st_mtime)
+        if found:
+            return found[-1]
+    raise UserError(f"{path}: no checkpoint (*.ckpt) under this directory")
+
+
+def check_readable(path: str | Path) -> Path:
+    """A cheap check before a full load: the file exists and is a complete torch zip archive (its central
+    directory, at the end of the file, is intact)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file, not a checkpoint")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: truncated or not a torch checkpoint")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's contents (on the CPU), loaded with weights_only=True."""
+    path = check_readable(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated inside, or pickled objects beyond plain types
+        raise UserError(f"{path}: cannot be read as a torch checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise UserError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return ckpt
+
+
+def check_finite(state_dict: dict, path: str | Path) -> None:
+    """UserError naming the first floating-point tensor with NaN or infinite values (a diverged run)."""
+    bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise UserError(f"{path}: weights are not finite ({bad[0]}{more} hold NaN or inf): the run diverged; "
+                        "use a checkpoint from before the divergence")
+
+
+def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """The model of a checkpoint file or run directory (see find_checkpoint), in eval mode on `device`."""
+    path = find_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(path)
+    meta = ckpt.get("protein_performer")
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: does not hold a protein_performer model (written by `protein-performer fit`)")
+    if _release(meta.get("version")) > _release(__version__):
+        raise UserError(f"{path}: written by protein_performer {meta.get('version')}, newer than this {__version__}; "
+                        "upgrade protein_performer to read it")
+    try:
+        config = Config.from_dict(meta["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: invalid model configuration: {e}") from None
+    # The LightningModule holds the network as `self.model`; its other state (metrics, counts) is not needed.
+    weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    check_finite(weights, path)
+    model = ProteinLM(config)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not match the model its configuration describes: {e}") from None
+    return LoadedModel(model.eval().to(device), config, meta["objective"], ckpt.get("global_step"), path)
+
+
+def _release(version) -> tuple[int, ...]:
+    """(major, minor) of a version string; unreadable versions count as 0.0."""
+    try:
+        return tuple(int(x) for x in str(version).split(".")[:2])
+    except ValueError:
+        return (0, 0)

@@ -1,0 +1,103 @@
+"""Command lines generated from typed function signatures and their docstrings (jsonargparse), one style for
+every non-training command (prep, analyze, embed, score, generate, report); fit/validate/test are LightningCLI.
+
+Flags are the parameter names (`--max_length 512`, as LightningCLI's `--trainer.max_steps`); a bool parameter is
+a switch (`--overwrite`, `--no_overwrite`), a required list is positional (`INPUT [INPUT ...]`), an optional
+list takes one or more values (`--layers 2 4`), a fixed-size tuple exactly that many (`--head 1 3`). Argument
+errors exit 2 with usage (argparse's convention); a UserError raised by the command prints `PROG: error: ...`
+and exits 2 too.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import typing
+from typing import Callable, Sequence
+
+import docstring_parser
+from jsonargparse import ActionYesNo, ArgumentParser
+
+from .errors import UserError
+
+
+def build_parser(fn: Callable, prog: str) -> ArgumentParser:
+    """An ArgumentParser for `fn`'s parameters, with help from its docstring (Google style)."""
+    doc = docstring_parser.parse(inspect.getdoc(fn) or "")
+    helps = {p.arg_name: p.description for p in doc.params}
+    hints = typing.get_type_hints(fn)
+    description = "\n\n".join(filter(None, [doc.short_description, doc.long_description]))
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=True)
+    manual = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        kwargs = _argparse_style(hints[name], param.default)
+        if kwargs is not None:
+            manual[name] = kwargs
+    parser.add_function_arguments(fn, skip=set(manual), as_group=False, fail_untyped=True)
+    for name, kwargs in manual.items():
+        default = inspect.signature(fn).parameters[name].default
+        positional = default is inspect.Parameter.empty and kwargs.get("nargs") == "+"
+        flag = name if positional else f"--{name}"
+        extra = {} if positional else {"default": default}
+        if not positional and default is inspect.Parameter.empty:
+            extra = {"required": True}
+        parser.add_argument(flag, help=helps.get(name), **kwargs, **extra)
+    return parser
+
+
+def _argparse_style(hint, default) -> dict | None:
+    """argparse keywords for the parameters that read better the Unix way than as jsonargparse values."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:  # X | None
+        rest = [a for a in args if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else hint
+        args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        return {"action": ActionYesNo(no_prefix="no_")}
+    if origin is list and len(args) == 1 and args[0] in (str, int, float):
+        return {"nargs": "+", "type": args[0]}
+    if origin is tuple and args and Ellipsis not in args and len(set(args)) == 1 and args[0] in (str, int, float):
+        return {"nargs": len(args), "type": args[0]}
+    return None
+
+
+class _Formatter(logging.Formatter):
+    """`PROG: warning: message`, as argparse words its errors."""
+
+    def __init__(self, prog: str):
+        super().__init__()
+        self.prog = prog
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{self.prog}: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def run(fn: Callable, argv: Sequence[str], prog: str) -> None:
+    """Parse `argv` for `fn`, call it; UserError -> `PROG: error: ...` on stderr and exit status 2. Warnings the
+    library logs (skipped records, cropped sequences) print as `PROG: warning: ...`."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(prog))
+    logging.getLogger("protein_performer").addHandler(handler)
+    logging.getLogger("protein_performer").setLevel(logging.INFO)
+    parser = build_parser(fn, prog)
+    args = parser.parse_args(list(argv))
+    kwargs = {k: v for k, v in vars(args).items() if k in inspect.signature(fn).parameters}
+    for name, value in kwargs.items():  # nargs=N options arrive as lists
+        if isinstance(value, list) and typing.get_origin(_strip_optional(typing.get_type_hints(fn)[name])) is tuple:
+            kwargs[name] = tuple(value)
+    try:
+        fn(**kwargs)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _strip_optional(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if type(None) in typing.get_args(hint) and len(args) == 1 else hint

@@ -1,0 +1,168 @@
+"""The prepared-data format, read in one place: every tool that reads a directory written by
+`protein-performer-prep` (dataset views, the data module, inference inputs, notebooks) goes through PreparedDir.
+
+    DIR/manifest.json          written last: its presence marks a complete directory
+    DIR/<split>/tokens.bin     uint8 token ids; every sequence is followed by EOS; no BOS, no padding
+    DIR/<split>/offsets.npy    int64 start of each sequence in tokens.bin
+
+Opening checks what is cheap (manifest, vocabulary, file sizes and counts against the manifest, offsets);
+`Split.token_counts` scans the stream and checks every byte is a token id (the data module runs it on the
+splits it uses). Problems are UserErrors naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import vocab
+from .errors import UserError
+
+SPLITS = ("train", "valid", "test", "ood")
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_SCAN = 1 << 26  # bytes (or offsets) per step of a full scan: bounded memory at TrEMBL scale
+
+
+def is_prepared_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+class PreparedDir:
+    """A prepared data directory with its manifest checked; `split(name)` gives one split's data."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        path = self.root / MANIFEST
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: no such data directory")
+        if not path.is_file():
+            raise UserError(f"{self.root}: not a complete prepared data directory (no {MANIFEST}; run "
+                            "protein-performer-prep, and note that an interrupted run leaves none)")
+        try:
+            self.manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+        self._check_manifest(path)
+
+    def _check_manifest(self, path: Path) -> None:
+        m = self.manifest
+        if not isinstance(m, dict) or not isinstance(m.get("splits"), dict) or not isinstance(m.get("vocabulary"), dict):
+            raise UserError(f"{path}: no 'splits' or 'vocabulary' entry; not a protein-performer-prep manifest")
+        if m.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{path}: format_version {m.get('format_version')!r}, this protein_performer reads {FORMAT_VERSION}")
+        if m["vocabulary"].get("tokens") != list(vocab.TOKENS):
+            raise UserError(f"{path}: its vocabulary differs from this protein_performer's 29 tokens")
+        for name, stats in m["splits"].items():
+            if name not in SPLITS or not isinstance(stats, dict) or not all(
+                    isinstance(stats.get(k), int) and stats[k] >= 0 for k in ("count", "tokens")):
+                raise UserError(f"{path}: split entry {name!r} is not a split with integer 'count' and 'tokens'")
+
+    @property
+    def splits(self) -> list[str]:
+        """Names of the splits the manifest lists, in SPLITS order."""
+        return [s for s in SPLITS if s in self.manifest["splits"]]
+
+    def split(self, name: str) -> Split:
+        if name not in self.manifest["splits"]:
+            raise UserError(f"{self.root}: no split {name!r} (splits: {', '.join(self.splits)})")
+        return Split(self.root / name, self.manifest["splits"][name])
+
+
+class Split:
+    """tokens.bin + offsets.npy of one split, checked against the manifest; memory-mapped on first use and
+    dropped when pickled, so DataLoader workers map the files themselves instead of receiving a copy."""
+
+    def __init__(self, directory: Path, stats: dict):
+        self.dir, self.name = directory, directory.name
+        for f in ("tokens.bin", "offsets.npy"):
+            if not (self.dir / f).is_file():
+                raise UserError(f"{self.dir / f}: missing (incomplete prepared directory)")
+        self.n_tokens = (self.dir / "tokens.bin").stat().st_size
+        offsets = self._load_offsets()
+        self.n_sequences = len(offsets)
+        if (self.n_tokens, self.n_sequences) != (stats["tokens"], stats["count"]):
+            raise UserError(f"{self.dir}: {self.n_tokens} tokens / {self.n_sequences} sequences on disk, the manifest "
+                            f"says {stats['tokens']} / {stats['count']}: files changed or truncated")
+        self._check_offsets(offsets)
+        self._tokens: np.ndarray | None = None
+        self._offsets: np.ndarray | None = None
+        self._lengths: np.ndarray | None = None
+
+    def _load_offsets(self) -> np.ndarray:
+        path = self.dir / "offsets.npy"
+        try:
+            offsets = np.load(path, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as e:
+            raise UserError(f"{path}: truncated or not a .npy file ({e})") from None
+        if offsets.ndim != 1 or offsets.dtype != np.int64:
+            raise UserError(f"{path}: expected a 1-d int64 array, found {offsets.ndim}-d {offsets.dtype}")
+        return offsets
+
+    def _check_offsets(self, offsets: np.ndarray) -> None:
+        """Offsets start at 0, increase strictly and stay inside tokens.bin (checked in bounded chunks)."""
+        if not self.n_sequences:
+            return
+        bad = offsets[0] != 0 or offsets[-1] > self.n_tokens - 2
+        for s in range(0, self.n_sequences, _SCAN):
+            part = np.asarray(offsets[s : s + _SCAN + 1])
+            bad = bad or bool((np.diff(part) < 2).any())  # every sequence holds >= 1 residue + EOS
+        if bad:
+            raise UserError(f"{self.dir / 'offsets.npy'}: offsets do not describe sequences of tokens.bin "
+                            f"({self.n_tokens} bytes): file edited or corrupt")
+
+    @property
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:  # np.memmap refuses empty files; an empty split is a valid empty array
+            path = self.dir / "tokens.bin"
+            self._tokens = np.memmap(path, dtype=np.uint8, mode="r") if self.n_tokens else np.zeros(0, np.uint8)
+        return self._tokens
+
+    @property
+    def offsets(self) -> np.ndarray:
+        if self._offsets is None:
+            self._offsets = np.load(self.dir / "offsets.npy", mmap_mode="r")
+        return self._offsets
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Residues per sequence (int64; EOS excluded)."""
+        if self._lengths is None:
+            self._lengths = np.diff(np.append(np.asarray(self.offsets), self.n_tokens)) - 1
+        return self._lengths
+
+    def __len__(self) -> int:
+        return self.n_sequences
+
+    def bounds(self, i: int) -> tuple[int, int]:
+        """[start, end) of sequence i's residues in tokens (its EOS sits at end)."""
+        start = int(self.offsets[i])
+        end = int(self.offsets[i + 1]) - 1 if i + 1 < self.n_sequences else self.n_tokens - 1
+        return start, end
+
+    def residues(self, i: int) -> np.ndarray:
+        """Token ids (uint8) of sequence i, without its EOS."""
+        start, end = self.bounds(i)
+        return np.asarray(self.tokens[start:end])
+
+    def token_counts(self) -> np.ndarray:
+        """Count of each token id over tokens.bin (int64, VOCAB_SIZE), read in chunks; a UserError if a byte is
+        not a token id or the EOS count differs from the number of sequences."""
+        counts = np.zeros(256, dtype=np.int64)
+        for s in range(0, self.n_tokens, _SCAN):
+            counts += np.bincount(self.tokens[s : s + _SCAN], minlength=256)
+        outside = np.flatnonzero(counts[vocab.VOCAB_SIZE :])
+        if outside.size:
+            byte = int(outside[0]) + vocab.VOCAB_SIZE
+            where = int(np.flatnonzero(np.asarray(self.tokens) == byte)[0])
+            raise UserError(f"{self.dir / 'tokens.bin'}: byte {byte} at offset {where} is not a token id "
+                            f"(vocabulary 0-{vocab.VOCAB_SIZE - 1}): file corrupt")
+        if counts[vocab.EOS] != self.n_sequences:
+            raise UserError(f"{self.dir / 'tokens.bin'}: {counts[vocab.EOS]} EOS tokens for {self.n_sequences} "
+                            "sequences: file corrupt")
+        return counts[: vocab.VOCAB_SIZE]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None, "_offsets": None, "_lengths": None}

@@ -1,0 +1,170 @@
+"""Callbacks of every training run: feature redraws, throughput, the non-finite guard, checkpoints, CSV resume."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
+
+from ..errors import UserError
+from .loggers import CSVLogger
+
+
+def derive_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from integers (SeedSequence hashing: nearby inputs give unrelated seeds)."""
+    return int(np.random.SeedSequence([abs(int(v)) for v in values]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class FeatureRedraw(Callback):
+    """Redraws the FAVOR random features every `every_n_steps` optimiser steps.
+
+    The seed is derived from (seed, global_step) and the model derives one per layer, so all ranks draw
+    the same matrices with no communication. The matrices are buffers: checkpoints save them, and a
+    resumed run continues with the matrix in use and redraws at the same steps as an uninterrupted one.
+    """
+
+    def __init__(self, every_n_steps: int = 1000, seed: int = 0):
+        self.every_n_steps, self.seed = every_n_steps, seed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+            pl_module.model.redraw_features(derive_seed(self.seed, step))
+
+
+class Throughput(Callback):
+    """Logs training throughput (real, non-PAD tokens per second over all ranks) and peak memory (MiB).
+
+    Peak memory is CUDA's max allocated on a GPU, the process's peak resident set size on CPU. Token counts
+    stay on the device until a logging step.
+    """
+
+    def __init__(self):
+        self.tokens = 0
+        self.start: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self.start is None:  # the first step includes warm-up: start counting after it
+            self.start, self.tokens = now, 0
+            return
+        mask = batch["padding_mask"]
+        self.tokens += batch["tokens"].numel() if mask is None else mask.sum()
+        if trainer.global_step % trainer.log_every_n_steps:
+            return
+        rate = float(self.tokens) * trainer.world_size / max(now - self.start, 1e-9)
+        if pl_module.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        pl_module.log_dict({"perf/tokens_per_s": rate, "perf/peak_mem_mib": peak})
+        self.start, self.tokens = now, 0
+
+
+class TrainingDiverged(UserError):
+    """The loss or the gradients of a training step were NaN or infinite."""
+
+
+class NonFiniteGuard(Callback):
+    """Watches the gradients of every optimiser step (after DDP's all-reduce, so every rank decides alike).
+
+    mode "stop": the run stops with TrainingDiverged naming the first bad step. On a CUDA device the flag of
+    step N is read at step N + 1 (reading it at once would stall the device every step), so the bad step is
+    applied before the run stops; no checkpoint holds its weights (BestAndLastCheckpoint refuses non-finite
+    weights). On the CPU the run stops before the bad step is applied.
+    mode "skip": the bad step's gradients are dropped (AdamW then leaves every parameter as it is), counted in
+    train/skipped_steps; MAX_SKIPS steps in a row stop the run.
+    """
+
+    MAX_SKIPS = 20
+
+    def __init__(self, mode: str = "stop"):
+        self.mode = mode
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, non-finite flag on the device)
+        self.skipped = self.in_a_row = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return
+        bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        step = trainer.global_step
+        if self.mode == "skip":
+            if bool(bad):  # a host sync, the price of deciding before the step
+                for g in optimizer.param_groups:
+                    for p in g["params"]:
+                        p.grad = None
+                self.skipped += 1
+                self.in_a_row += 1
+                rank_zero_warn(f"step {step}: non-finite gradients; step skipped ({self.skipped} so far)")
+                if self.in_a_row >= self.MAX_SKIPS:
+                    raise TrainingDiverged(f"training diverged: {self.in_a_row} steps in a row up to step {step} had "
+                                           "non-finite gradients; lower the learning rate or check the data")
+            else:
+                self.in_a_row = 0
+            pl_module.log("train/skipped_steps", float(self.skipped))
+            return
+        self.pending.append((step, bad))
+        self.check(keep_last=pl_module.device.type == "cuda")
+
+    def check(self, keep_last: bool = False) -> None:
+        """Raise for the first pending step that was bad; keep the newest flag unread if asked (see above)."""
+        ready = self.pending[:-1] if keep_last else self.pending
+        for step, bad in ready:
+            if bool(bad):
+                self.pending = []
+                raise TrainingDiverged(
+                    f"training diverged at step {step}: the loss or gradients are NaN or infinite; lower the "
+                    "learning rate (--model.lr), add warm-up (--model.warmup_steps), or skip such steps with "
+                    "--model.on_nonfinite skip")
+        self.pending = self.pending[len(ready):]
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.check()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.check()
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that writes last.ckpt after every validation and at the end of fit (Lightning's own
+    rewrites it only when the monitored metric improves), and never writes non-finite weights: a NaN or
+    infinite model is neither best nor last."""
+
+    _last_step: int | None = None  # global step of the last last.ckpt written
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking or not _finite(pl_module, "validation"):
+            return
+        super().on_validation_end(trainer, pl_module)
+        if self.save_last and self._last_step != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and self._last_step != trainer.global_step and _finite(pl_module, "end of fit"):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_step = trainer.global_step
+
+
+def _finite(pl_module, when: str) -> bool:
+    bad = [n for n, p in pl_module.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        rank_zero_warn(f"{when}: no checkpoint written: parameters {bad[:3]} hold NaN or inf")
+    return not bad
+
+
+class ResumeCSVLogs(Callback):
+    """A resumed fit keeps the rows its CSVLogger wrote up to the checkpoint's step (see loggers.CSVLogger)."""
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if trainer.state.fn == "fit":
+            for logger in trainer.loggers:
+                if isinstance(logger, CSVLogger):
+                    logger.resume_at(checkpoint.get("global_step", 0))

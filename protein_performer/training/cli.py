@@ -1,0 +1,101 @@
+"""LightningCLI for fit / validate / test: configs in configs/, any key overridable (`--model.d_model 128`),
+precision picked by the machine, checkpoints that can be trusted (training/callbacks.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..checkpoints import check_readable
+from .callbacks import BestAndLastCheckpoint
+from .datamodule import ProteinDataModule
+from .module import ProteinLMModule
+
+def cpu_has_amx_bf16() -> bool:
+    """True when the CPU advertises AMX-BF16 (Linux /proc/cpuinfo flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+def auto_precision(accelerator: str) -> tuple[str, str]:
+    """(precision, reason) for `precision: null`: bf16-mixed where bf16 matrix units make it faster, else fp32.
+
+    A CUDA GPU with bf16 support, or a CPU with AMX-BF16 (measured: bf16 training 2x fp32). A CPU with only
+    AVX512-BF16 stays in fp32: there bf16 products ran at 0.6x the fp32 rate (README, Performance).
+    """
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", f"GPU {torch.cuda.get_device_name()} supports bf16"
+        return "32-true", f"GPU {torch.cuda.get_device_name()} has no bf16"
+    if cpu_has_amx_bf16():
+        return "bf16-mixed", "CPU with AMX-BF16 matrix units"
+    return "32-true", "CPU without AMX-BF16 (bf16 would be slower than fp32 here)"
+
+
+class SaveAndLogConfig(SaveConfigCallback):
+    """Writes config.yaml to the log directory (Lightning's default) and sends the whole run config to wandb."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_hyperparams({"cli": self.config.as_dict()})
+
+
+class ProteinCLI(LightningCLI):
+    """LightningCLI with the data objective linked to the model's, checkpoints, and precision by machine."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}  # no predict_step
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.objective", "data.objective")
+        # last.ckpt (after every validation and at the end) for resuming, and the best by validation perplexity
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/ppl",
+            "checkpoint.mode": "min",
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "best-step{step}-ppl{val/ppl:.3f}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.precision is None:  # configs say null: decide on the machine that runs
+            config.trainer.precision, reason = auto_precision(str(config.trainer.accelerator))
+            rank_zero_info(f"precision: {config.trainer.precision} ({reason})")
+        if config.trainer.precision in ("32-true", "32", 32) and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 work on tensor cores
+        if config.checkpoint.dirpath is None:  # one place per run directory, so `--ckpt_path last` finds it
+            config.checkpoint.dirpath = str(Path(config.trainer.default_root_dir or ".") / "checkpoints")
+        if self.subcommand:
+            if config.get("weights_only") is None:  # checkpoints hold tensors and plain types only
+                config.weights_only = True
+            if config.ckpt_path not in (None, "last", "best", "hpc", "registry"):
+                check_readable(config.ckpt_path)
+
+
+def build_cli(args: Sequence[str] | None = None, run: bool = True, other_commands: Sequence[str] = ()) -> ProteinCLI:
+    """The Lightning CLI; run=False parses `args` (no subcommand) and instantiates without running."""
+    return ProteinCLI(
+        ProteinLMModule,
+        ProteinDataModule,
+        args=args,
+        run=run,
+        seed_everything_default=0,
+        # ProteinDataModule shards over ranks itself (no padding of the validation set)
+        trainer_defaults={"use_distributed_sampler": False, "gradient_clip_val": 0.5},
+        parser_kwargs={"description": "Train and evaluate protein language models (Performer / Transformer). "
+                       f"Other subcommands: {', '.join(other_commands)} (protein-performer NAME --help)."},
+        save_config_callback=SaveAndLogConfig,
+        save_config_kwargs={"overwrite": True},
+    )

@@ -1,0 +1,239 @@
+"""The LightningModule: a masked or causal protein LM (model.ProteinLM) with the paper's optimiser and metrics.
+
+Determinism is by construction, not by global RNG state: batch composition is a function of (seed, epoch),
+masking of (seed, stream, epoch, example index), dropout of (seed, step, rank) and random features of
+(seed, step, layer). A resumed run therefore replays the uninterrupted one, and every DDP rank draws the same
+feature matrix without communicating.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from jsonargparse.typing import PositiveFloat, PositiveInt
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from .. import __version__, vocab
+from ..checkpoints import check_finite
+from ..evaluate import format_table, write_report
+from ..masking import Objective
+from ..model import AttentionKind, Config, PresetName, ProteinLM
+from .callbacks import FeatureRedraw, NonFiniteGuard, ResumeCSVLogs, Throughput, derive_seed
+from .datamodule import ProteinDataModule
+from .metrics import LMMetrics, target_stats, unigram_log_probs
+
+
+def lr_factor(step: int, *, warmup: int, total: int | None, decay: str, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up over `warmup` steps, then constant, cosine or linear decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "none" or total is None:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+# Config fields a run may override on the command line (`--model.d_model 128`); the others follow from these
+# or from the objective. tests/test_training.py checks that this list and the signature below match Config.
+MODEL_FIELDS = ("attention", "d_model", "n_heads", "n_layers", "d_ff", "dropout", "max_len", "nb_features",
+                "relu_random_features", "orthogonal_features", "feature_scaling", "chunk_size", "feature_seed",
+                "activation_checkpointing")
+
+
+class ProteinLMModule(L.LightningModule):
+    """A masked or causal protein language model with the paper's optimiser (AdamW, weight decay on Linear
+    weights only) and metrics (perplexity and accuracy beside the unigram baseline).
+
+    Args:
+        preset: model.Config preset the fields below start from.
+        objective: "masked" (bidirectional, loss on selected positions) or "causal" (next token).
+        attention: exact, favor-softmax or favor-relu (None: the preset's).
+        d_model: width of the residual stream (None: the preset's).
+        n_heads: attention heads per layer (None: the preset's).
+        n_layers: transformer blocks (None: the preset's).
+        d_ff: hidden width of each MLP (None: the preset's).
+        dropout: dropout rate (None: the preset's).
+        max_len: longest input in tokens (None: the preset's).
+        nb_features: random features m (None: the preset's).
+        relu_random_features: favor-relu with m random features instead of the deterministic map.
+        orthogonal_features: orthogonal (True) or IID random features.
+        feature_scaling: row norms of the projection: "chi" or "sqrt_d".
+        chunk_size: causal FAVOR chunk length.
+        feature_seed: seed of the projections drawn at construction.
+        activation_checkpointing: recompute each block in backward (the longest lengths).
+        lr: AdamW learning rate.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        weight_decay: decoupled weight decay on Linear weights (not biases, LayerNorm, embeddings).
+        warmup_steps: linear warm-up steps.
+        decay: learning-rate decay after warm-up: none, cosine or linear.
+        decay_steps: steps of the decay (default: trainer.max_steps).
+        min_lr_ratio: final learning rate as a share of lr.
+        redraw_every: draw new random features every N optimiser steps (0: never); favor-softmax only in effect.
+        on_nonfinite: a step whose gradients are NaN or infinite stops the run ("stop", naming the step) or is
+            skipped ("skip": counted in train/skipped_steps; 20 in a row stop the run).
+        seed: base seed of dropout (per step and rank) and of feature redraws (per step and layer).
+    """
+
+    def __init__(
+        self,
+        preset: PresetName = "small",
+        objective: Objective = "masked",
+        attention: AttentionKind | None = None,
+        d_model: PositiveInt | None = None,
+        n_heads: PositiveInt | None = None,
+        n_layers: PositiveInt | None = None,
+        d_ff: PositiveInt | None = None,
+        dropout: float | None = None,
+        max_len: PositiveInt | None = None,
+        nb_features: PositiveInt | None = None,
+        relu_random_features: bool | None = None,
+        orthogonal_features: bool | None = None,
+        feature_scaling: Literal["chi", "sqrt_d"] | None = None,
+        chunk_size: PositiveInt | None = None,
+        feature_seed: int | None = None,
+        activation_checkpointing: bool | None = None,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: PositiveFloat = 1e-9,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 0,
+        decay: Literal["none", "cosine", "linear"] = "none",
+        decay_steps: PositiveInt | None = None,
+        min_lr_ratio: float = 0.0,
+        redraw_every: int = 1000,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if objective not in ("masked", "causal"):
+            raise ValueError(f"objective must be 'masked' or 'causal', not {objective!r}")
+        overrides = {k: self.hparams[k] for k in MODEL_FIELDS if self.hparams[k] is not None}
+        self.config = Config.from_name(preset, causal=objective == "causal", **overrides)
+        self.model = ProteinLM(self.config)
+        # Training-split token counts for the unigram baseline; int64 so precision plugins never cast it.
+        self.register_buffer("unigram_counts", torch.zeros(vocab.VOCAB_SIZE, dtype=torch.int64))
+        self.val_metrics = LMMetrics()
+        self.test_metrics = nn.ModuleList()
+        self.test_results: dict[str, dict[str, float]] = {}
+
+    # -- wiring to the data module
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if not isinstance(dm, ProteinDataModule):
+            return
+        if dm.objective != self.hparams.objective:
+            raise ValueError(f"data objective {dm.objective!r} differs from the model's {self.hparams.objective!r}")
+        if dm.example_length > self.config.max_len:
+            raise ValueError(f"data examples of {dm.example_length} tokens exceed the model's max_len {self.config.max_len}")
+        if stage == "fit":  # the baseline belongs to the data the model is trained on
+            self.unigram_counts.copy_(torch.from_numpy(dm.train_token_counts()))
+        if stage == "test":
+            self.test_metrics = nn.ModuleList(LMMetrics() for _ in dm.test_split_names).to(self.device)
+
+    def _ensure_baseline(self) -> None:
+        """A model evaluated without training here (no checkpoint, or one without counts) takes the data's."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if not self.unigram_counts.any() and isinstance(dm, ProteinDataModule):
+            self.unigram_counts.copy_(torch.from_numpy(dm.train_token_counts()))
+
+    def configure_callbacks(self) -> list[Callback]:
+        return [FeatureRedraw(self.hparams.redraw_every, self.hparams.seed), Throughput(),
+                NonFiniteGuard(self.hparams.on_nonfinite), ResumeCSVLogs()]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # what protein_performer.checkpoints.load_model needs to rebuild the bare model without Lightning
+        checkpoint["protein_performer"] = {"version": __version__, "model_config": self.config.to_dict(),
+                                           "objective": self.hparams.objective}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        try:
+            path = self.trainer.ckpt_path
+        except RuntimeError:  # loaded outside a Trainer
+            path = "checkpoint"
+        check_finite({k: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}, path)
+
+    # -- steps
+    def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(tokens, padding_mask)["logits"]
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Dropout as a function of (seed, step, rank): a resumed run draws the masks it would have drawn.
+        torch.manual_seed(derive_seed(self.hparams.seed, self.global_step, self.global_rank))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        ce, correct, selected = target_stats(self(batch["tokens"], batch["padding_mask"]), batch["targets"])
+        n = selected.sum()
+        # Token-weighted over all ranks: DDP averages gradients over W ranks, so scale by W / global tokens.
+        n_global = n.clone()
+        if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
+            dist.all_reduce(n_global)  # a collective, not a host sync (Lightning's reduce adds a barrier)
+        loss = ce.sum() * self.trainer.world_size / n_global.clamp(min=1)
+        n = n.clamp(min=1)
+        mean_ce = ce.detach().sum() / n
+        self.log("train/loss", mean_ce, prog_bar=True)
+        self.log_dict({"train/ppl": mean_ce.exp(), "train/acc": correct.sum() / n,
+                       "train/lr": self.optimizers().param_groups[0]["lr"]})
+        return loss
+
+    def on_validation_start(self) -> None:
+        self._ensure_baseline()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.val_metrics.update(self(batch["tokens"], batch["padding_mask"]), batch["targets"], self._baseline())
+
+    def on_validation_epoch_end(self) -> None:
+        results = self.val_metrics.compute_and_reset()  # already summed over ranks: log without sync
+        self.log("val/ppl", results.pop("ppl"), prog_bar=True)
+        self.log_dict({f"val/{k}": v for k, v in results.items()})
+
+    def on_test_start(self) -> None:
+        self._ensure_baseline()
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits = self(batch["tokens"], batch["padding_mask"])
+        self.test_metrics[dataloader_idx].update(logits, batch["targets"], self._baseline())
+
+    def _baseline(self) -> torch.Tensor:
+        return unigram_log_probs(self.unigram_counts, self.hparams.objective)
+
+    def on_test_epoch_end(self) -> None:
+        names = self.trainer.datamodule.test_split_names
+        self.test_results = {s: m.compute_and_reset() for s, m in zip(names, self.test_metrics)}
+        for split, results in self.test_results.items():
+            self.log_dict({f"test/{split}/{k}": v for k, v in results.items()}, add_dataloader_idx=False)
+        if self.trainer.is_global_zero:
+            meta = {"attention": self.config.attention, "objective": self.hparams.objective,
+                    "preset": self.hparams.preset, "checkpoint": self.trainer.ckpt_path,
+                    "parameters": self.model.num_parameters()}
+            out = write_report(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "report",
+                               self.test_results, meta)
+            rank_zero_info(format_table(self.test_results, meta) + f"\nreport written to {out}")
+
+    # -- optimisation
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for module in self.model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(p)
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+        )
+        total = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else None)
+        if hp.decay != "none" and total is None:
+            raise ValueError("decay needs model.decay_steps or trainer.max_steps")
+        schedule = partial(lr_factor, warmup=hp.warmup_steps, total=total, decay=hp.decay, min_ratio=hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
