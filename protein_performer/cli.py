@@ -24,7 +24,7 @@ from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from . import commands
 from .errors import UserError
 from .inference import Pool
-from .outputs import atomic_write, output_dir, output_file
+from .outputs import atomic_write, check_output_dir, fresh_output_dir, output_file
 from .proteins import DEFAULT_SPLIT
 from .vocab import UnknownPolicy
 
@@ -69,16 +69,18 @@ def analyze(ckpt: str, input: str, out: str, num_sequences: PositiveInt = 800, m
     """
     from .analysis import analyze_attention, headline, write_analysis
     from .checkpoints import load_model
+    from .corpus import is_prepared_dir
     from .proteins import read_proteins
 
     if not 0 < threshold <= 1:
         raise UserError(f"--threshold must lie in (0, 1], not {threshold}")
-    out_path = output_dir(out, overwrite, "summary.json", ANALYSIS_FILES)
+    out_path = check_output_dir(out, overwrite, "summary.json")
     loaded = load_model(ckpt, device)
     proteins, featured = read_proteins(input, num_sequences, split, also=accession)
     result = analyze_attention(loaded, proteins, featured or proteins[0], max_length=max_length, threshold=threshold,
                                min_kept=min_kept, head=head, permutations=permutations, seed=seed, progress=progress)
-    summary = write_analysis(result, out_path, input=str(input), split=split)
+    summary = write_analysis(result, fresh_output_dir(out_path, ANALYSIS_FILES), input=str(input),
+                             split=split if is_prepared_dir(input) else None)
     print(headline(summary, out_path))
 
 
@@ -112,11 +114,11 @@ def agreement(ckpts: list[str], input: str, out: str, num_sequences: PositiveInt
     from .analysis import agreement_over_training, write_agreement_over_training
     from .proteins import read_proteins
 
-    out_path = output_dir(out, overwrite, "agreement_over_training.csv", ("agreement_over_training.*",))
+    out_path = check_output_dir(out, overwrite, "agreement_over_training.csv")
     proteins, _ = read_proteins(input, num_sequences, split)
     table = agreement_over_training(ckpts, proteins, max_length=max_length, threshold=threshold, min_kept=min_kept,
                                     permutations=permutations, seed=seed, device=device, progress=progress)
-    print(write_agreement_over_training(table, out_path))
+    print(write_agreement_over_training(table, fresh_output_dir(out_path, ("agreement_over_training.*",))))
 
 
 def embed(ckpt: str, fasta: str, out: str, layers: list[int] | None = None, pool: Pool = "mean",
@@ -145,11 +147,12 @@ def embed(ckpt: str, fasta: str, out: str, layers: list[int] | None = None, pool
     from .inference import embed as embed_proteins
     from .proteins import read_proteins
 
-    out_path = output_dir(out, overwrite, "index.tsv", ("index.tsv", "layer*_*.npy", "layer*_per_residue.npz"))
+    out_path = check_output_dir(out, overwrite, "index.tsv")
     loaded = load_model(ckpt, device)
     proteins, _ = read_proteins(fasta, unknown=unknown)
     layers = layers or [loaded.config.n_layers]
     reps = embed_proteins(loaded.model, proteins, layers, pool, tokens_per_batch, progress)
+    fresh_output_dir(out_path, ("index.tsv", "layer*_*.npy", "layer*_per_residue.npz"))
     for layer in layers:
         if pool == "per-residue":  # ragged: one array per protein, keyed by its row in index.tsv
             with atomic_write(out_path / f"layer{layer}_per_residue.npz", "wb") as f:

@@ -75,13 +75,23 @@ class _Formatter(logging.Formatter):
         return f"{self.prog}: {record.levelname.lower()}: {record.getMessage()}"
 
 
+_HANDLER = logging.StreamHandler()
+
+
+def log_to_stderr(prog: str) -> None:
+    """Show what protein_performer logs (skipped records, cropped sequences) as `PROG: warning: ...` on stderr."""
+    _HANDLER.setStream(sys.stderr)
+    _HANDLER.setFormatter(_Formatter(prog))
+    logger = logging.getLogger("protein_performer")
+    if _HANDLER not in logger.handlers:
+        logger.addHandler(_HANDLER)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def run(fn: Callable, argv: Sequence[str], prog: str) -> None:
-    """Parse `argv` for `fn`, call it; UserError -> `PROG: error: ...` on stderr and exit status 2. Warnings the
-    library logs (skipped records, cropped sequences) print as `PROG: warning: ...`."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(prog))
-    logging.getLogger("protein_performer").addHandler(handler)
-    logging.getLogger("protein_performer").setLevel(logging.INFO)
+    """Parse `argv` for `fn`, call it; UserError -> `PROG: error: ...` on stderr and exit status 2."""
+    log_to_stderr(prog)
     parser = build_parser(fn, prog)
     args = parser.parse_args(list(argv))
     kwargs = {k: v for k, v in vars(args).items() if k in inspect.signature(fn).parameters}

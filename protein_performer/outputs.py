@@ -17,8 +17,8 @@ from typing import Iterator
 from .errors import UserError
 
 
-def output_dir(path: str | Path, overwrite: bool, marker: str, patterns: tuple[str, ...]) -> Path:
-    """`path` ready to receive a command's files: created, or (with overwrite) cleared of `patterns` files."""
+def check_output_dir(path: str | Path, overwrite: bool, marker: str) -> Path:
+    """`path` checked before any work: new, empty, or (with overwrite) written earlier by this command."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{path}: exists and is not a directory")
@@ -28,10 +28,15 @@ def output_dir(path: str | Path, overwrite: bool, marker: str, patterns: tuple[s
         if not (path / marker).is_file():
             raise UserError(f"{path}: not written by this command (no {marker}): --overwrite replaces only such a "
                             "directory or an empty one; choose another --out")
-        for pattern in patterns:
-            for stale in path.glob(pattern):
-                stale.unlink()
+    return path
+
+
+def fresh_output_dir(path: Path, patterns: tuple[str, ...]) -> Path:
+    """`path` (checked by check_output_dir) created, or cleared of the command's earlier files, just before writing."""
     path.mkdir(parents=True, exist_ok=True)
+    for pattern in patterns:
+        for stale in path.glob(pattern):
+            stale.unlink()
     return path
 
 

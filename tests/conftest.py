@@ -1,4 +1,4 @@
-"""Test-wide settings.
+"""Test-wide settings and the fixtures several test files share.
 
 One intra-op thread per test process: the suite runs as `pytest -n 2` on 2 cores, and two processes that
 each start 2 OpenMP threads oversubscribe the machine; small ops then spend most of their time in spinning
@@ -6,11 +6,134 @@ thread barriers (measured here: a tiny model's forward pass 100x slower). Subpro
 ranks) inherit OMP_NUM_THREADS.
 """
 
+import gzip
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from protein_performer import vocab  # noqa: E402
+from protein_performer.corpus import FORMAT_VERSION  # noqa: E402
+
 torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+SAMPLE_FASTA = SAMPLE / "mmseqs2_DB_first3000.fasta.gz"
+TINY = REPO / "configs" / "cpu" / "tiny.yaml"
+
+
+def write_prepared(root: Path, splits: dict[str, list[np.ndarray]]) -> Path:
+    """A prepared directory in protein-performer-prep's format from token arrays per split."""
+    stats = {}
+    for split, seqs in splits.items():
+        out = root / split
+        out.mkdir(parents=True)
+        stream = np.concatenate([np.append(s, vocab.EOS) for s in seqs]).astype(np.uint8) if seqs else np.zeros(0, np.uint8)
+        stream.tofile(out / "tokens.bin")
+        np.save(out / "offsets.npy", np.cumsum([0] + [len(s) + 1 for s in seqs[:-1]]).astype(np.int64)[: len(seqs)])
+        stats[split] = {"count": len(seqs), "tokens": len(stream)}
+    manifest = {"format_version": FORMAT_VERSION, "splits": stats, "vocabulary": {"tokens": list(vocab.TOKENS)}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def make_prepared_dir(root: Path, counts=(240, 48, 48, 24), seed=0) -> Path:
+    """Sequences made of a few recurring motifs and skewed amino-acid frequencies, so that a tiny model has
+    something to learn within a few steps."""
+    rng = np.random.default_rng(seed)
+    freqs = rng.dirichlet(np.ones(vocab.NUM_AMINO_ACIDS))
+    motifs = [rng.choice(vocab.NUM_AMINO_ACIDS, size=8, p=freqs) for _ in range(6)]
+
+    def protein():
+        parts = [motifs[rng.integers(6)] if rng.random() < 0.6 else
+                 rng.choice(vocab.NUM_AMINO_ACIDS, size=rng.integers(3, 20), p=freqs) for _ in range(rng.integers(2, 12))]
+        return np.concatenate(parts).astype(np.uint8)
+
+    return write_prepared(root, {s: [protein() for _ in range(n)] for s, n in zip(("train", "valid", "test", "ood"), counts)})
+
+
+@pytest.fixture
+def make_prepared():
+    return make_prepared_dir
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    return make_prepared_dir(tmp_path_factory.mktemp("prepared"))
+
+
+def prep_sample(out: Path) -> Path:
+    """The bundled UniProt sample prepared by `protein-performer-prep`, three Pfam families held out (as the demo)."""
+    subprocess.run(
+        [sys.executable, "-m", "data_prep", str(SAMPLE_FASTA), str(SAMPLE / "emboss_swiss_seq.dat.gz"),
+         "--out", str(out), "--ood-families", "PF00258", "PF00001", "PF00022", "--workers", "1", "--no-progress"],
+        check=True, capture_output=True, cwd=REPO,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory):
+    return prep_sample(tmp_path_factory.mktemp("sample") / "prepared")
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    """`protein-performer ARGV` in this process: (exit status, stderr); stdout goes to the caller's capsys."""
+    from protein_performer.cli import main
+
+    err = []
+    with mock.patch.object(sys, "argv", ["protein-performer"]), mock.patch.object(sys, "stderr") as stderr:
+        stderr.write.side_effect = err.append
+        try:
+            main([str(a) for a in argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if isinstance(e.code, str):
+                err.append(e.code)
+    return code, "".join(err)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict[str, Path]:
+    """The bundled sample FASTA prepared, a 4-step real `protein-performer fit` on it with CSV logs, and a small
+    plain FASTA of its first 12 records."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    paths = {"prepared": root / "prepared", "run": root / "run", "fasta": root / "small.fasta"}
+    subprocess.run([sys.executable, "-m", "data_prep", str(SAMPLE_FASTA), "--out", str(paths["prepared"]),
+                    "--workers", "1", "--no-progress"], check=True, capture_output=True, cwd=REPO)
+    code, err = run_cli(["fit", "--config", TINY, "--data.data_dir", paths["prepared"], "--trainer.max_steps", "4",
+                         "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                         "--trainer.default_root_dir", paths["run"], "--trainer.logger.init_args.save_dir", paths["run"],
+                         "--trainer.enable_model_summary", "false", "--data.max_len", "128", "--data.batch_size", "4"])
+    assert code == 0, err
+    with gzip.open(SAMPLE_FASTA, "rt") as f:
+        text = f.read().split(">")[1:13]
+    paths["fasta"].write_text("".join(">" + r for r in text))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def ckpt(tiny_run) -> Path:
+    return next(tiny_run["run"].rglob("last.ckpt"))
+
+
+@pytest.fixture(autouse=True)
+def offline_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))

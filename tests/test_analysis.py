@@ -3,9 +3,7 @@
 import gzip
 import json
 import subprocess
-import sys
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -13,49 +11,12 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 from protein_performer import vocab
-from protein_performer.analysis import AttentionToAminoAcids, agreement, blosum62, identity_value_maps, similarity_matrix
-from protein_performer.inputs import InputError, load_model, read_proteins
-from protein_performer.analysis.cli import main as analyze
+from protein_performer.analysis import (AttentionToAminoAcids, agreement, blosum62, embedding_similarity,
+                                        identity_value_maps, similarity_matrix)
+from protein_performer.checkpoints import load_model
+from protein_performer.errors import UserError
 from protein_performer.model import ATTENTION_KINDS, Config, ProteinLM
-
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE_FASTA = REPO / "data" / "sample" / "mmseqs2_DB_first3000.fasta.gz"
-
-
-def tiny_run(tmp_path_factory) -> dict[str, Path]:
-    """A prepared directory (bundled sample FASTA), and a 4-step real `protein-performer fit` on it with CSV logs.
-
-    Built once per test session and reused by test_notebooks.py (a marker file says it is complete).
-    """
-    root = tmp_path_factory.getbasetemp() / "analysis-run"
-    paths = {"prepared": root / "prepared", "run": root / "run", "fasta": root / "small.fasta"}
-    if (root / "done").exists():
-        return paths
-    from data_prep.__main__ import main as prep
-    from protein_performer.cli import main as cli
-
-    root.mkdir(exist_ok=True)
-    assert prep([str(SAMPLE_FASTA), "--out", str(paths["prepared"]), "--workers", "1", "--no-progress"]) == 0
-    with mock.patch.object(sys, "argv", ["protein-performer"]):  # LightningCLI would also look at pytest's argv
-        cli(["fit", "--config", str(REPO / "configs/cpu/tiny.yaml"), "--data.data_dir", str(paths["prepared"]),
-             "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-             "--trainer.default_root_dir", str(paths["run"]), "--trainer.logger.init_args.save_dir", str(paths["run"]),
-             "--trainer.enable_model_summary", "false", "--data.max_len", "128", "--data.batch_size", "4"])
-    with gzip.open(SAMPLE_FASTA, "rt") as f:  # the first 12 records as a small plain FASTA
-        text = f.read().split(">")[1:13]
-    paths["fasta"].write_text("".join(">" + r for r in text))
-    (root / "done").touch()
-    return paths
-
-
-@pytest.fixture(scope="session")
-def run(tmp_path_factory):
-    return tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def ckpt(run):
-    return next((run["run"]).rglob("last.ckpt"))
+from protein_performer.proteins import read_proteins
 
 
 # ------------------------------------------------------------------------------- agreement statistics
@@ -186,7 +147,8 @@ def test_identity_values_trick_equals_direct_maps(kind, causal):
 def test_load_model_rebuilds_the_trained_network(ckpt):
     loaded = load_model(ckpt)
     state = torch.load(ckpt, weights_only=True)
-    assert loaded.config.attention == state["hyper_parameters"]["attention"] and loaded.objective == "masked"
+    assert loaded.config.attention == "favor-softmax" == state["hyper_parameters"]["attention"]
+    assert loaded.objective == "masked"
     assert loaded.step == 4 and not loaded.model.training
     for name, value in loaded.model.state_dict().items():
         torch.testing.assert_close(value, state["state_dict"][f"model.{name}"], atol=0, rtol=0)
@@ -194,13 +156,13 @@ def test_load_model_rebuilds_the_trained_network(ckpt):
 
 
 def test_load_model_errors(tmp_path):
-    with pytest.raises(InputError, match="nope.ckpt"):
+    with pytest.raises(UserError, match="nope.ckpt"):
         load_model(tmp_path / "nope.ckpt")
     (tmp_path / "text.ckpt").write_text("not a checkpoint")
-    with pytest.raises(InputError, match="text.ckpt"):
+    with pytest.raises(UserError, match="text.ckpt"):
         load_model(tmp_path / "text.ckpt")
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "other.ckpt")
-    with pytest.raises(InputError, match="does not hold a protein_performer model"):
+    with pytest.raises(UserError, match="does not hold a protein_performer model"):
         load_model(tmp_path / "other.ckpt")
 
 
@@ -208,9 +170,10 @@ def test_read_fasta(tmp_path):
     fasta = tmp_path / "x.fasta.gz"
     with gzip.open(fasta, "wt") as f:
         f.write(">tr|Q1|E1_HUMAN some protein\nMKV\nLA\n>bad\nMKJ*\n>plain description\nacdy\n>empty\n")
-    proteins = read_proteins(fasta)
+    proteins, _ = read_proteins(fasta)
     assert [(p.name, p.entry, p.sequence) for p in proteins] == [("Q1", "E1_HUMAN", "MKVLA"), ("plain", "", "ACDY")]
-    assert [p.name for p in read_proteins(fasta, limit=1)] == ["Q1"]
+    assert [p.name for p in read_proteins(fasta, limit=1)[0]] == ["Q1"]
+    assert read_proteins(fasta, limit=1, also="plain")[1].sequence == "ACDY"  # found in the same pass
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -218,8 +181,9 @@ def test_read_fasta(tmp_path):
 
 def check_outputs(out: Path) -> dict:
     for name in ("attention_grid.png", "attention_head.png", "similarity.png", "agreement_by_layer.png", "summary.json",
-                 "similarity_threshold.csv", "similarity_weighted.csv", "blosum62.csv", "agreement_by_layer.csv",
-                 "head_shares.csv", "attention_maps.npz"):
+                 "similarity_threshold.csv", "similarity_weighted.csv", "similarity_embedding.csv",
+                 "similarity_output.csv", "blosum62.csv", "agreement_by_layer.csv", "head_shares.csv",
+                 "attention_entropy.csv", "attention_maps.npz"):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"]["attention"] == "favor-softmax" and summary["model"]["n_layers"] == 2
@@ -229,16 +193,20 @@ def check_outputs(out: Path) -> dict:
         if g["pearson"] is not None:
             assert -1 <= g["pearson"] <= 1 and -1 <= g["spearman"] <= 1 and 0 < g["pearson_p"] <= 1
     assert len(summary["by_layer"]) == 2 * 2
+    for control in ("embedding", "output"):  # 20 amino acids' rows: always defined
+        assert summary[f"{control}_similarity"]["pairs"] == 190
+    assert 0 < summary["mean_attention_entropy"] <= 1
     assert summary["featured"]["identity_trick_max_abs_diff"] < 1e-4
     maps = np.load(out / "attention_maps.npz")["maps"].astype(np.float32)
     assert maps.shape[:2] == (2, 4) and np.allclose(maps.sum(-1), 1, atol=1e-2)
     return summary
 
 
-def test_cli_end_to_end_prepared_dir(run, ckpt, tmp_path, capsys):
+def test_cli_end_to_end_prepared_dir(tiny_run, ckpt, tmp_path, cli, capsys):
     out = tmp_path / "out"
-    analyze(["--ckpt", str(ckpt), "--input", str(run["prepared"]), "--out", str(out), "--num-sequences", "6",
-             "--max-length", "64", "--threshold", "0.05", "--min-kept", "1", "--permutations", "500"])
+    code, err = cli(["analyze", "--ckpt", ckpt, "--input", tiny_run["prepared"], "--out", out, "--num_sequences", "6",
+                     "--max_length", "64", "--threshold", "0.05", "--min_kept", "1", "--permutations", "500"])
+    assert code == 0, err
     summary = check_outputs(out)
     assert summary["split"] == "test" and summary["num_sequences"] == 6 and summary["max_length"] == 64
     assert summary["featured"]["name"] == "test/0" and summary["featured"]["length"] <= 63
@@ -247,48 +215,80 @@ def test_cli_end_to_end_prepared_dir(run, ckpt, tmp_path, capsys):
     assert str(out) in printed and "Pearson" in printed
 
 
-def test_cli_end_to_end_fasta_with_accession(run, ckpt, tmp_path):
-    accession = read_proteins(run["fasta"])[5].name
+def test_cli_end_to_end_fasta_with_accession(tiny_run, ckpt, tmp_path, cli):
+    accession = read_proteins(tiny_run["fasta"])[0][5].name
     out = tmp_path / "out"
-    analyze(["--ckpt", str(ckpt), "--input", str(run["fasta"]), "--out", str(out), "--num-sequences", "3",
-             "--max-length", "48", "--accession", accession, "--head", "1", "2", "--permutations", "200"])
+    code, err = cli(["analyze", "--ckpt", ckpt, "--input", tiny_run["fasta"], "--out", out, "--num_sequences", "3",
+                     "--max_length", "48", "--accession", accession, "--head", "1", "2", "--permutations", "200"])
+    assert code == 0, err
     summary = check_outputs(out)
     assert summary["featured"]["name"] == accession and summary["featured"]["head"] == {"layer": 1, "head": 2}
     assert summary["split"] is None and summary["num_sequences"] == 3
 
 
-def test_cli_subcommand(run, ckpt, tmp_path):
+def test_cli_subcommand_through_a_pipe(tiny_run, ckpt, tmp_path):
+    """The installed console script, reading its FASTA from a pipe (as `<(zcat ...)` hands it)."""
     out = tmp_path / "out"
     result = subprocess.run(
-        ["protein-performer", "analyze", "--ckpt", str(ckpt), "--input", str(run["fasta"]), "--out", str(out),
-         "--num-sequences", "2", "--max-length", "32", "--permutations", "100"],
-        capture_output=True, text=True, timeout=120,
+        f"protein-performer analyze --ckpt {ckpt} --input <(cat {tiny_run['fasta']}) --out {out} "
+        "--num_sequences 2 --max_length 32 --permutations 100",
+        shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     check_outputs(out)
 
 
-def failure(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        analyze(argv)
-    assert e.value.code not in (0, None)
-    return str(e.value.code) + capsys.readouterr().err
+def test_cli_errors_name_the_path(tiny_run, ckpt, tmp_path, cli):
+    base = ["--out", tmp_path / "out", "--num_sequences", "2", "--permutations", "10"]
 
+    def failure(*argv) -> str:
+        code, err = cli(["analyze", *argv, *base])
+        assert code == 2, err
+        assert "protein-performer analyze: error: " in err
+        return err
 
-def test_cli_errors_name_the_path(run, ckpt, tmp_path, capsys):
-    base = ["--out", str(tmp_path / "out"), "--num-sequences", "2", "--permutations", "10"]
+    fasta, prepared = tiny_run["fasta"], tiny_run["prepared"]
     missing = tmp_path / "missing.ckpt"
-    assert str(missing) in failure(["--ckpt", str(missing), "--input", str(run["fasta"]), *base], capsys)
+    assert str(missing) in failure("--ckpt", missing, "--input", fasta)
     not_ckpt = tmp_path / "x.ckpt"
     not_ckpt.write_bytes(b"\x00garbage")
-    assert str(not_ckpt) in failure(["--ckpt", str(not_ckpt), "--input", str(run["fasta"]), *base], capsys)
+    assert str(not_ckpt) in failure("--ckpt", not_ckpt, "--input", fasta)
     missing_input = tmp_path / "missing.fasta"
-    assert str(missing_input) in failure(["--ckpt", str(ckpt), "--input", str(missing_input), *base], capsys)
+    assert str(missing_input) in failure("--ckpt", ckpt, "--input", missing_input)
+    assert "is a directory" in failure("--ckpt", ckpt, "--input", tmp_path)
     junk = tmp_path / "junk.fasta"
     junk.write_text(">a\nMKJ1*\n>b\n\n>c\n12 34\n")
-    message = failure(["--ckpt", str(ckpt), "--input", str(junk), *base], capsys)
-    assert str(junk) in message and "no valid protein sequences" in message
-    message = failure(["--ckpt", str(ckpt), "--input", str(run["prepared"]), "--split", "nosuch", *base], capsys)
-    assert "nosuch" in message and str(run["prepared"]) in message
-    assert "NOPE_HUMAN" in failure(["--ckpt", str(ckpt), "--input", str(run["fasta"]), "--accession", "NOPE_HUMAN", *base], capsys)
-    assert "head" in failure(["--ckpt", str(ckpt), "--input", str(run["fasta"]), "--head", "5", "0", *base], capsys)
+    message = failure("--ckpt", ckpt, "--input", junk)
+    assert str(junk) in message and "no usable protein sequence" in message
+    message = failure("--ckpt", ckpt, "--input", prepared, "--split", "nosuch")
+    assert "nosuch" in message and str(prepared) in message
+    assert "NOPE_HUMAN" in failure("--ckpt", ckpt, "--input", fasta, "--accession", "NOPE_HUMAN")
+    assert "head" in failure("--ckpt", ckpt, "--input", fasta, "--head", "5", "0")
+
+
+def test_cli_refuses_to_overwrite(tiny_run, ckpt, tmp_path, cli):
+    def analyze(out, *extra):
+        return cli(["analyze", "--ckpt", ckpt, "--input", tiny_run["fasta"], "--out", out, "--num_sequences", "2",
+                    "--max_length", "32", "--permutations", "10", *extra])
+
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "notes.txt").write_text("a user's file")
+    code, err = analyze(users)
+    assert code == 2 and "not empty" in err and "--overwrite" in err
+    code, err = analyze(users, "--overwrite")
+    assert code == 2 and "not written by this command" in err and (users / "notes.txt").exists()
+    ours = tmp_path / "analysis"
+    assert analyze(ours)[0] == 0
+    (ours / "notes.txt").write_text("kept")
+    code, err = analyze(ours, "--overwrite")
+    assert code == 0, err
+    assert (ours / "notes.txt").read_text() == "kept" and (ours / "summary.json").exists()
+
+
+def test_embedding_similarity_is_the_row_correlation():
+    rows = np.random.default_rng(0).normal(size=(20, 16))
+    sim = embedding_similarity(rows)
+    assert sim.shape == (20, 20) and sim[3, 7] == pytest.approx(np.corrcoef(rows[3], rows[7])[0, 1])
+    planted = embedding_similarity(blosum62() + np.random.default_rng(1).normal(0, 0.5, (20, 20)))
+    assert agreement(planted, permutations=500)["pearson"] > 0.5  # rows that encode BLOSUM62 agree with it

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from protein_performer.cli import build_cli, main
-from test_training import make_prepared_dir, sample_dir  # noqa: F401 (fixture)
+from protein_performer.training.cli import auto_precision, build_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -18,9 +17,7 @@ TINY = str(ROOT / "configs/cpu/tiny.yaml")
 
 
 @pytest.fixture(autouse=True)
-def offline_wandb(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+def no_pytest_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["protein-performer"])  # pytest's own arguments are not the CLI's
 
 
@@ -30,12 +27,12 @@ def test_every_config_parses_and_builds(config):
         cli = build_cli(["--config", str(config)], run=False)
     cfg, n = cli.model.config, cli.model.model.num_parameters()
     assert cli.datamodule.objective == cli.model.hparams.objective  # linked
-    assert cli.trainer.precision == "32-true"  # precision: null -> fp32 on this CPU machine
+    assert cli.trainer.precision == auto_precision("auto")[0]  # precision: null -> what this machine does best
     assert cli.trainer.gradient_clip_val == 0.5
     if cfg.name == "paper-36l":
         assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.max_len) == (36, 512, 8, 1024, 1024)
         assert n == pytest.approx(76.2e6, rel=0.01)
-        assert config.stem.split("-", 1)[1] == {"softmax": "transformer", "favor-relu": "performer-relu",
+        assert config.stem.split("-", 1)[1] == {"exact": "transformer", "favor-relu": "performer-relu",
                                                  "favor-softmax": "performer-softmax"}[cfg.attention]
         assert cfg.causal == (config.stem.split("-")[0] == "causal")
     if config.stem.startswith("concat"):
@@ -53,27 +50,43 @@ def fit_args(data_dir, root, *extra):
             "--trainer.logger.init_args.save_dir", str(root), *extra]
 
 
-def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(fit_args(tmp_path / "nowhere", tmp_path))
-    assert "nowhere" in str(exc.value) and "protein-performer-prep" in str(exc.value)
+def test_missing_data_dir_is_a_clear_error(tmp_path, cli):
+    code, err = cli(fit_args(tmp_path / "nowhere", tmp_path))
+    assert code == 2 and "protein-performer fit: error:" in err and "nowhere" in err
 
 
-def test_missing_split_is_a_clear_error(tmp_path):
-    data = make_prepared_dir(tmp_path / "data")
+def test_missing_split_file_is_a_clear_error(tmp_path, cli, make_prepared):
+    data = make_prepared(tmp_path / "data")
     (data / "valid" / "tokens.bin").unlink()
-    with pytest.raises(SystemExit) as exc:
-        main(fit_args(data, tmp_path))
-    assert "'valid' not found" in str(exc.value)
+    code, err = cli(fit_args(data, tmp_path))
+    assert code == 2 and "valid/tokens.bin: missing" in err
 
 
-def test_unknown_attention_kind_is_a_clear_error(tmp_path, capsys):
+def test_unknown_attention_kind_is_a_clear_error(tmp_path, cli):
     config = tmp_path / "bad.yaml"
     config.write_text(Path(TINY).read_text().replace("attention: favor-softmax", "attention: linformer"))
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(config), "--data.data_dir", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert "model.attention" in err and "linformer" in err
+    code, err = cli(["fit", "--config", config, "--data.data_dir", tmp_path])
+    assert code == 2 and "model.attention" in err and "linformer" in err
+
+
+@pytest.mark.parametrize("override, words", [
+    (["--model.d_modl", "128"], ["d_modl"]),  # a typo inside the model options
+    (["--model.d_model", "wide"], ["model.d_model", "wide"]),  # a wrong type
+    (["--model.d_model", "0"], ["model.d_model"]),  # a value out of range
+    (["--model.preset", "huge"], ["model.preset", "huge"]),  # an unknown preset
+])
+def test_model_option_errors_are_argument_errors(tmp_path, cli, override, words):
+    code, err = cli(fit_args(tmp_path, tmp_path, *override))
+    assert code == 2 and all(w in err for w in words), err
+
+
+def test_per_field_model_overrides_are_typed(tmp_path):
+    """`--model.d_model 128` reaches the model as an int (0.1's untyped model_args dict broke on strings)."""
+    with torch.device("meta"):
+        built = build_cli(["--config", TINY, "--model.d_model", "128", "--model.n_heads", "8", "--model.dropout", "0.25",
+                           "--model.attention", "exact", "--data.data_dir", str(tmp_path)], run=False)
+    cfg = built.model.config
+    assert (cfg.d_model, cfg.n_heads, cfg.dropout, cfg.attention, cfg.n_layers) == (128, 8, 0.25, "exact", 2)
 
 
 def run_cli(*args, cwd):
@@ -92,7 +105,7 @@ def test_fit_then_test_on_the_sample(sample_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
     common = ["--config", TINY, "--data.data_dir", str(sample_dir), "--trainer.default_root_dir", str(tmp_path)]
     run_cli("fit", *common, "--trainer.max_steps", "10", "--trainer.val_check_interval", "5",
-            "--trainer.logger", "protein_performer.lit.AutoWandbLogger", "--trainer.logger.save_dir", str(tmp_path),
+            "--trainer.logger", "protein_performer.training.AutoWandbLogger", "--trainer.logger.save_dir", str(tmp_path),
             cwd=tmp_path)
     assert list(tmp_path.glob("wandb/offline-run-*")), "wandb did not write an offline run"
     last = next(tmp_path.rglob("checkpoints/last.ckpt"))
@@ -117,15 +130,23 @@ def test_logger_switch_from_wandb_to_csv():
     assert cli.trainer.logger.save_dir == "runs/paper/masked-performer-relu"
 
 
-def test_report_joins_runs_into_table_2(tmp_path, capsys):
+def test_report_joins_runs_into_table_2(tmp_path, cli, capsys):
     from protein_performer.evaluate import write_report
 
     r = {"acc": 0.3158, "ppl": 9.17, "baseline_acc": 0.0992, "baseline_ppl": 17.80, "tokens": 1000.0}
-    for kind in ("favor-relu", "softmax"):
+    for kind in ("favor-relu", "softmax"):  # "softmax": how 0.1 named exact attention in its reports
         write_report(tmp_path / kind, {"test": r, "ood": r}, {"attention": kind, "objective": "causal"})
     md = (tmp_path / "softmax" / "report.md").read_text()
-    assert "| Transformer | unigram baseline |" in md and "| causal | test | 31.58 / 9.17 | 9.92 / 17.80 | 1,000 |" in md
-    main(["report", str(tmp_path / "favor-relu" / "report.json"), str(tmp_path / "softmax" / "report.json")])
+    assert "| causal | test | 31.58 / 9.17 | 9.92 / 17.80 | 1,000 |" in md
+    assert cli(["report", tmp_path / "favor-relu" / "report.json", tmp_path / "softmax" / "report.json"])[0] == 0
     out = capsys.readouterr().out
     assert "| objective | set | Transformer | Performer (ReLU) | unigram baseline |" in out
     assert "| causal | test | 31.58 / 9.17 | 31.58 / 9.17 | 9.92 / 17.80 |" in out
+
+
+def test_report_errors_name_the_file(tmp_path, cli):
+    (tmp_path / "bad.json").write_text("{}")
+    code, err = cli(["report", tmp_path / "bad.json"])
+    assert code == 2 and "bad.json" in err and "report.json" in err
+    code, err = cli(["report"])
+    assert code == 2 and "reports" in err

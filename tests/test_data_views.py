@@ -10,7 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_prep.__main__ import main
-from protein_performer.data import ConcatenatedDataset, SingleSequenceDataset, load_manifest
+from protein_performer.corpus import PreparedDir
+from protein_performer.data import ConcatenatedDataset, SingleSequenceDataset
+from protein_performer.errors import UserError
 from protein_performer.vocab import BOS, EOS, encode
 
 _RNG = np.random.default_rng(0)
@@ -28,12 +30,16 @@ def prepared(tmp_path_factory):
     return tmp / "out"
 
 
+def train_split(prepared):
+    return PreparedDir(prepared).split("train")
+
+
 def stream(prepared) -> np.ndarray:
     return np.fromfile(prepared / "train" / "tokens.bin", dtype=np.uint8)
 
 
 def test_single_sequence_first_crop(prepared):
-    ds = SingleSequenceDataset(prepared / "train", max_len=64)
+    ds = SingleSequenceDataset(train_split(prepared), max_len=64)
     assert len(ds) == len(SEQS)
     train = {tuple(encode(s)) for s in SEQS}
     for i in range(len(ds)):
@@ -46,7 +52,7 @@ def test_single_sequence_first_crop(prepared):
 
 
 def test_single_sequence_random_crop(prepared):
-    ds = SingleSequenceDataset(prepared / "train", max_len=16, crop="random", seed=3)
+    ds = SingleSequenceDataset(train_split(prepared), max_len=16, crop="random", seed=3)
     i = int(np.argmax(ds.lengths))
     full = stream(prepared)[ds.split.bounds(i)[0] :][: ds.lengths[i]].tolist()
     crops = set()
@@ -61,7 +67,7 @@ def test_single_sequence_random_crop(prepared):
 
 
 def test_concatenated_windows(prepared):
-    ds = ConcatenatedDataset(prepared / "train", window=100)
+    ds = ConcatenatedDataset(train_split(prepared), window=100)
     tokens = stream(prepared)
     assert len(ds) == len(tokens) // 100 and len(tokens) % 100  # last partial window dropped
     joined = torch.cat([ds[i] for i in range(len(ds))]).numpy()
@@ -73,31 +79,63 @@ def test_concatenated_windows(prepared):
 
 
 def test_pickling_does_not_copy_the_corpus(prepared):
-    ds = SingleSequenceDataset(prepared / "train", max_len=32)
+    ds = SingleSequenceDataset(train_split(prepared), max_len=32)
     _ = ds[0], ds.lengths
     blob = pickle.dumps(ds)
     assert len(blob) < 2000  # paths and settings only; the memmaps are reopened lazily
     clone = pickle.loads(blob)
     assert all(torch.equal(clone[i], ds[i]) for i in range(len(ds)))
-    cat = pickle.loads(pickle.dumps(ConcatenatedDataset(prepared / "train", window=50)))
-    assert torch.equal(cat[3], ConcatenatedDataset(prepared / "train", window=50)[3])
+    cat = pickle.loads(pickle.dumps(ConcatenatedDataset(train_split(prepared), window=50)))
+    assert torch.equal(cat[3], ConcatenatedDataset(train_split(prepared), window=50)[3])
 
 
 def test_dataloader_workers(prepared):
-    ds = ConcatenatedDataset(prepared / "train", window=64)
+    ds = ConcatenatedDataset(train_split(prepared), window=64)
     loader = DataLoader(ds, batch_size=4, num_workers=2)
     batches = torch.cat(list(loader))
     assert torch.equal(batches, torch.stack([ds[i] for i in range(len(ds))]))
 
 
+def copy_prepared(prepared, tmp_path):
+    out = tmp_path / "copy"
+    for f in prepared.rglob("*"):
+        if f.is_file():
+            (out / f.relative_to(prepared)).parent.mkdir(parents=True, exist_ok=True)
+            (out / f.relative_to(prepared)).write_bytes(f.read_bytes())
+    return out
+
+
 def test_missing_or_incomplete_directory(prepared, tmp_path):
-    with pytest.raises(FileNotFoundError, match="manifest.json"):
-        SingleSequenceDataset(tmp_path / "train")
-    assert load_manifest(prepared)["splits"]["train"]["count"] == len(SEQS)
-    broken = tmp_path / "broken"
-    (broken / "train").mkdir(parents=True)
-    (broken / "manifest.json").write_text((prepared / "manifest.json").read_text())
-    (broken / "train" / "tokens.bin").write_bytes((prepared / "train" / "tokens.bin").read_bytes()[:-10])
-    (broken / "train" / "offsets.npy").write_bytes((prepared / "train" / "offsets.npy").read_bytes())
-    with pytest.raises(ValueError, match="truncated"):
-        ConcatenatedDataset(broken / "train")
+    with pytest.raises(UserError, match="manifest.json"):
+        PreparedDir(tmp_path)
+    with pytest.raises(UserError, match="no such data directory"):
+        PreparedDir(tmp_path / "nowhere")
+    assert PreparedDir(prepared).manifest["splits"]["train"]["count"] == len(SEQS)
+    with pytest.raises(UserError, match="no split 'nosuch'"):
+        PreparedDir(prepared).split("nosuch")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "train/tokens.bin").write_bytes((d / "train/tokens.bin").read_bytes()[:-10]), "truncated"),
+    (lambda d: (d / "train/offsets.npy").write_bytes((d / "train/offsets.npy").read_bytes()[:-9]), "offsets.npy"),
+    (lambda d: (d / "train/offsets.npy").write_bytes(b""), "offsets.npy"),
+    (lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text()[:-30]), "not valid JSON"),
+    (lambda d: (d / "manifest.json").write_text('{"splits": {"train": {"count": "many"}}, "vocabulary": {}}'),
+     "format_version"),
+    (lambda d: np.save(d / "train/offsets.npy", np.load(d / "train/offsets.npy")[::-1].copy()), "offsets do not describe"),
+])
+def test_damaged_directories_are_clear_errors(prepared, tmp_path, damage, message):
+    broken = copy_prepared(prepared, tmp_path)
+    damage(broken)
+    with pytest.raises(UserError, match=message) as e:
+        PreparedDir(broken).split("train")
+    assert str(broken) in str(e.value)
+
+
+def test_a_byte_outside_the_vocabulary_is_found(prepared, tmp_path):
+    broken = copy_prepared(prepared, tmp_path)
+    tokens = bytearray((broken / "train/tokens.bin").read_bytes())
+    tokens[5] = 77
+    (broken / "train/tokens.bin").write_bytes(bytes(tokens))
+    with pytest.raises(UserError, match="byte 77 at offset 5 is not a token id"):
+        PreparedDir(broken).split("train").token_counts()

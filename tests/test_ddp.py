@@ -13,9 +13,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from protein_performer.lit import ProteinDataModule, ProteinLMModule
 from protein_performer.masking import IGNORE
-from test_training import sample_dir  # noqa: F401 (fixture)
+from protein_performer.training import ProteinDataModule, ProteinLMModule
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""embed / score / generate: batching invariance, pseudo-likelihood, decoding, errors (issue 7)."""
+"""embed / score / generate: batching invariance, pseudo-likelihood, decoding, outputs, errors."""
 
 import math
 
@@ -8,15 +8,19 @@ import pytest
 import torch
 
 from protein_performer import vocab
-from protein_performer.inference import embed, embed_main, generate, generate_main, score, score_main
-from protein_performer.inputs import Protein, load_model
-from protein_performer.lit import ProteinLMModule
+from protein_performer.checkpoints import load_model
+from protein_performer.errors import UserError
+from protein_performer.inference import embed, generate, score
+from protein_performer.proteins import Protein
+from protein_performer.training import ProteinLMModule
+
+KINDS = ("exact", "favor-softmax", "favor-relu")
 
 
 def make_ckpt(path, objective, attention):
     """A real Lightning checkpoint of an untrained tiny model (training is tested elsewhere)."""
     torch.manual_seed(0)
-    module = ProteinLMModule(preset="tiny", objective=objective, attention=attention, model_args={"dropout": 0.0})
+    module = ProteinLMModule(preset="tiny", objective=objective, attention=attention, dropout=0.0)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", devices=1,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.strategy.connect(module)
@@ -28,7 +32,7 @@ def make_ckpt(path, objective, attention):
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
     return {(o, a): make_ckpt(d / f"{o}-{a}.ckpt", o, a)
-            for o in ("masked", "causal") for a in ("softmax", "favor-softmax", "favor-relu")}
+            for o in ("masked", "causal") for a in KINDS}
 
 
 def proteins(n=7, seed=0):
@@ -43,7 +47,7 @@ def fasta(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("attention", ["softmax", "favor-softmax", "favor-relu"])
+@pytest.mark.parametrize("attention", KINDS)
 @pytest.mark.parametrize("pool", ["mean", "bos", "per-residue"])
 def test_embeddings_do_not_depend_on_batching(ckpts, attention, pool):
     model = load_model(ckpts[("masked", attention)]).model
@@ -62,7 +66,7 @@ def test_embeddings_do_not_depend_on_batching(ckpts, attention, pool):
     np.testing.assert_allclose(together[2][0], expected, rtol=1e-4, atol=1e-5)  # float32, batch vs alone
 
 
-@pytest.mark.parametrize("attention", ["softmax", "favor-relu"])
+@pytest.mark.parametrize("attention", ["exact", "favor-relu"])
 def test_pseudo_likelihood_equals_one_by_one_loop(ckpts, attention):
     model = load_model(ckpts[("masked", attention)]).model
     prot = proteins(1, seed=3)[0]
@@ -90,7 +94,7 @@ def test_causal_score_is_the_sum_of_next_token_log_probs(ckpts):
         np.testing.assert_allclose(t, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["softmax", "favor-softmax", "favor-relu"])
+@pytest.mark.parametrize("attention", KINDS)
 @torch.no_grad()
 def test_greedy_generation_matches_full_forward_argmax(ckpts, attention):
     model = load_model(ckpts[("causal", attention)]).model
@@ -116,54 +120,128 @@ def test_generation_is_reproducible_with_a_seed(ckpts):
     assert all(set(s) <= set(vocab.LETTERS) and len(s) <= 40 for s in a)
 
 
-def test_cli_end_to_end(ckpts, fasta, tmp_path, capsys):
-    embed_main(["--ckpt", str(ckpts[("masked", "favor-relu")]), "--fasta", str(fasta), "--out", str(tmp_path / "e"),
-                "--layers", "1", "2", "--tokens-per-batch", "100"])
+def test_cli_end_to_end(ckpts, fasta, tmp_path, cli, capsys):
+    code, err = cli(["embed", "--ckpt", ckpts[("masked", "favor-relu")], "--fasta", fasta, "--out", tmp_path / "e",
+                     "--layers", "1", "2", "--tokens_per_batch", "100"])
+    assert code == 0, err
     assert np.load(tmp_path / "e" / "layer2_mean.npy").shape == (7, 64)
     assert (tmp_path / "e" / "index.tsv").read_text().splitlines()[1].startswith("0\tp0\t")
-    score_main(["--ckpt", str(ckpts[("causal", "softmax")]), "--fasta", str(fasta), "--out", str(tmp_path / "s.tsv"),
-                "--per-position", str(tmp_path / "pos.tsv")])
+    code, err = cli(["score", "--ckpt", ckpts[("causal", "exact")], "--fasta", fasta, "--out", tmp_path / "s.tsv",
+                     "--per_position", tmp_path / "pos.tsv"])
+    assert code == 0, err
     rows = (tmp_path / "s.tsv").read_text().splitlines()
     assert rows[0].split("\t") == ["id", "length", "scored", "log_likelihood", "perplexity", "method"] and len(rows) == 8
     ll, ppl = float(rows[1].split("\t")[3]), float(rows[1].split("\t")[4])
     n = int(rows[1].split("\t")[2])
     assert math.isclose(ppl, math.exp(-ll / n), rel_tol=1e-3)  # both printed to 4 decimals
-    generate_main(["--ckpt", str(ckpts[("causal", "favor-softmax")]), "--num", "2", "--max-length", "20",
-                   "--seed", "1", "--out", str(tmp_path / "g.fasta")])
+    positions = (tmp_path / "pos.tsv").read_text().splitlines()
+    assert positions[1].split("\t")[:3] == ["p0", "1", proteins()[0].sequence[0]]  # counted from 1
+    code, err = cli(["generate", "--ckpt", ckpts[("causal", "favor-softmax")], "--num", "2", "--max_length", "20",
+                     "--seed", "1", "--out", tmp_path / "g.fasta"])
+    assert code == 0, err
     assert (tmp_path / "g.fasta").read_text().count(">generated_") == 2
 
 
-def fails(main, argv, capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code not in (0, None)
-    return str(e.value.code)
+def test_outputs_are_never_overwritten_by_surprise(ckpts, fasta, tmp_path, cli):
+    ckpt = ckpts[("masked", "favor-relu")]
+    out = tmp_path / "e"
+    assert cli(["embed", "--ckpt", ckpt, "--fasta", fasta, "--out", out, "--pool", "per-residue"])[0] == 0
+    code, err = cli(["embed", "--ckpt", ckpt, "--fasta", fasta, "--out", out])
+    assert code == 2 and "not empty" in err and "--overwrite" in err
+    code, err = cli(["embed", "--ckpt", ckpt, "--fasta", fasta, "--out", out, "--overwrite"])
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["index.tsv", "layer2_mean.npy"]  # no stale per-residue file
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    code, err = cli(["embed", "--ckpt", ckpt, "--fasta", fasta, "--out", users, "--overwrite"])
+    assert code == 2 and "not written by this command" in err and (users / "notes.txt").read_text() == "mine"
+    code, err = cli(["embed", "--ckpt", ckpt, "--fasta", fasta, "--out", users / "notes.txt"])
+    assert code == 2 and "not a directory" in err
+    tsv = tmp_path / "s.tsv"
+    tsv.write_text("earlier results")
+    code, err = cli(["score", "--ckpt", ckpt, "--fasta", fasta, "--out", tsv])
+    assert code == 2 and "exists" in err and tsv.read_text() == "earlier results"
+    code, err = cli(["score", "--ckpt", ckpt, "--fasta", fasta, "--out", tmp_path])
+    assert code == 2 and "is a directory" in err
+    assert cli(["score", "--ckpt", ckpt, "--fasta", fasta, "--out", tsv, "--overwrite"])[0] == 0
+    assert tsv.read_text().startswith("id\t")
 
 
-def test_errors_are_clear(ckpts, fasta, tmp_path, capsys):
+def test_rejected_records_are_reported(ckpts, tmp_path, cli):
+    bad = tmp_path / "bad.fasta"
+    bad.write_text(">ok\nMKV\n>tr|Q1|BAD_1\nMKJV\n>tr|Q2|BAD_2\nMK*\n")
+    code, err = cli(["score", "--ckpt", ckpts[("causal", "exact")], "--fasta", bad, "--out", tmp_path / "s.tsv",
+                     "--unknown", "reject"])
+    assert code == 0, err
+    assert "record 2 (Q1)" in err and "record 3 (Q2)" in err and "skipped" in err
+    assert len((tmp_path / "s.tsv").read_text().splitlines()) == 2
+
+
+def test_errors_are_clear(ckpts, fasta, tmp_path, cli):
+    def fails(*argv) -> str:
+        code, err = cli(list(argv))
+        assert code == 2, err
+        return err
+
     bad = tmp_path / "bad.fasta"
     bad.write_text(">ok\nMKV\n>tr|Q1|BAD_1\nMKJV\n")
-    msg = fails(score_main, ["--ckpt", str(ckpts[("causal", "softmax")]), "--fasta", str(bad), "--out",
-                             str(tmp_path / "s.tsv")], capsys)
-    assert "record 2 (tr|Q1|BAD_1)" in msg and "'J'" in msg
+    msg = fails("score", "--ckpt", ckpts[("causal", "exact")], "--fasta", bad, "--out", tmp_path / "s.tsv")
+    assert "record 2 (Q1)" in msg and "'J' at position 3" in msg  # positions count from 1, as in prep
     empty = tmp_path / "empty.fasta"
     empty.write_text("")
-    assert "no valid protein sequences" in fails(embed_main, ["--ckpt", str(ckpts[("masked", "softmax")]), "--fasta",
-                                                              str(empty), "--out", str(tmp_path / "e")], capsys)
-    assert "needs a causal model" in fails(generate_main, ["--ckpt", str(ckpts[("masked", "favor-relu")])], capsys)
-    assert "does not exist" in fails(generate_main, ["--ckpt", str(tmp_path / "nope.ckpt")], capsys)
+    assert "no usable protein sequence" in fails("embed", "--ckpt", ckpts[("masked", "exact")], "--fasta", empty,
+                                                 "--out", tmp_path / "e")
+    causal = ckpts[("causal", "favor-relu")]
+    assert "needs a causal model" in fails("generate", "--ckpt", ckpts[("masked", "favor-relu")])
+    assert "no such checkpoint" in fails("generate", "--ckpt", tmp_path / "nope.ckpt")
+    for flag, value in (("--temperature", "-1"), ("--top_k", "-3"), ("--num", "0"), ("--top_p", "1.5"),
+                        ("--top_p", "0"), ("--max_length", "0")):
+        assert flag.lstrip("-") in fails("generate", "--ckpt", causal, flag, value), (flag, value)
+    with pytest.raises(UserError, match="temperature"):  # the library function checks too
+        generate(load_model(causal).model, temperature=-1)
 
 
-def test_checkpoint_from_another_version_is_refused(ckpts, tmp_path, capsys):
+def test_diverged_checkpoint_is_refused(ckpts, fasta, tmp_path, cli):
     ckpt = torch.load(ckpts[("causal", "favor-relu")], weights_only=True)
-    ckpt["protein_performer"]["version"] = "0.0.1"
+    ckpt["state_dict"]["model.blocks.1.mlp.fc.weight"][0, 0] = float("nan")
+    diverged = tmp_path / "diverged.ckpt"
+    torch.save(ckpt, diverged)
+    for command in (["generate"], ["score", "--fasta", fasta, "--out", tmp_path / "s.tsv"],
+                    ["embed", "--fasta", fasta, "--out", tmp_path / "e"]):
+        code, err = cli([command[0], "--ckpt", diverged, *command[1:]])
+        assert code == 2 and "not finite" in err and "blocks.1.mlp.fc.weight" in err and str(diverged) in err
+    assert not (tmp_path / "s.tsv").exists() and not (tmp_path / "e").exists()
+
+
+def test_checkpoints_of_release_0_1_still_load(ckpts, tmp_path):
+    """0.1 named exact attention "softmax" and held the MLP as an nn.Sequential (mlp.0, mlp.2)."""
+    ckpt = torch.load(ckpts[("causal", "exact")], weights_only=True)
+    ckpt["protein_performer"].update(version="0.1.0", model_config={**ckpt["protein_performer"]["model_config"],
+                                                                    "attention": "softmax"})
+    for key in [k for k in ckpt["state_dict"] if ".mlp." in k]:
+        ckpt["state_dict"][key.replace("mlp.fc.", "mlp.0.").replace("mlp.proj.", "mlp.2.")] = ckpt["state_dict"].pop(key)
     old = tmp_path / "old.ckpt"
     torch.save(ckpt, old)
-    msg = fails(generate_main, ["--ckpt", str(old)], capsys)
-    assert "written by protein_performer 0.0.1" in msg and str(old) in msg
+    loaded = load_model(old)
+    assert loaded.config.attention == "exact"
+    reference = load_model(ckpts[("causal", "exact")]).model.state_dict()
+    for name, value in loaded.model.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+
+
+def test_checkpoint_from_a_newer_release_is_refused(ckpts, tmp_path, cli):
+    ckpt = torch.load(ckpts[("causal", "favor-relu")], weights_only=True)
+    ckpt["protein_performer"]["version"] = "9.0.0"
+    new = tmp_path / "new.ckpt"
+    torch.save(ckpt, new)
+    code, err = cli(["generate", "--ckpt", new])
+    assert code == 2 and "written by protein_performer 9.0.0" in err and str(new) in err
     del ckpt["protein_performer"]
-    torch.save(ckpt, old)
-    assert "does not hold a protein_performer model" in fails(generate_main, ["--ckpt", str(old)], capsys)
+    torch.save(ckpt, new)
+    assert "does not hold a protein_performer model" in cli(["generate", "--ckpt", new])[1]
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    assert "empty file" in cli(["generate", "--ckpt", tmp_path / "empty.ckpt"])[1]
 
 
 def test_subcommands_are_dispatched_by_the_cli(ckpts, fasta, tmp_path):

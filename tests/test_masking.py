@@ -64,22 +64,22 @@ def test_causal_targets_shift_and_ignore_pad():
 def test_collator_pads_and_masks_deterministically():
     seqs = [np.array([vocab.BOS] + [5] * 30), np.array([vocab.BOS] + [7] * 10)]
     collate = Collator("masked", seed=0)
-    batch = collate([((1, 0, 0), seqs[0]), ((1, 0, 1), seqs[1])])
+    batch = collate([((1, 0, 0), (0, 0), seqs[0]), ((1, 0, 1), (0, 0), seqs[1])])
     assert batch["tokens"].shape == (2, 32)  # 31 rounded up to a multiple of 8
     assert batch["padding_mask"].sum(1).tolist() == [31, 11]
     assert (batch["tokens"][1, 11:] == vocab.PAD).all() and (batch["targets"][1, 11:] == IGNORE).all()
     assert (batch["targets"][:, 0] == IGNORE).all()  # BOS
-    again = collate([((1, 0, 0), seqs[0]), ((1, 0, 1), seqs[1])])
+    again = collate([((1, 0, 0), (0, 0), seqs[0]), ((1, 0, 1), (0, 0), seqs[1])])
     assert (again["tokens"] == batch["tokens"]).all() and (again["targets"] == batch["targets"]).all()
     # Same example, same key -> same mask in any batch composition; a different key masks differently.
-    alone = collate([((1, 0, 1), seqs[1])])
+    alone = collate([((1, 0, 1), (0, 0), seqs[1])])
     assert (alone["targets"][0, :11] == batch["targets"][1, :11]).all()
     long = [np.array([vocab.BOS] + [5] * 400)]
-    assert not (collate([((0, 0, 0), long[0])])["targets"] == collate([((0, 1, 0), long[0])])["targets"]).all()
+    assert not (collate([((0, 0, 0), (0, 0), long[0])])["targets"] == collate([((0, 1, 0), (0, 0), long[0])])["targets"]).all()
 
 
 def test_collator_causal():
-    batch = Collator("causal")([((0, 0, 0), np.array([vocab.BOS, 3, 4])), ((0, 0, 1), np.array([vocab.BOS, 5]))])
+    batch = Collator("causal")([((0, 0, 0), (0, 0), np.array([vocab.BOS, 3, 4])), ((0, 0, 1), (0, 0), np.array([vocab.BOS, 5]))])
     assert batch["targets"][0, :3].tolist() == [3, 4, IGNORE]
     assert batch["targets"][1, :2].tolist() == [5, IGNORE]
     assert (batch["tokens"][0, :3] == batch["tokens"].new_tensor([vocab.BOS, 3, 4])).all()

@@ -194,7 +194,7 @@ def test_self_attention_layer_equals_its_naive_formula(attention, causal):
     mask = torch.ones(2, 30, dtype=torch.bool)
     mask[1, 22:] = False
     q, k, v = layer.project(x)
-    if attention == "softmax":
+    if attention == "exact":
         y = naive_softmax_attention(q, k, v, causal=causal, key_padding_mask=mask)
     elif attention == "favor-softmax":
         w = layer.core.projection

@@ -7,8 +7,6 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from test_analysis import tiny_run
-
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
@@ -43,8 +41,8 @@ def outputs_text(nb) -> str:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return tiny_run(tmp_path_factory)
+def run(tiny_run):
+    return tiny_run
 
 
 def test_data_overview(run, tmp_path):
@@ -61,6 +59,9 @@ def test_attention_analysis(run, tmp_path):
     ckpt = next(run["run"].rglob("last.ckpt"))
     out = tmp_path / "analysis"
     nb = execute("03_attention_analysis.ipynb", {"CKPT": str(ckpt), "INPUT": str(run["fasta"]), "OUT_DIR": str(out),
-                                                 "NUM_SEQUENCES": 4, "MAX_LENGTH": 48, "THRESHOLD": 0.05, "MIN_KEPT": 1}, tmp_path)
-    assert "image/png" in outputs_text(nb)
+                                                 "NUM_SEQUENCES": 4, "MAX_LENGTH": 48, "THRESHOLD": 0.05, "MIN_KEPT": 1,
+                                                 "CHECKPOINTS": [str(run["run"])], "PERMUTATIONS": 200}, tmp_path)
+    text = outputs_text(nb)
+    assert text.count("image/png") >= 4  # grid, enlarged head, similarity vs BLOSUM62, agreement over training
+    assert "weighted" in text and "embedding" in text
     assert json.loads((out / "summary.json").read_text())["num_sequences"] == 4

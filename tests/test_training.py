@@ -11,66 +11,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 
 from protein_performer import vocab
-from protein_performer.lit import (
-    EVAL_STREAM,
-    EpochOrder,
-    FeatureRedraw,
-    LMMetrics,
-    ProteinDataModule,
-    ProteinLMModule,
-    ShardedBatchSampler,
-    derive_seed,
-    lr_factor,
-    unigram_log_probs,
-)
-from protein_performer.data import token_counts
-from protein_performer.masking import IGNORE
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_prepared_dir(root, counts=(240, 48, 48, 24), seed=0):
-    """A small prepared directory in the data-prep layout: sequences made of a few recurring motifs and
-    skewed amino-acid frequencies, so that a tiny model has something to learn within a few steps."""
-    rng = np.random.default_rng(seed)
-    freqs = rng.dirichlet(np.ones(vocab.NUM_AMINO_ACIDS))
-    motifs = [rng.choice(vocab.NUM_AMINO_ACIDS, size=8, p=freqs) for _ in range(6)]
-    splits = {}
-    for split, count in zip(("train", "valid", "test", "ood"), counts):
-        seqs = []
-        for _ in range(count):
-            parts = [motifs[rng.integers(6)] if rng.random() < 0.6 else rng.choice(vocab.NUM_AMINO_ACIDS, size=rng.integers(3, 20), p=freqs)
-                     for _ in range(rng.integers(2, 12))]
-            seqs.append(np.concatenate(parts).astype(np.uint8))
-        out = root / split
-        out.mkdir(parents=True)
-        stream = np.concatenate([np.append(s, vocab.EOS) for s in seqs]).astype(np.uint8)
-        stream.tofile(out / "tokens.bin")
-        np.save(out / "offsets.npy", np.cumsum([0] + [len(s) + 1 for s in seqs[:-1]]).astype(np.int64))
-        splits[split] = {"count": count, "tokens": len(stream)}
-    (root / "manifest.json").write_text(json.dumps({"splits": splits, "vocabulary": list(vocab.TOKENS)}))
-    return root
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    return make_prepared_dir(tmp_path_factory.mktemp("prepared"))
-
-
-@pytest.fixture(scope="module")
-def sample_dir(tmp_path_factory):
-    """The bundled UniProt sample prepared by `protein-performer-prep`, three Pfam families held out (as the demo)."""
-    out = tmp_path_factory.mktemp("sample") / "prepared"
-    subprocess.run(
-        [sys.executable, "-m", "data_prep", str(ROOT / "data/sample/mmseqs2_DB_first3000.fasta.gz"),
-         str(ROOT / "data/sample/emboss_swiss_seq.dat.gz"), "--out", str(out), "--ood-families", "PF00258", "PF00001",
-         "PF00022", "--workers", "1"],
-        check=True, capture_output=True, cwd=ROOT,
-    )
-    return out
+from protein_performer.corpus import PreparedDir
+from protein_performer.masking import EVAL_STREAM, FILLER_STREAM, IGNORE, Collator
+from protein_performer.model import Config
+from protein_performer.training import BestAndLastCheckpoint, FeatureRedraw, ProteinDataModule, ProteinLMModule
+from protein_performer.training.callbacks import derive_seed
+from protein_performer.training.metrics import LMMetrics, unigram_log_probs
+from protein_performer.training.module import MODEL_FIELDS, lr_factor
+from protein_performer.training.sampler import EpochOrder, Keyed, ShardedBatchSampler
 
 
 def trainer(tmp_path, max_steps, **kw):
@@ -106,33 +57,61 @@ def test_eval_sharding_counts_every_sequence_once(kind):
     for rank in range(3):
         s = ShardedBatchSampler(EpochOrder(LENGTHS, shuffle=False), rank=rank, world_size=3, even=False,
                                 stream=EVAL_STREAM, **kind)
-        batches = list(s)
+        batches = [[key[-1] for key, _ in b] for b in s]
         per_rank.append(len(batches))
-        seen += [key[-1] for b in batches for key in b]
+        seen += sum(batches, [])
         if "max_tokens" in kind:
-            assert all(len(b) * max(LENGTHS[[k[-1] for k in b]]) <= 1024 for b in batches)
+            assert all(len(b) * max(LENGTHS[b]) <= 1024 for b in batches)
     assert sorted(seen) == list(range(len(LENGTHS)))  # no sequence dropped or repeated
     assert max(per_rank) - min(per_rank) <= 1
 
 
-def test_train_batches_even_shuffled_per_epoch_and_skippable():
-    def rank_batches(rank, epoch, skip=0):
+def test_train_batches_even_shuffled_per_epoch_and_resumable():
+    def rank_batches(rank, epoch, resume=None):
         order = EpochOrder(LENGTHS, shuffle=True, seed=1)
         order.set_epoch(epoch)
         s = ShardedBatchSampler(order, max_tokens=1024, rank=rank, world_size=2)
-        s.skip = skip
-        return [[k[-1] for k in b] for b in s]
+        s.resume = resume
+        batches = list(s)
+        assert all(position[0] == epoch for b in batches for _, position in b)
+        return [[key[-1] for key, _ in b] for b in batches], [b[0][1][1] for b in batches]
 
-    r0, r1 = rank_batches(0, 0), rank_batches(1, 0)
+    (r0, numbers), (r1, _) = rank_batches(0, 0), rank_batches(1, 0)
     assert len(r0) == len(r1) and not set(sum(r0, [])) & set(sum(r1, []))
-    assert rank_batches(0, 0) == r0 and rank_batches(0, 1) != r0
-    assert rank_batches(0, 0, skip=3) == r0[3:]
+    assert numbers == list(range(len(r0)))
+    assert rank_batches(0, 0)[0] == r0 and rank_batches(0, 1)[0] != r0
+    assert rank_batches(0, 0, resume=(0, 3)) == (r0[3:], numbers[3:])
+    assert rank_batches(0, 1, resume=(0, 3))[0] == rank_batches(0, 1)[0]  # a resume point of another epoch
 
 
-def test_token_counts_and_unigram_baseline(tmp_path):
+def test_a_rank_without_batches_evaluates_a_filler_that_counts_zero(prepared):
+    """3 sequences, one batch, 2 ranks: rank 1 would skip evaluation (Lightning skips an empty loop) and rank 0
+    would wait for it forever at the metric sync; it gets a filler batch without targets instead."""
+    lengths = np.array([5, 7, 9])
+    batches = [list(ShardedBatchSampler(EpochOrder(lengths, shuffle=False), batch_size=8, rank=r, world_size=2,
+                                        even=False, stream=EVAL_STREAM)) for r in range(2)]
+    assert [len(b) for b in batches] == [1, 1]
+    assert {key[0] for key, _ in batches[1][0]} == {FILLER_STREAM}
+    dataset = Keyed(PreparedDirDataset(prepared))
+    batch = Collator("masked")([dataset[item] for item in batches[1][0]])
+    assert (batch["targets"] == IGNORE).all()
+    metrics = LMMetrics()
+    metrics.update(torch.zeros(*batch["tokens"].shape, vocab.VOCAB_SIZE), batch["targets"], torch.zeros(vocab.VOCAB_SIZE))
+    assert metrics.compute_and_reset()["tokens"] == 0
+
+
+def PreparedDirDataset(root):
+    from protein_performer.data import SingleSequenceDataset
+
+    return SingleSequenceDataset(PreparedDir(root).split("valid"), max_len=64)
+
+
+def test_token_counts_and_unigram_baseline(tmp_path, make_prepared):
+    from conftest import write_prepared
+
+    write_prepared(tmp_path, {"train": [np.array([0, 0, 1], np.uint8), np.array([2], np.uint8)]})
+    counts = PreparedDir(tmp_path).split("train").token_counts()
     stream = np.array([0, 0, 1, vocab.EOS, 2, vocab.EOS], dtype=np.uint8)
-    stream.tofile(tmp_path / "tokens.bin")
-    counts = token_counts(tmp_path / "tokens.bin", chunk=4)
     assert counts.tolist() == np.bincount(stream, minlength=vocab.VOCAB_SIZE).tolist()
     logp = unigram_log_probs(torch.from_numpy(counts), "masked").exp()
     # Laplace over the 25 letters: (count + 1) / (4 + 25)
@@ -142,31 +121,46 @@ def test_token_counts_and_unigram_baseline(tmp_path):
 
 
 def test_metrics_by_hand():
+    """Uniform logits: every target costs log(29) (perplexity 29) and argmax is id 0, so targets 0 are correct.
+    Equal counts give a uniform Laplace baseline over the 25 letters (perplexity 25), whose argmax is id 0 too."""
     m = LMMetrics()
-    # two batches: CE sums 3.0 over 2 tokens and 1.0 over 2 tokens; 3 of 4 correct
-    m.update(ce=torch.tensor(3.0), correct=torch.tensor(1), tokens=torch.tensor(2), baseline_ce=torch.tensor(4.0), baseline_correct=torch.tensor(0))
-    m.update(ce=torch.tensor(1.0), correct=torch.tensor(2), tokens=torch.tensor(2), baseline_ce=torch.tensor(4.0), baseline_correct=torch.tensor(1))
+    baseline = unigram_log_probs(torch.ones(vocab.VOCAB_SIZE, dtype=torch.int64), "masked")
+    m.update(torch.zeros(1, 3, vocab.VOCAB_SIZE), torch.tensor([[0, IGNORE, 3]]), baseline)
+    m.update(torch.zeros(1, 3, vocab.VOCAB_SIZE), torch.tensor([[IGNORE, 0, 0]]), baseline)
     r = m.compute_and_reset()
-    assert r["ppl"] == pytest.approx(math.exp(1.0)) and r["acc"] == pytest.approx(0.75)
-    assert r["baseline_ppl"] == pytest.approx(math.exp(2.0)) and r["baseline_acc"] == pytest.approx(0.25)
-    assert m.compute_and_reset()["tokens"] == 0
+    assert r["tokens"] == 4 and r["ppl"] == pytest.approx(29.0) and r["acc"] == pytest.approx(0.75)
+    assert r["baseline_ppl"] == pytest.approx(25.0) and r["baseline_acc"] == pytest.approx(0.75)
+    empty = m.compute_and_reset()
+    assert empty["tokens"] == 0 and math.isnan(empty["ppl"])  # nothing evaluated is not a perfect score
+
+
+def test_metrics_never_drop_nan():
+    """A diverged model's NaN logits give NaN perplexity; torchmetrics' default would drop the NaN sums and
+    report loss 0 / perplexity 1."""
+    m = LMMetrics()
+    baseline = unigram_log_probs(torch.ones(vocab.VOCAB_SIZE, dtype=torch.int64), "masked")
+    m.update(torch.zeros(1, 2, vocab.VOCAB_SIZE), torch.tensor([[0, 1]]), baseline)
+    m.update(torch.full((1, 2, vocab.VOCAB_SIZE), float("nan")), torch.tensor([[0, 1]]), baseline)
+    r = m.compute_and_reset()
+    assert math.isnan(r["ppl"]) and math.isnan(r["loss"])
 
 
 def test_module_metrics_match_direct_computation(prepared):
     dm = ProteinDataModule(str(prepared), max_len=256, batch_size=4, num_workers=0)
     dm.setup("validate")
-    module = ProteinLMModule("tiny", attention="softmax").eval()
-    module.unigram_counts.copy_(torch.from_numpy(dm.unigram_counts))
+    module = ProteinLMModule("tiny", attention="exact").eval()
+    counts = dm.train_token_counts()
+    module.unigram_counts.copy_(torch.from_numpy(counts))
     batch = next(iter(dm.val_dataloader()))
     with torch.no_grad():
-        module._update(module.val_metrics, batch)
+        module.validation_step(batch, 0)
         logits = module.model(batch["tokens"], batch["padding_mask"])["logits"]
     sel = batch["targets"] != IGNORE
     ce = F.cross_entropy(logits[sel], batch["targets"][sel])
     r = module.val_metrics.compute_and_reset()
     assert r["tokens"] == sel.sum() and r["ppl"] == pytest.approx(ce.exp().item(), rel=1e-5)
     assert r["acc"] == pytest.approx((logits[sel].argmax(-1) == batch["targets"][sel]).float().mean().item())
-    p = (torch.from_numpy(dm.unigram_counts[:25]).double() + 1) / (dm.unigram_counts[:25].sum() + 25)
+    p = (torch.from_numpy(counts[:25]).double() + 1) / (counts[:25].sum() + 25)
     assert r["baseline_ppl"] == pytest.approx(math.exp(-p.log()[batch["targets"][sel]].mean().item()), rel=1e-6)
 
 
@@ -191,12 +185,11 @@ def test_lr_schedule_and_weight_decay_groups():
 
 
 @pytest.mark.parametrize("objective", ["masked", "causal"])
-@pytest.mark.parametrize("attention", ["softmax", "favor-softmax", "favor-relu"])
+@pytest.mark.parametrize("attention", ["exact", "favor-softmax", "favor-relu"])
 def test_every_variant_learns(prepared, tmp_path, objective, attention):
     torch.manual_seed(0)
     dm = ProteinDataModule(str(prepared), objective=objective, max_len=256, batch_size=16, num_workers=0)
-    module = ProteinLMModule("tiny", objective=objective, attention=attention, redraw_every=5,
-                             model_args={"dropout": 0.0}, lr=3e-3)
+    module = ProteinLMModule("tiny", objective=objective, attention=attention, redraw_every=5, dropout=0.0, lr=3e-3)
     rec = LossRecorder()
     trainer(tmp_path, 30, callbacks=[rec], limit_val_batches=0).fit(module, dm)
     losses = [rec.loss[s] for s in sorted(rec.loss)]
@@ -205,7 +198,7 @@ def test_every_variant_learns(prepared, tmp_path, objective, attention):
 
 def test_concatenated_mode_trains(prepared, tmp_path):
     dm = ProteinDataModule(str(prepared), mode="concatenated", window=128, batch_size=8, num_workers=0)
-    module = ProteinLMModule("tiny", attention="favor-relu", model_args={"dropout": 0.0}, lr=3e-3)
+    module = ProteinLMModule("tiny", attention="favor-relu", dropout=0.0, lr=3e-3)
     rec = LossRecorder()
     trainer(tmp_path, 20, callbacks=[rec]).fit(module, dm)
     losses = [rec.loss[s] for s in sorted(rec.loss)]
@@ -244,7 +237,7 @@ def test_resume_continues_as_if_uninterrupted(prepared, tmp_path):
         module = ProteinLMModule("tiny", attention="favor-softmax", redraw_every=4, seed=3, warmup_steps=5,
                                  decay="cosine", decay_steps=40)
         rec = LossRecorder()
-        ckpt = ModelCheckpoint(dirpath=root, save_last=True, monitor="val/ppl", mode="min")
+        ckpt = BestAndLastCheckpoint(dirpath=root, save_last=True, monitor="val/ppl", mode="min")
         t = trainer(root, max_steps, callbacks=[rec, ckpt], enable_checkpointing=True, val_check_interval=val_every,
                     check_val_every_n_epoch=None, limit_val_batches=2)
         t.fit(module, dm, ckpt_path=ckpt_path, weights_only=True)
@@ -263,3 +256,21 @@ def test_resume_continues_as_if_uninterrupted(prepared, tmp_path):
             assert torch.equal(resumed.projection[step], full.projection[step])
         for a, b in zip(full_module.parameters(), resumed_module.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_model_fields_on_the_command_line_match_config():
+    """Every Config field a user may set is a typed argument of ProteinLMModule, with Config's type."""
+    import inspect
+    import typing
+    from dataclasses import fields
+
+    settable = {f.name for f in fields(Config)} - {"name", "vocab_size", "causal"}
+    assert set(MODEL_FIELDS) == settable
+    params = inspect.signature(ProteinLMModule).parameters
+    hints = typing.get_type_hints(ProteinLMModule.__init__)
+    config_hints = typing.get_type_hints(Config)
+    for name in MODEL_FIELDS:
+        assert params[name].default is None, name
+        (hint,) = set(typing.get_args(hints[name])) - {type(None)}  # X | None
+        same = hint == config_hints[name] or (isinstance(hint, type) and issubclass(hint, config_hints[name]))
+        assert same, (name, hint, config_hints[name])  # PositiveInt narrows int

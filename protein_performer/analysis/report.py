@@ -64,7 +64,7 @@ def write_analysis(result: AnalysisResult, out: str | Path, **about) -> dict:
         "seed": result.seed,
         **{f"{k}_similarity": result.agreement[k] for k in (*VARIANTS, *CONTROLS)},
         "mean_attention_entropy": float(np.nanmean(result.entropy)),
-        "by_layer": result.by_layer.to_dict("records"),
+        "by_layer": result.by_layer.astype(object).where(result.by_layer.notna(), None).to_dict("records"),
         **result.timing,
         "files": files,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -18,6 +19,8 @@ from ..errors import UserError
 from ..masking import EVAL_STREAM, TRAIN_STREAM, Collator, Objective
 from .sampler import EpochOrder, Keyed, ShardedBatchSampler
 
+# The train loader resumes mid-epoch through this module's state_dict, which Lightning's check cannot see.
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 CUDA_PAD_MULTIPLE = 64  # batch lengths rounded up to this on a GPU (tensor-core tiles); 8 on the CPU
 
 
@@ -63,7 +66,8 @@ class ProteinDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        # logger=False: the module's hparams go to the loggers (both have a max_len); config.yaml holds all
+        self.save_hyperparameters(logger=False)
         if mode not in ("single", "concatenated"):
             raise ValueError(f"mode must be 'single' or 'concatenated', not {mode!r}")
         self.data_dir, self.mode, self.objective = Path(data_dir), mode, objective
