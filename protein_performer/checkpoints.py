@@ -15,7 +15,7 @@ import torch
 
 from . import __version__
 from .errors import UserError
-from .model import Config, ProteinLM
+from .model import LEGACY_ATTENTION, Config, ProteinLM
 
 
 @dataclass
@@ -64,6 +64,15 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise UserError(f"{path}: not a Lightning checkpoint (no state_dict)")
     return ckpt
+
+
+def upgrade_hparams(hparams: dict) -> dict:
+    """ProteinLMModule hyperparameters saved by any 0.x release, in this release's form: 0.1 kept model fields
+    in a `model_args` dict and named exact attention "softmax"."""
+    hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
+    hparams.update(hparams.pop("model_args", None) or {})
+    hparams["attention"] = LEGACY_ATTENTION.get(hparams.get("attention"), hparams.get("attention"))
+    return hparams if "preset" in hparams else {}
 
 
 def check_finite(state_dict: dict, path: str | Path) -> None:

@@ -4,6 +4,7 @@ After training every rank must hold the same weights and the same FAVOR projecti
 run), and validation must count every validation target exactly once across the ranks.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -64,3 +65,18 @@ def test_ddp_two_cpu_processes_stay_identical(tmp_path, sample_dir):
     dm.setup("validate")
     expected = sum(int((batch["targets"] != IGNORE).sum()) for batch in dm.val_dataloader())
     assert ranks[0]["metrics"]["val/tokens"] == ranks[1]["metrics"]["val/tokens"] == expected
+
+    # `test` on more ranks than batches: one batch per split, so rank 1 evaluates a filler batch that counts zero
+    # (Lightning would skip its loop and rank 0 would wait for it forever); every sequence is counted once.
+    test_cmd = [c for c in cmd if not c.startswith("--trainer.callbacks")]
+    test_cmd[test_cmd.index("fit")] = "test"
+    test_cmd += ["--ckpt_path", str(next(tmp_path.rglob("last.ckpt"))), "--data.batch_size", "100000",
+                 "--trainer.logger.init_args.version", "eval"]
+    proc = subprocess.run(test_cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(next(tmp_path.rglob("eval/report/report.json")).read_text())
+    dm = ProteinDataModule(str(sample_dir), max_len=512, batch_size=100000, num_workers=0)
+    dm.setup("test")
+    for split, loader in zip(dm.test_split_names, dm.test_dataloader()):
+        assert len(loader) == 1
+        assert report["results"][split]["tokens"] == sum(int((b["targets"] != IGNORE).sum()) for b in loader)

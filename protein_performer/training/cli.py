@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..checkpoints import check_readable
+from ..checkpoints import read_checkpoint, upgrade_hparams
 from .callbacks import BestAndLastCheckpoint
 from .datamodule import ProteinDataModule
 from .module import ProteinLMModule
@@ -77,11 +77,20 @@ class ProteinCLI(LightningCLI):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 work on tensor cores
         if config.checkpoint.dirpath is None:  # one place per run directory, so `--ckpt_path last` finds it
             config.checkpoint.dirpath = str(Path(config.trainer.default_root_dir or ".") / "checkpoints")
-        if self.subcommand:
-            if config.get("weights_only") is None:  # checkpoints hold tensors and plain types only
-                config.weights_only = True
-            if config.ckpt_path not in (None, "last", "best", "hpc", "registry"):
-                check_readable(config.ckpt_path)
+        if self.subcommand and config.get("weights_only") is None:  # checkpoints hold tensors and plain types only
+            config.weights_only = True
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's own version loads --ckpt_path's hyperparameters into the model's config with a bare
+        torch.load; this one reads the file through checkpoints.read_checkpoint (clear errors for an empty or
+        truncated file) and upgrades the hyperparameters of 0.1 checkpoints (model_args, "softmax")."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path in (None, "last", "best", "hpc", "registry"):
+            return
+        hparams = upgrade_hparams(read_checkpoint(ckpt_path).get("hyper_parameters", {}))
+        if hparams:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True, other_commands: Sequence[str] = ()) -> ProteinCLI:

@@ -212,12 +212,12 @@ class ProteinLMModule(L.LightningModule):
         self.test_results = {s: m.compute_and_reset() for s, m in zip(names, self.test_metrics)}
         for split, results in self.test_results.items():
             self.log_dict({f"test/{split}/{k}": v for k, v in results.items()}, add_dataloader_idx=False)
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
         if self.trainer.is_global_zero:
             meta = {"attention": self.config.attention, "objective": self.hparams.objective,
                     "preset": self.hparams.preset, "checkpoint": self.trainer.ckpt_path,
                     "parameters": self.model.num_parameters()}
-            out = write_report(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "report",
-                               self.test_results, meta)
+            out = write_report(log_dir / "report", self.test_results, meta)
             rank_zero_info(format_table(self.test_results, meta) + f"\nreport written to {out}")
 
     # -- optimisation
