@@ -35,7 +35,8 @@ def main() -> None:
             cfg = Config.from_name(args.preset, attention=kind, causal=causal, max_len=max(args.length, 2))
             model = ProteinLM(cfg).eval()
             stats = AttentionToAminoAcids(cfg.n_layers, cfg.n_heads, threshold=0.3)
-            stats.update(model.attention_maps(model_input(proteins[0], args.length))[:, 0], model_input(proteins[0], args.length)[0])
+            tokens = model_input(proteins[0], args.length)
+            stats.update(model.attention_maps(tokens)[:, 0], tokens[0])
             start = time.perf_counter()
             for tokens in proteins:
                 x = model_input(tokens, args.length)

@@ -19,7 +19,6 @@ from results_io import RESULTS, write_csv
 from protein_performer.model import Config, ProteinLM
 
 
-
 @torch.no_grad()
 def tokens_per_second(model: ProteinLM, prefix: int, steps: int) -> float:
     tokens = torch.randint(0, 20, (1, prefix))

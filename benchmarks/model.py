@@ -23,8 +23,15 @@ import sys
 import time
 from pathlib import Path
 
-from results_io import (RESULTS, default_device, fastest_of_rounds, performer_pytorch_installed, run_worker,
-                        time_memory_plot, write_csv)
+from results_io import (
+    RESULTS,
+    default_device,
+    fastest_of_rounds,
+    performer_pytorch_installed,
+    run_worker,
+    time_memory_plot,
+    write_csv,
+)
 
 SYSTEMS = ("softmax", "favor-softmax", "favor-relu", "performer-pytorch")
 

@@ -52,7 +52,8 @@ def build_input(path: Path, copies: int) -> int:
                 parts = title.split("|")
                 if k:
                     parts[1] += f"-c{k}"
-                out.write(">" + "|".join(parts) + "\n" + "\n".join(seq[i : i + 60] for i in range(0, len(seq), 60)) + "\n")
+                lines = "\n".join(seq[i : i + 60] for i in range(0, len(seq), 60))
+                out.write(">" + "|".join(parts) + "\n" + lines + "\n")
                 residues += len(seq)
     return residues
 

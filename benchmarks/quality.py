@@ -30,9 +30,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from results_io import RESULTS, write_csv
 
 from protein_performer.lit import ProteinDataModule, ProteinLMModule
-from results_io import RESULTS, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTEOMES = {

@@ -77,7 +77,8 @@ def upgrade_hparams(hparams: dict) -> dict:
 
 def check_finite(state_dict: dict, path: str | Path) -> None:
     """UserError naming the first floating-point tensor with NaN or infinite values (a diverged run)."""
-    bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in state_dict.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         raise UserError(f"{path}: weights are not finite ({bad[0]}{more} hold NaN or inf): the run diverged; "

@@ -16,8 +16,7 @@ from __future__ import annotations
 import csv
 import math
 import sys
-from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 

@@ -14,7 +14,7 @@ import inspect
 import logging
 import sys
 import typing
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import docstring_parser
 from jsonargparse import ActionYesNo, ArgumentParser

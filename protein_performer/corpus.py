@@ -49,10 +49,11 @@ class PreparedDir:
 
     def _check_manifest(self, path: Path) -> None:
         m = self.manifest
-        if not isinstance(m, dict) or not isinstance(m.get("splits"), dict) or not isinstance(m.get("vocabulary"), dict):
+        if not (isinstance(m, dict) and isinstance(m.get("splits"), dict) and isinstance(m.get("vocabulary"), dict)):
             raise UserError(f"{path}: no 'splits' or 'vocabulary' entry; not a protein-performer-prep manifest")
         if m.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{path}: format_version {m.get('format_version')!r}, this protein_performer reads {FORMAT_VERSION}")
+            raise UserError(f"{path}: format_version {m.get('format_version')!r}; this protein_performer reads "
+                            f"{FORMAT_VERSION}")
         if m["vocabulary"].get("tokens") != list(vocab.TOKENS):
             raise UserError(f"{path}: its vocabulary differs from this protein_performer's 29 tokens")
         for name, stats in m["splits"].items():

@@ -63,7 +63,8 @@ def combine(reports: list[dict]) -> str:
     lines = ["| objective | set | " + " | ".join(COLUMN[k] for k in kinds) + " | unigram baseline |",
              "| --- | --- |" + " --- |" * (len(kinds) + 1)]
     for (objective, split), row in sorted(rows.items()):
-        lines.append(f"| {objective} | {split} | " + " | ".join(row.get(k, "-") for k in kinds) + f" | {row['baseline']} |")
+        cells = " | ".join(row.get(k, "-") for k in kinds)
+        lines.append(f"| {objective} | {split} | {cells} | {row['baseline']} |")
     return "\n".join(lines)
 
 

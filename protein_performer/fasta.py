@@ -39,7 +39,9 @@ def open_binary(path: str | Path, raw: io.RawIOBase | None = None) -> tuple[io.B
 
     `raw` lets the caller interpose its own raw reader (e.g. one that hashes the compressed bytes).
     """
-    buffered = io.BufferedReader(raw if raw is not None else open(path, "rb", buffering=0), 1 << 20)
+    if raw is None:
+        raw = open(path, "rb", buffering=0)  # noqa: SIM115 - returned to the caller, who closes it
+    buffered = io.BufferedReader(raw, 1 << 20)
     if buffered.peek(2)[:2] == GZIP_MAGIC:
         return igzip.IGzipFile(fileobj=buffered, mode="rb"), True
     return buffered, False

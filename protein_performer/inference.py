@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -89,7 +90,8 @@ def embed(model: ProteinLM, proteins: list[Protein], layers: Sequence[int], pool
             r = reps[layer].float().cpu().numpy()
             for row, i in enumerate(idx):
                 residues = r[row, 1 : len(seqs[i])]  # without BOS (read_proteins skips empty records)
-                out[layer][i] = r[row, 0].copy() if pool == "bos" else residues.mean(0) if pool == "mean" else residues.copy()
+                pooled = {"bos": r[row, 0], "mean": residues.mean(0)}.get(pool, residues)
+                out[layer][i] = pooled.copy()
     return out
 
 

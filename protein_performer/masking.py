@@ -7,8 +7,9 @@ and after a resume. Validation keys carry no epoch, so validation masks the same
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch

@@ -76,7 +76,7 @@ class Config:
         return self.d_model // self.n_heads
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "Config":
+    def from_name(cls, name: str, **overrides) -> Config:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         unknown = set(overrides) - {f.name for f in fields(cls)}
@@ -88,7 +88,7 @@ class Config:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "Config":
+    def from_dict(cls, values: dict) -> Config:
         """A Config from to_dict() output, including that of earlier releases (attention "softmax" = "exact")."""
         values = dict(values)
         values["attention"] = LEGACY_ATTENTION.get(values.get("attention"), values.get("attention"))
@@ -283,12 +283,12 @@ class ProteinLM(nn.Module):
         return out
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, cache: "DecodeCache | None" = None) -> tuple[torch.Tensor, "DecodeCache"]:
+    def decode(self, tokens: torch.Tensor, cache: DecodeCache | None = None) -> tuple[torch.Tensor, DecodeCache]:
         """Causal models: logits (B, T, V) of the next T tokens given the cache of everything before them.
 
         FAVOR layers carry a constant-size state (the prefix sums [S, z] and their running maximum), so each new
-        token costs the same whatever the prefix length; exact layers carry a key/value cache. The logits equal those of a full
-        forward pass over prefix + tokens. Pass the whole prompt once, then one token at a time.
+        token costs the same whatever the prefix length; exact layers carry a key/value cache. The logits equal those of
+        a full forward pass over prefix + tokens. Pass the whole prompt once, then one token at a time.
         """
         if not self.cfg.causal:
             raise ValueError("decode() needs a causal model; this one is bidirectional (masked LM)")

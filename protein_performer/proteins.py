@@ -4,9 +4,9 @@ one split of a prepared directory, whose proteins are named "<split>/<index>" (i
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from Bio.SeqIO.FastaIO import SimpleFastaParser
@@ -81,7 +81,8 @@ def _prepared_proteins(root: PreparedDir, split: str) -> Iterator[Protein]:
 
 
 def read_proteins(path: str | Path, limit: int | None = None, split: str = DEFAULT_SPLIT,
-                  unknown: vocab.UnknownPolicy = "reject", also: str | None = None) -> tuple[list[Protein], Protein | None]:
+                  unknown: vocab.UnknownPolicy = "reject",
+                  also: str | None = None) -> tuple[list[Protein], Protein | None]:
     """The first `limit` usable proteins (all if None), and the protein named `also` (accession, entry name or
     "<split>/<index>"; None if not asked), found in the same single pass, so a pipe can be read. Skipped records
     are counted and the first few named on stderr; no usable protein, or `also` not found, is a UserError."""

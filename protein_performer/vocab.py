@@ -40,7 +40,8 @@ class UnknownLetterError(ValueError):
 
     def __init__(self, letter: str, position: int):
         self.letter, self.position = letter, position  # position counts from 1, as biologists do
-        super().__init__(f"letter {letter!r} at position {position} is not in the protein vocabulary ({LETTERS}, any case)")
+        super().__init__(f"letter {letter!r} at position {position} is not in the protein vocabulary "
+                         f"({LETTERS}, any case)")
 
 
 def encode(seq: str | bytes, unknown: UnknownPolicy = "error") -> np.ndarray | None:

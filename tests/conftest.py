@@ -38,7 +38,7 @@ def write_prepared(root: Path, splits: dict[str, list[np.ndarray]]) -> Path:
     for split, seqs in splits.items():
         out = root / split
         out.mkdir(parents=True)
-        stream = np.concatenate([np.append(s, vocab.EOS) for s in seqs]).astype(np.uint8) if seqs else np.zeros(0, np.uint8)
+        stream = np.concatenate([np.append(s, vocab.EOS) for s in seqs] or [np.zeros(0)]).astype(np.uint8)
         stream.tofile(out / "tokens.bin")
         np.save(out / "offsets.npy", np.cumsum([0] + [len(s) + 1 for s in seqs[:-1]]).astype(np.int64)[: len(seqs)])
         stats[split] = {"count": len(seqs), "tokens": len(stream)}
@@ -55,11 +55,16 @@ def make_prepared_dir(root: Path, counts=(240, 48, 48, 24), seed=0) -> Path:
     motifs = [rng.choice(vocab.NUM_AMINO_ACIDS, size=8, p=freqs) for _ in range(6)]
 
     def protein():
-        parts = [motifs[rng.integers(6)] if rng.random() < 0.6 else
-                 rng.choice(vocab.NUM_AMINO_ACIDS, size=rng.integers(3, 20), p=freqs) for _ in range(rng.integers(2, 12))]
+        def part():
+            if rng.random() < 0.6:
+                return motifs[rng.integers(6)]
+            return rng.choice(vocab.NUM_AMINO_ACIDS, size=rng.integers(3, 20), p=freqs)
+
+        parts = [part() for _ in range(rng.integers(2, 12))]
         return np.concatenate(parts).astype(np.uint8)
 
-    return write_prepared(root, {s: [protein() for _ in range(n)] for s, n in zip(("train", "valid", "test", "ood"), counts)})
+    splits = ("train", "valid", "test", "ood")
+    return write_prepared(root, {s: [protein() for _ in range(n)] for s, n in zip(splits, counts)})
 
 
 @pytest.fixture
@@ -119,8 +124,9 @@ def tiny_run(tmp_path_factory) -> dict[str, Path]:
                     "--workers", "1", "--no-progress"], check=True, capture_output=True, cwd=REPO)
     code, err = run_cli(["fit", "--config", TINY, "--data.data_dir", paths["prepared"], "--trainer.max_steps", "4",
                          "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-                         "--trainer.default_root_dir", paths["run"], "--trainer.logger.init_args.save_dir", paths["run"],
-                         "--trainer.enable_model_summary", "false", "--data.max_len", "128", "--data.batch_size", "4"])
+                         "--trainer.default_root_dir", paths["run"], "--trainer.logger.init_args.save_dir",
+                         paths["run"], "--trainer.enable_model_summary", "false", "--data.max_len", "128",
+                         "--data.batch_size", "4"])
     assert code == 0, err
     with gzip.open(SAMPLE_FASTA, "rt") as f:
         text = f.read().split(">")[1:13]

@@ -11,13 +11,18 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 from protein_performer import vocab
-from protein_performer.analysis import (AttentionToAminoAcids, agreement, blosum62, embedding_similarity,
-                                        identity_value_maps, similarity_matrix)
+from protein_performer.analysis import (
+    AttentionToAminoAcids,
+    agreement,
+    blosum62,
+    embedding_similarity,
+    identity_value_maps,
+    similarity_matrix,
+)
 from protein_performer.checkpoints import load_model
 from protein_performer.errors import UserError
 from protein_performer.model import ATTENTION_KINDS, Config, ProteinLM
 from protein_performer.proteins import read_proteins
-
 
 # ------------------------------------------------------------------------------- agreement statistics
 
@@ -77,7 +82,8 @@ def test_attention_to_amino_acids_counts_by_hand():
     assert totals[0, 0] == 5 and p[0, 0, 0] == pytest.approx(1 / 5) and p[0, 0, 1] == pytest.approx(2 / 5)
     assert p[0, 0, 2:].sum() == 0  # X counts in the total, but is not one of the 20 amino acids
     w, wt = stats.shares("weighted")
-    assert wt[0, 0] == pytest.approx(2.3) and w[0, 0, 0] == pytest.approx(0.6 / 2.3) and w[0, 0, 1] == pytest.approx(0.8 / 2.3)
+    assert wt[0, 0] == pytest.approx(2.3)
+    assert w[0, 0, 0] == pytest.approx(0.6 / 2.3) and w[0, 0, 1] == pytest.approx(0.8 / 2.3)
     assert stats.head_mask("threshold", min_kept=6).sum() == 0 and stats.head_mask("threshold", min_kept=5).all()
 
 
@@ -106,8 +112,13 @@ def test_planted_structure_is_found_and_random_attention_is_not(variant):
     # so > 0.5 leaves a wide margin. Random attention has no such structure: the permutation null has a
     # standard deviation of about 0.1 (more than 1/sqrt(190), the pairs share amino acids), so |r| < 0.3 is
     # 3 sigma and p > 0.01 fails for 1% of seeds; the seed is fixed.
-    for planted, check in ((True, lambda g: g["pearson"] > 0.5 and g["spearman"] > 0.5 and g["pearson_p"] < 0.01 and g["spearman_p"] < 0.01),
-                           (False, lambda g: abs(g["pearson"]) < 0.3 and g["pearson_p"] > 0.01 and g["spearman_p"] > 0.01)):
+    def found(g):
+        return g["pearson"] > 0.5 and g["spearman"] > 0.5 and g["pearson_p"] < 0.01 and g["spearman_p"] < 0.01
+
+    def not_found(g):
+        return abs(g["pearson"]) < 0.3 and g["pearson_p"] > 0.01 and g["spearman_p"] > 0.01
+
+    for planted, check in ((True, found), (False, not_found)):
         stats = planted_stats(planted)
         shares, _ = stats.shares(variant)
         used = stats.head_mask(variant, min_kept=20)

@@ -41,7 +41,8 @@ def test_every_config_parses_and_builds(config):
 
 def test_paper_configs_cover_table_2():
     names = {p.stem for p in (ROOT / "configs/paper").glob("*.yaml")}
-    assert {f"{o}-{k}" for o in ("masked", "causal") for k in ("transformer", "performer-relu", "performer-softmax")} <= names
+    kinds = ("transformer", "performer-relu", "performer-softmax")
+    assert {f"{o}-{k}" for o in ("masked", "causal") for k in kinds} <= names
     assert {"concat-performer", "concat-transformer"} <= names
 
 
@@ -83,8 +84,8 @@ def test_model_option_errors_are_argument_errors(tmp_path, cli, override, words)
 def test_per_field_model_overrides_are_typed(tmp_path):
     """`--model.d_model 128` reaches the model as an int (0.1's untyped model_args dict broke on strings)."""
     with torch.device("meta"):
-        built = build_cli(["--config", TINY, "--model.d_model", "128", "--model.n_heads", "8", "--model.dropout", "0.25",
-                           "--model.attention", "exact", "--data.data_dir", str(tmp_path)], run=False)
+        built = build_cli(["--config", TINY, "--model.d_model", "128", "--model.n_heads", "8", "--model.dropout",
+                           "0.25", "--model.attention", "exact", "--data.data_dir", str(tmp_path)], run=False)
     cfg = built.model.config
     assert (cfg.d_model, cfg.n_heads, cfg.dropout, cfg.attention, cfg.n_layers) == (128, 8, 0.25, "exact", 2)
 
@@ -105,7 +106,8 @@ def test_fit_then_test_on_the_sample(sample_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
     common = ["--config", TINY, "--data.data_dir", str(sample_dir), "--trainer.default_root_dir", str(tmp_path)]
     run_cli("fit", *common, "--trainer.max_steps", "10", "--trainer.val_check_interval", "5",
-            "--trainer.logger", "protein_performer.training.AutoWandbLogger", "--trainer.logger.save_dir", str(tmp_path),
+            "--trainer.logger", "protein_performer.training.AutoWandbLogger",
+            "--trainer.logger.save_dir", str(tmp_path),
             cwd=tmp_path)
     assert list(tmp_path.glob("wandb/offline-run-*")), "wandb did not write an offline run"
     last = next(tmp_path.rglob("checkpoints/last.ckpt"))

@@ -122,7 +122,8 @@ def test_missing_or_incomplete_directory(prepared, tmp_path):
     (lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text()[:-30]), "not valid JSON"),
     (lambda d: (d / "manifest.json").write_text('{"splits": {"train": {"count": "many"}}, "vocabulary": {}}'),
      "format_version"),
-    (lambda d: np.save(d / "train/offsets.npy", np.load(d / "train/offsets.npy")[::-1].copy()), "offsets do not describe"),
+    (lambda d: np.save(d / "train/offsets.npy", np.load(d / "train/offsets.npy")[::-1].copy()),
+     "offsets do not describe"),
 ])
 def test_damaged_directories_are_clear_errors(prepared, tmp_path, damage, message):
     broken = copy_prepared(prepared, tmp_path)

@@ -130,7 +130,8 @@ def test_cli_end_to_end(ckpts, fasta, tmp_path, cli, capsys):
                      "--per_position", tmp_path / "pos.tsv"])
     assert code == 0, err
     rows = (tmp_path / "s.tsv").read_text().splitlines()
-    assert rows[0].split("\t") == ["id", "length", "scored", "log_likelihood", "perplexity", "method"] and len(rows) == 8
+    assert rows[0].split("\t") == ["id", "length", "scored", "log_likelihood", "perplexity", "method"]
+    assert len(rows) == 8
     ll, ppl = float(rows[1].split("\t")[3]), float(rows[1].split("\t")[4])
     n = int(rows[1].split("\t")[2])
     assert math.isclose(ppl, math.exp(-ll / n), rel_tol=1e-3)  # both printed to 4 decimals
@@ -220,7 +221,8 @@ def test_checkpoints_of_release_0_1_still_load(ckpts, tmp_path):
     ckpt["protein_performer"].update(version="0.1.0", model_config={**ckpt["protein_performer"]["model_config"],
                                                                     "attention": "softmax"})
     for key in [k for k in ckpt["state_dict"] if ".mlp." in k]:
-        ckpt["state_dict"][key.replace("mlp.fc.", "mlp.0.").replace("mlp.proj.", "mlp.2.")] = ckpt["state_dict"].pop(key)
+        old = key.replace("mlp.fc.", "mlp.0.").replace("mlp.proj.", "mlp.2.")
+        ckpt["state_dict"][old] = ckpt["state_dict"].pop(key)
     old = tmp_path / "old.ckpt"
     torch.save(ckpt, old)
     loaded = load_model(old)

@@ -8,8 +8,8 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, write_prepared
+
 from protein_performer.training import ProteinDataModule, ProteinLMModule
 from protein_performer.training.callbacks import NonFiniteGuard
 
@@ -92,7 +92,8 @@ def test_resume_keeps_the_earlier_metrics(prepared, tmp_path, cli):
     assert code == 0, err
     steps = metrics_steps(tmp_path)
     assert set(first) <= set(steps) and max(steps) > max(first)
-    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
     assert len([r for r in rows if r.get("val/ppl")]) == 3  # validations at 10, 20, 30: none lost, none twice
 
 
@@ -133,7 +134,8 @@ def test_a_checkpoint_of_release_0_1_is_evaluated(prepared, tmp_path, cli):
     ckpt["protein_performer"]["version"] = "0.1.0"
     ckpt["protein_performer"]["model_config"]["attention"] = "softmax"
     for key in [k for k in ckpt["state_dict"] if ".mlp." in k]:
-        ckpt["state_dict"][key.replace("mlp.fc.", "mlp.0.").replace("mlp.proj.", "mlp.2.")] = ckpt["state_dict"].pop(key)
+        old = key.replace("mlp.fc.", "mlp.0.").replace("mlp.proj.", "mlp.2.")
+        ckpt["state_dict"][old] = ckpt["state_dict"].pop(key)
     torch.save(ckpt, tmp_path / "old.ckpt")
     code, err = cli(["test", "--config", TINY, "--data.data_dir", prepared, "--ckpt_path", tmp_path / "old.ckpt",
                      "--trainer.logger", "false", "--trainer.default_root_dir", tmp_path / "eval"])

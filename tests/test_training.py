@@ -1,10 +1,6 @@
 """Training: batching and sharding, metrics by hand, every variant learning, redraw, resume."""
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -96,7 +92,8 @@ def test_a_rank_without_batches_evaluates_a_filler_that_counts_zero(prepared):
     batch = Collator("masked")([dataset[item] for item in batches[1][0]])
     assert (batch["targets"] == IGNORE).all()
     metrics = LMMetrics()
-    metrics.update(torch.zeros(*batch["tokens"].shape, vocab.VOCAB_SIZE), batch["targets"], torch.zeros(vocab.VOCAB_SIZE))
+    logits = torch.zeros(*batch["tokens"].shape, vocab.VOCAB_SIZE)
+    metrics.update(logits, batch["targets"], torch.zeros(vocab.VOCAB_SIZE))
     assert metrics.compute_and_reset()["tokens"] == 0
 
 
@@ -228,7 +225,8 @@ def test_redraw_is_a_function_of_step(prepared, tmp_path):
 @pytest.mark.slow
 def test_resume_continues_as_if_uninterrupted(prepared, tmp_path):
     """Losses after resuming from last.ckpt equal the uninterrupted run's to 1e-5 (relative), for a
-    checkpoint in the middle of an epoch (step 11) and one at the end of the first epoch (15 batches). Batches, masking, dropout and redraws are functions of (seed, step), so on this CPU they are
+    checkpoint in the middle of an epoch (step 11) and one at the end of the first epoch (15 batches). Batches,
+    masking, dropout and redraws are functions of (seed, step), so on this CPU they are
     in fact bit-identical; the tolerance leaves room for nondeterministic kernels elsewhere."""
 
     def run(max_steps, root, val_every, ckpt_path=None):

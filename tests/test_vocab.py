@@ -30,7 +30,8 @@ def test_decode_round_trip_and_specials():
 
 
 def test_unknown_letter_policies():
-    with pytest.raises(vocab.UnknownLetterError, match=r"'J' at position 3"):  # counted from 1, as in prep and as biologists count
+    # positions count from 1, as in prep and as biologists count
+    with pytest.raises(vocab.UnknownLetterError, match=r"'J' at position 3"):
         vocab.encode("ACJD")
     assert vocab.encode("ACJ*", unknown="x").tolist() == [0, 1, vocab.X, vocab.X]
     assert vocab.encode("ACJD", unknown="reject") is None

@@ -16,8 +16,7 @@ from ..checkpoints import LoadedModel
 from ..errors import UserError
 from ..proteins import Protein
 from .maps import identity_value_maps, model_input
-from .similarity import (AMINO_ACIDS, AttentionToAminoAcids, agreement, blosum62, embedding_similarity,
-                         similarity_matrix)
+from .similarity import AMINO_ACIDS, AttentionToAminoAcids, agreement, embedding_similarity, similarity_matrix
 
 VARIANTS = ("threshold", "weighted")  # attention similarity (Vig et al.)
 CONTROLS = ("embedding", "output")  # the model's token-embedding and output-layer rows

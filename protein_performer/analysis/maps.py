@@ -21,7 +21,8 @@ def model_input(tokens: np.ndarray, max_length: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def identity_value_maps(model: ProteinLM, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+def identity_value_maps(model: ProteinLM, tokens: torch.Tensor,
+                        padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(n_layers, B, H, L, L) attention obtained by feeding V = identity through each layer's attention op."""
     tokens = tokens.to(model.head.weight.device)
     qks = model(tokens, padding_mask, return_qk=True)["qk"]

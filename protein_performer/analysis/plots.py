@@ -38,7 +38,8 @@ def attention_grid(maps: np.ndarray, title: str) -> Figure:
     for layer in range(n_layers):
         for head in range(n_heads):
             ax = axes[layer, head]
-            ax.imshow(maps[layer, head], cmap="Blues", vmin=0, vmax=_contrast_max(maps[layer, head]), interpolation="nearest")
+            a = maps[layer, head]
+            ax.imshow(a, cmap="Blues", vmin=0, vmax=_contrast_max(a), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if layer == 0:

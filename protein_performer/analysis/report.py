@@ -50,7 +50,8 @@ def write_analysis(result: AnalysisResult, out: str | Path, **about) -> dict:
     heatmaps = {titles[k]: result.similarity[k] for k in (*VARIANTS, *CONTROLS)} | {"BLOSUM62": blosum62()}
     agreements = {titles[k]: result.agreement[k] for k in (*VARIANTS, *CONTROLS)}
     put("similarity", plots.save(plots.similarity_heatmaps(heatmaps, agreements, columns=3), out / "similarity.png"))
-    put("agreement_by_layer_plot", plots.save(plots.agreement_by_layer(result.by_layer), out / "agreement_by_layer.png"))
+    put("agreement_by_layer_plot",
+        plots.save(plots.agreement_by_layer(result.by_layer), out / "agreement_by_layer.png"))
 
     summary = {
         **about,

@@ -119,13 +119,15 @@ def similarity_matrix(shares: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=4)
 def _permuted_pairs(k: int, permutations: int, seed: int) -> np.ndarray:
-    """(permutations, k(k-1)/2) flat indices into a (k, k) matrix: its upper triangle under random label permutations."""
+    """(permutations, k(k-1)/2) flat indices into a (k, k) matrix: its upper triangle under random label
+    permutations."""
     iu, ju = np.triu_indices(k, 1)
     perms = np.argsort(np.random.default_rng(seed).random((permutations, k)), axis=1)  # one permutation per row
     return perms[:, iu] * k + perms[:, ju]
 
 
-def agreement(similarity: np.ndarray, reference: np.ndarray | None = None, *, permutations: int = 10_000, seed: int = 0) -> dict:
+def agreement(similarity: np.ndarray, reference: np.ndarray | None = None, *, permutations: int = 10_000,
+              seed: int = 0) -> dict:
     """Pearson and Spearman correlation of the off-diagonal pairs of `similarity` with `reference`
     (default BLOSUM62), with one-sided permutation p-values (H1: positive agreement).
 

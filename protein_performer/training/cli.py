@@ -3,8 +3,8 @@ precision picked by the machine, checkpoints that can be trusted (training/callb
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -15,6 +15,7 @@ from ..checkpoints import read_checkpoint, upgrade_hparams
 from .callbacks import BestAndLastCheckpoint
 from .datamodule import ProteinDataModule
 from .module import ProteinLMModule
+
 
 def cpu_has_amx_bf16() -> bool:
     """True when the CPU advertises AMX-BF16 (Linux /proc/cpuinfo flags)."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -99,7 +100,8 @@ class ProteinDataModule(L.LightningDataModule):
             if skipped:
                 rank_zero_info(f"test: skipping splits without examples or not in {self.data_dir}: {skipped}")
             if not self.test_split_names:
-                raise UserError(f"{self.data_dir}: none of the test splits {list(self.hparams.test_splits)} holds an example")
+                raise UserError(f"{self.data_dir}: none of the test splits {list(self.hparams.test_splits)} "
+                                "holds an example")
 
     def _dataset(self, split: str, train: bool, may_be_empty: bool = False) -> Dataset:
         data = self.corpus.split(split)

@@ -135,7 +135,8 @@ class ProteinLMModule(L.LightningModule):
         if dm.objective != self.hparams.objective:
             raise ValueError(f"data objective {dm.objective!r} differs from the model's {self.hparams.objective!r}")
         if dm.example_length > self.config.max_len:
-            raise ValueError(f"data examples of {dm.example_length} tokens exceed the model's max_len {self.config.max_len}")
+            raise ValueError(f"data examples of {dm.example_length} tokens exceed the model's max_len "
+                             f"{self.config.max_len}")
         if stage == "fit":  # the baseline belongs to the data the model is trained on
             self.unigram_counts.copy_(torch.from_numpy(dm.train_token_counts()))
         if stage == "test":
