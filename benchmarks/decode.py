@@ -36,7 +36,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prefixes", type=int, nargs="+", default=[100, 1000, 10000])
     p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--attention", nargs="+", default=["favor-softmax", "favor-relu", "softmax"])
+    p.add_argument("--attention", nargs="+", default=["favor-softmax", "favor-relu", "exact"])
     p.add_argument("--out", type=Path, default=RESULTS / "decode.csv")
     args = p.parse_args(argv)
     max_len = max(args.prefixes) + args.steps + 2

@@ -1,11 +1,11 @@
 """Whole-model training-step benchmark: tokens/s and peak memory against sequence length (paper Fig. 3).
 
-One training step = forward + cross-entropy + backward + AdamW step, batch 1, fp32 (bf16-mixed on CUDA),
-for this project's exact Transformer (SDPA), Performer-softmax and Performer-ReLU, masked (bidirectional) and
+One training step = forward + cross-entropy + backward + AdamW step, batch 1, in --precision (fp32, or bf16
+autocast), for this project's exact Transformer (SDPA), Performer-softmax and Performer-ReLU, masked (bidirectional) and
 causal, and performer-pytorch's PerformerLM at the same size when it is installed. Default size: the
 concatenated-task model (6 layers, d_model 512, 8 heads, d_ff 2048, m = 256). Each (system, L) runs in a
 fresh subprocess so its peak memory is its own. Beside each row: the compute floor (model FLOPs over the
-machine's measured matmul rate) and the fraction of it reached.
+machine's measured matmul rate in the same precision, on the same device) and the fraction of it reached.
 
 A system stops growing L once a step takes longer than --skip-after seconds or more than --memory-limit-gib;
 the last lines name the largest L measured within that memory for each system.
@@ -13,6 +13,7 @@ the last lines name the largest L measured within that memory for each system.
     python benchmarks/model.py                                              # 1K .. 64K, every system, both modes
     python benchmarks/model.py --lengths 8192 --modes masked --rounds 3     # one column of the issue's table
     python benchmarks/model.py --lengths 65536 --activation-checkpointing   # the longest length
+    python benchmarks/model.py --lengths 8192 --modes masked --precision bf16 --rounds 3  # bf16 column
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from results_io import (
     RESULTS,
+    machine_info,
     default_device,
     fastest_of_rounds,
     performer_pytorch_installed,
@@ -33,7 +35,8 @@ from results_io import (
     write_csv,
 )
 
-SYSTEMS = ("softmax", "favor-softmax", "favor-relu", "performer-pytorch")
+SYSTEMS = ("exact", "favor-softmax", "favor-relu", "performer-pytorch")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def build(system: str, causal: bool, length: int, size: dict):
@@ -58,33 +61,38 @@ def step_flops(system: str, causal: bool, length: int, size: dict) -> float:
     weights = layers * (4 * d * d + 2 * d * size["d_ff"]) + d * 29
     flops = 6 * weights * length  # the floor counts no recomputation, also with activation checkpointing
     d_head = d // heads
-    if system == "softmax":
+    if system == "exact":
         attn = 4 * length * length * d_head * heads * (0.5 if causal else 1.0)  # QK^T and AV
     else:
         f = 2 * m if system == "performer-pytorch" else m  # (q, k features) + kv + out
         attn = 2 * length * f * d_head * heads * 2 + 2 * length * m * (d_head + 1) * heads * 2
         if causal and system != "performer-pytorch":  # our intra-chunk C x C products on top
-            from protein_performer.attention.favor import DEFAULT_CHUNK
+            from protein_performer.attention import DEFAULT_CHUNK
 
             attn += 2 * length * DEFAULT_CHUNK * (m + d_head + 1) * heads
     return flops + 3 * layers * attn
 
 
-def matmul_rate() -> float:
-    """FLOP/s of a large fp32 matrix product on this machine (the roof for the compute floor)."""
+def matmul_rate(device: str, precision: str) -> float:
+    """FLOP/s of a large matrix product in `precision` on `device` (the roof for the compute floor)."""
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    n = 8192 if device == "cuda" else 2048  # large enough to reach the device's sustained rate
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, DTYPES[precision])) for _ in range(2))
     a @ b
     times = []
     for _ in range(11):  # the median product: the machine's sustained rate, not one lucky or unlucky moment
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return 2 * 2048**3 / sorted(times)[5]
+    return 2 * n**3 / sorted(times)[5]
 
 
-def worker(system: str, causal: bool, length: int, size: dict, repeats: int, device: str) -> dict:
+def worker(system: str, causal: bool, length: int, size: dict, repeats: int, device: str, precision: str) -> dict:
     import resource
 
     import torch
@@ -95,7 +103,7 @@ def worker(system: str, causal: bool, length: int, size: dict, repeats: int, dev
     module.to(device).train()
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
     tokens = torch.randint(0, 20, (1, length), device=device)
-    amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    amp = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
     times = []
     for _ in range(repeats + 1):  # first step warms up
         if device == "cuda":
@@ -122,7 +130,8 @@ def worker(system: str, causal: bool, length: int, size: dict, repeats: int, dev
 
 def run_one(args, system, causal, length):
     return run_worker([sys.executable, __file__, "--worker", system, str(int(causal)), str(length),
-                       "--size", json.dumps(args.size), "--repeats", str(args.repeats), "--device", args.device],
+                       "--size", json.dumps(args.size), "--repeats", str(args.repeats), "--device", args.device,
+                       "--precision", args.precision],
                       args.timeout)
 
 
@@ -144,13 +153,14 @@ def main(argv=None):
     p.add_argument("--skip-after", type=float, default=120, help="stop growing L once a step took this long")
     p.add_argument("--memory-limit-gib", type=float, default=16.0)
     p.add_argument("--device", default=default_device())
+    p.add_argument("--precision", choices=sorted(DTYPES), default="fp32", help="bf16: autocast, the roof in bf16 too")
     p.add_argument("--out", type=Path, default=RESULTS / "model.csv")
     p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
         system, causal, length = args.worker[0], bool(int(args.worker[1])), int(args.worker[2])
-        print(json.dumps(worker(system, causal, length, args.size, args.repeats, args.device)))
+        print(json.dumps(worker(system, causal, length, args.size, args.repeats, args.device, args.precision)))
         return
 
     if args.activation_checkpointing:
@@ -158,14 +168,15 @@ def main(argv=None):
     systems = [s for s in args.systems if s != "performer-pytorch" or performer_pytorch_installed()]
     if args.activation_checkpointing and "performer-pytorch" in systems:
         systems.remove("performer-pytorch")  # it has no such option
-    rate = matmul_rate()
-    print(f"device={args.device}, size={args.size}, {args.rounds} round(s) per length")
+    rate = matmul_rate(args.device, args.precision)
+    print(machine_info())
+    print(f"device={args.device}, precision={args.precision}, size={args.size}, {args.rounds} round(s) per length")
     print(f"{'mode':<8}{'system':<19}{'L':>7}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'floor s':>9}{'of floor':>9}"
           f"{'roof GFLOP/s':>14}")
 
     def remeasure_roof():
         nonlocal rate
-        rate = max(rate, matmul_rate())
+        rate = max(rate, matmul_rate(args.device, args.precision))
 
     keys = [(mode, system) for mode in args.modes for system in systems]
     runs = fastest_of_rounds(keys, args.lengths, args.rounds,
@@ -174,7 +185,7 @@ def main(argv=None):
                              before_round=remeasure_roof)
     rows = []
     for (mode, system), length, r in runs:
-        row = {"device": args.device, "mode": mode, "system": system, "length": length,
+        row = {"device": args.device, "precision": args.precision, "mode": mode, "system": system, "length": length,
                "seconds": r.get("seconds"), "tokens_per_s": length / r["seconds"] if "seconds" in r else None,
                "peak_gib": r.get("peak_gib"), "roof_gflop_s": rate / 1e9, "floor_seconds": None,
                "fraction_of_floor": None, "error": r.get("error", "")}
@@ -186,7 +197,7 @@ def main(argv=None):
         row.update(floor_seconds=floor, fraction_of_floor=floor / row["seconds"])
         print(f"{mode:<8}{system:<19}{length:>7}{row['seconds']:>9.2f}{row['tokens_per_s']:>10.0f}"
               f"{row['peak_gib']:>10.2f}{floor:>9.2f}{row['fraction_of_floor']:>9.0%}{rate / 1e9:>14.0f}", flush=True)
-    print("roof: the median of 11 products of 2048 x 2048 matrices, the best of the rounds so far")
+    print(f"roof: the median of 11 square {args.precision} matrix products on {args.device}, the best of the rounds")
     write_csv(rows, args.out)
     largest = {}
     for r in rows:
