@@ -141,3 +141,18 @@ def test_a_checkpoint_of_release_0_1_is_evaluated(prepared, tmp_path, cli):
                      "--trainer.logger", "false", "--trainer.default_root_dir", tmp_path / "eval"])
     assert code == 0, err
     assert "exact" in (tmp_path / "eval" / "report" / "report.json").read_text()
+
+
+@pytest.mark.parametrize("damage", ["truncate tokens", "foreign byte"])
+def test_damaged_data_is_one_clear_line(tmp_path, cli, damage):
+    rng = np.random.default_rng(0)
+    seqs = {s: [rng.integers(0, 20, 30).astype(np.uint8) for _ in range(8)] for s in ("train", "valid")}
+    data = write_prepared(tmp_path / "data", seqs)
+    tokens = data / "valid" / "tokens.bin"
+    if damage == "truncate tokens":
+        tokens.write_bytes(tokens.read_bytes()[:-5])
+    else:
+        tokens.write_bytes(tokens.read_bytes()[:3] + bytes([200]) + tokens.read_bytes()[4:])
+    code, err = cli(fit_args(data, tmp_path))
+    assert code == 2 and str(tokens.parent) in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1 and "Traceback" not in err
