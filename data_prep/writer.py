@@ -1,54 +1,18 @@
-"""Output: per-split token streams written incrementally, final fix-ups, statistics, manifest.
-
-Everything is written into a hidden temporary directory next to DIR and renamed to DIR only after
-manifest.json (written last) is complete, so an interrupted run never leaves a DIR that looks done
-and never touches an existing DIR unless --overwrite (which swaps the new one in by rename).
+"""The splits on disk: per-split token streams written incrementally, the final fix-ups (sequences moved between
+splits), offsets.npy and the statistics of each split. Everything is written inside the run's temporary
+directory (output.OutputDir); the layout is the one protein_performer.corpus reads.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from data_prep import PrepError
 from protein_performer.vocab import EOS
 
 _COPY = 1 << 26  # bytes per copy step when rewriting a split
-
-
-class OutputDir:
-    """Context manager giving a temporary directory that becomes `out` on success, vanishes on failure."""
-
-    def __init__(self, out: str | Path, overwrite: bool = False):
-        self.out = Path(out).absolute()
-        if self.out.exists() and not overwrite:
-            raise PrepError(f"{self.out}: output directory exists; pass --overwrite to replace it")
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> Path:
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp.mkdir()
-        except OSError as e:
-            raise PrepError(f"{self.out}: cannot create output directory ({e.strerror})") from None
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,9 +27,10 @@ class SplitWriter:
     def __init__(self, root: Path, name: str):
         self.dir = root / name
         self.dir.mkdir()
-        self.tokens = open(self.dir / "tokens.bin", "wb", buffering=1 << 22)
-        self.offsets = open(self.dir / "offsets.tmp", "wb", buffering=1 << 20)
-        self.digests = open(self.dir / "digests.tmp", "wb", buffering=1 << 20)
+        # open across appends, closed by close() (the run's temporary directory goes if anything fails)
+        self.tokens = open(self.dir / "tokens.bin", "wb", buffering=1 << 22)  # noqa: SIM115
+        self.offsets = open(self.dir / "offsets.tmp", "wb", buffering=1 << 20)  # noqa: SIM115
+        self.digests = open(self.dir / "digests.tmp", "wb", buffering=1 << 20)  # noqa: SIM115
         self.position = 0
         self.count = 0
 
@@ -113,8 +78,7 @@ def rewrite_split(split_dir: Path, keep: np.ndarray, incoming: list[tuple[np.nda
                 continue
             first, last = _runs(idx)
             for a, b in zip(off[first].tolist(), end[last].tolist()):
-                for s in range(a, b, _COPY):
-                    out.write(tok[s : min(b, s + _COPY)].tobytes())
+                out.writelines(tok[s : min(b, s + _COPY)].tobytes() for s in range(a, b, _COPY))
             sizes = end[idx] - off[idx]
             new_offsets.append(position + np.cumsum(sizes) - sizes)
             new_digests.append(dig[idx])
@@ -152,7 +116,7 @@ def finish_split(split_dir: Path) -> dict:
         tokens = np.memmap(split_dir / "tokens.bin", dtype=np.uint8, mode="r")
         # Cheap self-check of the layout (one byte per sequence): every sequence ends with EOS.
         if (lengths < 1).any() or not (tokens[offsets + lengths] == EOS).all():
-            raise PrepError(f"{split_dir}: internal error: token stream does not match its offsets")
+            raise RuntimeError(f"{split_dir}: internal error: token stream does not match its offsets")
         del tokens
     np.save(split_dir / "offsets.npy", offsets)
     for name in ("offsets.tmp", "digests.tmp"):
@@ -160,12 +124,3 @@ def finish_split(split_dir: Path) -> dict:
     stats = length_stats(lengths)
     stats["tokens"] = int(n_tokens)
     return stats
-
-
-def write_manifest(root: Path, manifest: dict) -> None:
-    path = root / "manifest.json"
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
