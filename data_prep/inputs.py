@@ -55,6 +55,8 @@ class InputFile:
 
     def __init__(self, path: str | Path, fmt: str = "auto", block_size: int = 4 << 20):
         self.path, self.block_size = check_input(path), block_size
+        if self.path.is_file() and self.path.stat().st_size == 0:  # pipes and devices are found empty when read
+            raise UserError(f"{self.path}: empty input: no records")
         self.format = fmt
         self.gzipped, self.sha256, self.size, self.records = False, "", 0, 0
 

@@ -27,6 +27,7 @@ from protein_performer.corpus import MANIFEST, SPLITS
 from protein_performer.errors import UserError
 
 PREPARED_ENTRIES = frozenset({MANIFEST, *SPLITS})
+SPLIT_FILES = frozenset({"tokens.bin", "offsets.npy"})
 
 
 def _megabytes(path: Path) -> float:
@@ -104,6 +105,9 @@ class OutputDir:
             raise UserError(f"{self.given}: not a prepared directory (no {MANIFEST}) and not empty{when}: --overwrite "
                             "replaces only a prepared directory or an empty one; choose another --out")
         foreign = [name for name in entries if name not in PREPARED_ENTRIES]
+        for split in PREPARED_ENTRIES.intersection(SPLITS).intersection(entries):
+            inside = sorted(p.name for p in (self.out / split).iterdir()) if (self.out / split).is_dir() else [""]
+            foreign += [f"{split}/{name}".rstrip("/") for name in inside if name not in SPLIT_FILES]
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
             raise UserError(f"{self.given}: holds files {PROG} did not write ({shown}){when}; --overwrite replaces "

@@ -15,11 +15,12 @@ from Bio import SeqIO, SwissProt
 
 from data_prep import records as R
 from data_prep.__main__ import main
-from data_prep.dedup import HashSet, seed_key
+from data_prep.dedup import HashSet, accession_keys, seed_key
 from data_prep.pipeline import Settings, run
 from data_prep.records import parse_fasta, parse_fasta_biopython
 from data_prep.splits import read_ood_accessions
 from protein_performer.corpus import SPLITS
+from protein_performer.fasta import parse_title
 from protein_performer.vocab import EOS, LETTERS, decode
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -367,3 +368,18 @@ def test_duplicate_accession_across_block_paths(tmp_path):
     out = tmp_path / "out"
     records = run(Settings([str(fasta)], str(out), block_size=40, progress=False))["records"]
     assert records["read"] == 6 and records["kept"] == 3 and records["rejected"]["duplicate_accession"] == 3
+
+
+TRICKY_TITLES = [b"sp|P2|N d", b"tr|Q9|", b"sp|", b"x y", b"", b" sp|P3|", b"sp|P4 |x", b"tr|Q5\t|y", b"sp|Q\x85|a",
+                 b"sp|ABCDEFGHIJKLMNOP|x", b"sp|ABCDEFGHIJKLMNOPQ|x", b"a>b", b"sp|P6", b"tr|\xc5\xc4|x", b"sp|P7|\r",
+                 b"sp||x", b"SP|P8|x", b"tr|Q1|x|y", b"sp|P9\xa0|x", b"sp|A\x1cB|x", b"gi|123|ref|x", b"sp|P1\x0b|y",
+                 b"trx|P1|y", b"sp|P0974|BPT1_BOVIN Pancreatic trypsin inhibitor OS=Bos taurus"]
+
+
+def test_vectorised_accessions_equal_parse_title():
+    """The whole-block path's accession extraction is parse_title's accelerated twin."""
+    block = b"".join(b">" + t + b"\nMKV\n" for t in TRICKY_TITLES)
+    result = R.fast_fasta_block(block, CONFIG)
+    expected = [parse_title(t.decode("latin-1"))[0] for t in TRICKY_TITLES]
+    assert result is not None and result.accessions.split("\n") == expected
+    assert np.array_equal(result.accession_keys, accession_keys(expected))
