@@ -21,12 +21,24 @@ Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)])
 Seed = restricted_number_type("Seed", int, [(">=", 0), ("<", 2**128)])
 
 
-def prep(inputs: list[str], out: str, format: Literal["auto", "fasta", "swiss"] = "auto", pfam_labels: str | None = None,
-         ood_families: list[str] | None = None, ood_families_file: str | None = None,
-         valid_fraction: Fraction = 0.001, test_fraction: Fraction = 0.01, min_valid: NonNegativeInt = 100,
-         min_test: NonNegativeInt = 100, seed: Seed = 0, workers: PositiveInt | None = None,
-         unknown: UnknownPolicy = "reject", fasta_parser: Literal["fast", "biopython"] = "fast",
-         overwrite: bool = False, progress: bool | None = None) -> dict:
+def prep(
+    inputs: list[str],
+    out: str,
+    format: Literal["auto", "fasta", "swiss"] = "auto",
+    pfam_labels: str | None = None,
+    ood_families: list[str] | None = None,
+    ood_families_file: str | None = None,
+    valid_fraction: Fraction = 0.001,
+    test_fraction: Fraction = 0.01,
+    min_valid: NonNegativeInt = 100,
+    min_test: NonNegativeInt = 100,
+    seed: Seed = 0,
+    workers: PositiveInt | None = None,
+    unknown: UnknownPolicy = "reject",
+    fasta_parser: Literal["fast", "biopython"] = "fast",
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> dict:
     """Tokenize, de-duplicate and split UniProt FASTA or flat files into a prepared data directory.
 
     Writes OUT/{train,valid,test,ood}/tokens.bin + offsets.npy and OUT/manifest.json. Sequences carrying a
@@ -62,12 +74,25 @@ def prep(inputs: list[str], out: str, format: Literal["auto", "fasta", "swiss"] 
         families = [normalize_family(f) for f in (PAPER_OOD_FAMILIES if ood_families is None else ood_families)]
     if min(min_valid, min_test) < 0 or (workers is not None and workers < 1):
         raise UserError("--min_valid and --min_test must be >= 0, --workers >= 1")
-    return run(Settings(
-        inputs=inputs, out=out, format=format, pfam_labels=pfam_labels, ood_families=families,
-        valid_fraction=valid_fraction, test_fraction=test_fraction, min_valid=min_valid, min_test=min_test, seed=seed,
-        unknown=unknown, fasta_parser=fasta_parser, workers=default_workers() if workers is None else workers,
-        overwrite=overwrite, progress=progress,
-    ))
+    return run(
+        Settings(
+            inputs=inputs,
+            out=out,
+            format=format,
+            pfam_labels=pfam_labels,
+            ood_families=families,
+            valid_fraction=valid_fraction,
+            test_fraction=test_fraction,
+            min_valid=min_valid,
+            min_test=min_test,
+            seed=seed,
+            unknown=unknown,
+            fasta_parser=fasta_parser,
+            workers=default_workers() if workers is None else workers,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    )
 
 
 def _current_spelling(argv: list[str]) -> list[str]:

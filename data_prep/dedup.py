@@ -20,6 +20,7 @@ import numpy as np
 
 _EMPTY = np.uint64(0)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_PI = np.uint64(0x243F6A8885A308D3)  # digits of pi: sets the two words of a packed accession apart
 ACCESSION_PACKED = 16  # bytes of an accession packed into a key (every UniProt accession fits)
 
 
@@ -37,7 +38,7 @@ def seed_key(seed: int) -> np.uint64:
 
 def pack_key(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Key of an accession packed (NUL-padded) into two little-endian uint64 words."""
-    return mix64(lo ^ mix64(hi ^ np.uint64(0x243F6A8885A308D3)))
+    return mix64(lo ^ mix64(hi ^ _PI))
 
 
 def accession_keys(accessions: list[str]) -> np.ndarray:

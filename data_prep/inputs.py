@@ -69,7 +69,9 @@ class InputFile:
             while True:
                 data = self._read(stream)
                 if b"\x00" in data:
-                    raise UserError(f"{self.path}: binary data (NUL byte) in the input; not a FASTA or UniProt flat file")
+                    raise UserError(
+                        f"{self.path}: binary data (NUL byte) in the input; not a FASTA or UniProt flat file"
+                    )
                 buf = tail + data
                 if not started and buf.strip():
                     self._check_start(buf)

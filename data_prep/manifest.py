@@ -17,14 +17,25 @@ from data_prep.records import NUCLEOTIDE_LETTERS, NUCLEOTIDE_MIN_LENGTH, NUCLEOT
 from protein_performer.corpus import FORMAT_VERSION, MANIFEST
 from protein_performer.vocab import BOS, EOS, MASK, PAD, TOKENS
 
-REJECT_REASONS = ("empty", "no_sequence", "malformed", "unknown_letter", "nucleotide", "duplicate_accession",
-                  "duplicate_sequence")
+REJECT_REASONS = (
+    "empty",
+    "no_sequence",
+    "malformed",
+    "unknown_letter",
+    "nucleotide",
+    "duplicate_accession",
+    "duplicate_sequence",
+)
 CHANGE_REASONS = ("lowercase", "unknown_to_x")
-HASH = ("d = blake2b(token ids, digest_size=16); de-duplication key = d[:8] (little-endian uint64); "
-        "split key = splitmix64(d[8:] xor blake2b(seed as 16 bytes little-endian, digest_size=8)); "
-        "test if key < test_fraction * 2**64, valid if below (test_fraction + valid_fraction) * 2**64")
-NUCLEOTIDE_RULE = (f"rejected as nucleotide: >= {NUCLEOTIDE_MIN_LENGTH} letters, >= {NUCLEOTIDE_PERCENT}% of them "
-                   f"{'/'.join(NUCLEOTIDE_LETTERS)}")
+HASH = (
+    "d = blake2b(token ids, digest_size=16); de-duplication key = d[:8] (little-endian uint64); "
+    "split key = splitmix64(d[8:] xor blake2b(seed as 16 bytes little-endian, digest_size=8)); "
+    "test if key < test_fraction * 2**64, valid if below (test_fraction + valid_fraction) * 2**64"
+)
+NUCLEOTIDE_RULE = (
+    f"rejected as nucleotide: >= {NUCLEOTIDE_MIN_LENGTH} letters, >= {NUCLEOTIDE_PERCENT}% of them "
+    f"{'/'.join(NUCLEOTIDE_LETTERS)}"
+)
 
 
 def _versions() -> dict:
@@ -40,8 +51,9 @@ def _versions() -> dict:
     }
 
 
-def build_manifest(parameters: dict, files: list[InputFile], stats: dict, records: dict, rejected: Counter,
-                   changed: Counter) -> dict:
+def build_manifest(
+    parameters: dict, files: list[InputFile], stats: dict, records: dict, rejected: Counter, changed: Counter
+) -> dict:
     """The manifest; deterministic (no timestamps, no --workers). `parameters`: what decided the output;
     `records`: read, residues_read and moved_to_ood_by_duplicate counts."""
     return {
@@ -61,8 +73,14 @@ def build_manifest(parameters: dict, files: list[InputFile], stats: dict, record
             "moved_to_ood_by_duplicate": records["moved_to_ood_by_duplicate"],
         },
         "inputs": [
-            {"path": str(f.path), "format": f.format, "gzip": f.gzipped, "size": f.size, "sha256": f.sha256,
-             "records": f.records}
+            {
+                "path": str(f.path),
+                "format": f.format,
+                "gzip": f.gzipped,
+                "size": f.size,
+                "sha256": f.sha256,
+                "records": f.records,
+            }
             for f in files
         ],
         "parameters": {**parameters, "hash": HASH, "nucleotide": NUCLEOTIDE_RULE},

@@ -68,8 +68,10 @@ class OutputDir:
                 os.close(fd)
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                raise UserError(f"{self.given}: another {PROG} run is writing it ({holder}; lock {self.lock_path}); "
-                                "wait for it to finish or choose another --out") from None
+                raise UserError(
+                    f"{self.given}: another {PROG} run is writing it ({holder}; lock {self.lock_path}); "
+                    "wait for it to finish or choose another --out"
+                ) from None
             try:
                 same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -78,7 +80,9 @@ class OutputDir:
                 break
             os.close(fd)  # a run that finished meanwhile unlinked this file: lock the new one
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        os.write(
+            fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode()
+        )
         self._lock_fd = fd
 
     def _unlock(self) -> None:
@@ -102,16 +106,20 @@ class OutputDir:
             raise UserError(f"{self.given}: output directory exists{when}; pass --overwrite to replace it")
         entries = sorted(p.name for p in self.out.iterdir())
         if entries and MANIFEST not in entries:
-            raise UserError(f"{self.given}: not a prepared directory (no {MANIFEST}) and not empty{when}: --overwrite "
-                            "replaces only a prepared directory or an empty one; choose another --out")
+            raise UserError(
+                f"{self.given}: not a prepared directory (no {MANIFEST}) and not empty{when}: --overwrite "
+                "replaces only a prepared directory or an empty one; choose another --out"
+            )
         foreign = [name for name in entries if name not in PREPARED_ENTRIES]
         for split in PREPARED_ENTRIES.intersection(SPLITS).intersection(entries):
             inside = sorted(p.name for p in (self.out / split).iterdir()) if (self.out / split).is_dir() else [""]
             foreign += [f"{split}/{name}".rstrip("/") for name in inside if name not in SPLIT_FILES]
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-            raise UserError(f"{self.given}: holds files {PROG} did not write ({shown}){when}; --overwrite replaces "
-                            "only a prepared directory or an empty one: move them or choose another --out")
+            raise UserError(
+                f"{self.given}: holds files {PROG} did not write ({shown}){when}; --overwrite replaces "
+                "only a prepared directory or an empty one: move them or choose another --out"
+            )
 
     def _remove_stale(self) -> None:
         """Remove what killed runs left beside OUT (the lock we hold proves they are dead)."""
@@ -120,16 +128,22 @@ class OutputDir:
         if self.out.exists():  # an .old-* is the previous OUT only if the swap was cut between its two renames
             stale += old
         elif old:
-            say(f"kept {', '.join(p.name for p in old)} beside {self.given}: a run was killed while replacing it, and "
-                "that directory may hold the previous output", "note")
+            say(
+                f"kept {', '.join(p.name for p in old)} beside {self.given}: a run was killed while replacing it, and "
+                "that directory may hold the previous output",
+                "note",
+            )
         if not stale:
             return
         megabytes = sum(_megabytes(p) for p in stale)
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
-        s = "y" if len(stale) == 1 else "ies"
-        say(f"removed {len(stale)} temporary director{s} of earlier runs into {self.given} that were killed "
-            f"({megabytes:.1f} MB): {', '.join(p.name for p in stale)}", "note")
+        what = "temporary directory" if len(stale) == 1 else "temporary directories"
+        say(
+            f"removed {len(stale)} {what} left beside {self.given} by killed runs ({megabytes:.1f} MB): "
+            f"{', '.join(p.name for p in stale)}",
+            "note",
+        )
 
     # ---- the run ----
 
@@ -162,8 +176,10 @@ class OutputDir:
                 return
             shutil.rmtree(self.tmp, ignore_errors=True)
             if isinstance(exc, OSError):  # reading errors are UserErrors by now: this one happened writing
-                raise UserError(f"{self.given}: cannot write the prepared data: {exc.strerror or exc}; nothing was "
-                                "written and the temporary files were removed") from None
+                raise UserError(
+                    f"{self.given}: cannot write the prepared data: {exc.strerror or exc}; nothing was "
+                    "written and the temporary files were removed"
+                ) from None
         finally:
             self._unlock()
 

@@ -110,14 +110,20 @@ class _Prep:
                 bar.update(result.residues)
         except TruncatedInput as e:
             done = self.records - self.file_start
-            raise UserError(f"{e} after record {done}" + (f" ({self.last_accession})" if done and self.last_accession else "")) from None
+            raise UserError(
+                f"{e} after record {done}" + (f" ({self.last_accession})" if done and self.last_accession else "")
+            ) from None
         except RecordError as e:
-            raise UserError(f"{f.path}: record {self.records - self.file_start + e.index + 1} ({e.accession}): {e.message}") from None
+            raise UserError(
+                f"{f.path}: record {self.records - self.file_start + e.index + 1} ({e.accession}): {e.message}"
+            ) from None
         f.records = self.records - self.file_start
         nucleotide = self.rejected["nucleotide"] - nucleotide_before
         if 2 * nucleotide > f.records:
-            raise UserError(f"{f.path}: {nucleotide} of its {f.records} records are nucleotide sequences (>= "
-                            f"{NUCLEOTIDE_PERCENT}% {'/'.join(NUCLEOTIDE_LETTERS)}), not protein")
+            raise UserError(
+                f"{f.path}: {nucleotide} of its {f.records} records are nucleotide sequences (>= "
+                f"{NUCLEOTIDE_PERCENT}% {'/'.join(NUCLEOTIDE_LETTERS)}), not protein"
+            )
 
     def add_block(self, path: Path, r: BlockResult) -> None:
         base = self.records - self.file_start  # records are numbered from 1 in each file
@@ -171,7 +177,9 @@ class _Prep:
                 for i in np.flatnonzero(np.isin(np.maximum(data[name][2][:, 0], 1), late)).tolist():
                     moving[name][i] = "ood"
         counts = {name: len(data[name][1]) - len(moving[name]) for name in ("train", "valid", "test")}
-        n_valid, n_test = promotion_targets(sum(counts.values()), counts["valid"], counts["test"], self.s.min_valid, self.s.min_test)
+        n_valid, n_test = promotion_targets(
+            sum(counts.values()), counts["valid"], counts["test"], self.s.min_valid, self.s.min_test
+        )
         if (n_valid, n_test) != (counts["valid"], counts["test"]):
             # Rank the non-OOD sequences by split key: test takes the first n_test, valid the next n_valid.
             # Only train's k smallest keys can reach the top k, so train is not sorted whole.
@@ -190,7 +198,10 @@ class _Prep:
         touched = {name for name in SPLITS if moving[name]} | {dst for m in moving.values() for dst in m.values()}
         for name in sorted(touched):
             keep = np.setdiff1d(np.arange(len(data[name][1])), list(moving[name]))
-            incoming = [(*data[src], np.array(sorted(i for i, d in moving[src].items() if d == name), dtype=np.int64)) for src in SPLITS]
+            incoming = [
+                (*data[src], np.array(sorted(i for i, d in moving[src].items() if d == name), dtype=np.int64))
+                for src in SPLITS
+            ]
             rewrite_split(dirs[name], keep, [part for part in incoming if part[3].size])
         for name in touched:
             commit_rewrite(dirs[name])
@@ -203,22 +214,31 @@ class _Prep:
         kept = sum(counts.values())
         skipped = ", ".join(f"{reason.replace('_', ' ')} {n:,}" for reason, n in sorted(self.rejected.items()) if n)
         if kept == 0:
-            raise UserError(f"no sequence was kept from the {self.records:,} records read"
-                            + (f" (skipped: {skipped})" if skipped else "") + "; nothing to write")
+            raise UserError(
+                f"no sequence was kept from the {self.records:,} records read"
+                + (f" (skipped: {skipped})" if skipped else "")
+                + "; nothing to write"
+            )
         if counts["train"] == 0:
             s = self.s
             what = ", ".join(f"{name} {counts[name]}" for name in ("valid", "test", "ood") if counts[name])
             if counts["ood"] == kept:
                 fix = "hold out fewer Pfam families or give more sequences"
             else:
-                fix = (f"give more sequences, or lower --min_valid / --min_test (now {s.min_valid} / {s.min_test}; "
-                       "0 keeps the fractions alone)")
-            raise UserError(f"the train split would be empty: {kept:,} sequence{'s' * (kept != 1)} kept after "
-                            f"de-duplication, all in {what}; {fix}")
+                fix = (
+                    f"give more sequences, or lower --min_valid / --min_test (now {s.min_valid} / {s.min_test}; "
+                    "0 keeps the fractions alone)"
+                )
+            raise UserError(
+                f"the train split would be empty: {kept:,} sequence{'s' * (kept != 1)} kept after "
+                f"de-duplication, all in {what}; {fix}"
+            )
         for name, minimum in (("valid", self.s.min_valid), ("test", self.s.min_test)):
             if counts[name] == 0:
-                say(f"the {name} split is empty ({kept:,} sequences kept, --{name}_fraction "
-                    f"{getattr(self.s, name + '_fraction')}, --min_{name} {minimum})")
+                say(
+                    f"the {name} split is empty ({kept:,} sequences kept, --{name}_fraction "
+                    f"{getattr(self.s, name + '_fraction')}, --min_{name} {minimum})"
+                )
 
 
 def _parser_name(fmt: str, fasta_parser: str) -> str:
@@ -235,7 +255,9 @@ def run(s: Settings) -> dict:
     start = time.perf_counter()
     with OutputDir(s.out, s.overwrite, tuple(f.path for f in files)) as root:
         ood_families = frozenset(s.ood_families)
-        ood_accessions = frozenset(read_ood_accessions(s.pfam_labels, set(ood_families))) if s.pfam_labels else frozenset()
+        ood_accessions = (
+            frozenset(read_ood_accessions(s.pfam_labels, set(ood_families))) if s.pfam_labels else frozenset()
+        )
         prep = _Prep(s, root)
         with worker_pool(s.workers, WorkerConfig(s.unknown, seed_key(s.seed), ood_families, ood_accessions)) as pool:
             bar = progress_bar(s.progress)
@@ -246,7 +268,11 @@ def run(s: Settings) -> dict:
                 bar.close()
         stats = prep.finish()
         prep.check_splits(stats)
-        records = {"read": prep.records, "residues_read": prep.residues_read, "moved_to_ood_by_duplicate": len(prep.late_ood)}
+        records = {
+            "read": prep.records,
+            "residues_read": prep.residues_read,
+            "moved_to_ood_by_duplicate": len(prep.late_ood),
+        }
         manifest = build_manifest(s.parameters(len(ood_accessions)), files, stats, records, prep.rejected, prep.changed)
         write_manifest(root, manifest)
     elapsed = time.perf_counter() - start

@@ -50,7 +50,8 @@ _NUCLEOTIDE_TABLE = bytes(int(b in _NUCLEOTIDE_IDS) for b in range(256))  # toke
 def is_nucleotide(tokens: bytes) -> bool:
     """The nucleotide rule for one record's token ids."""
     n = len(tokens)
-    return n >= NUCLEOTIDE_MIN_LENGTH and 100 * (n - len(tokens.translate(None, _NUCLEOTIDE_IDS))) >= NUCLEOTIDE_PERCENT * n
+    others = len(tokens.translate(None, _NUCLEOTIDE_IDS))
+    return n >= NUCLEOTIDE_MIN_LENGTH and 100 * (n - others) >= NUCLEOTIDE_PERCENT * n
 
 
 def nucleotide_detail(tokens: bytes) -> str:
@@ -58,13 +59,30 @@ def nucleotide_detail(tokens: bytes) -> str:
     return f"{share:.0f}% of its {len(tokens)} letters are {'/'.join(NUCLEOTIDE_LETTERS)}: a DNA or RNA sequence"
 
 
+_SCREEN_STRIDE = 4  # nucleotide_records looks at every 4th letter first
+_SCREEN_PAD = _EOS_BYTE * _SCREEN_STRIDE
+
+
 def nucleotide_records(tokens: bytes, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """is_nucleotide of every record tokens[start : start + length] at once (bool), for the whole-block path."""
-    if not starts.size:
-        return np.zeros(0, dtype=bool)
-    flags = np.frombuffer(tokens.translate(_NUCLEOTIDE_TABLE), dtype=np.uint8)
-    counts = np.add.reduceat(flags, starts, dtype=np.uint32).astype(np.int64)  # EOS counts 0
-    return (lengths >= NUCLEOTIDE_MIN_LENGTH) & (100 * counts >= NUCLEOTIDE_PERCENT * lengths)
+    """is_nucleotide of every record tokens[start : start + length] at once (bool), for the whole-block path.
+
+    Counting every letter added about 15% to the whole-block path; this exact screen on every 4th letter costs a
+    third of that. A nucleotide record has at most a tenth of its letters outside A/C/G/T/U/N, so at most that many
+    among its sampled letters: only records within that bound (21 of the 37,086 records of the prep benchmark's
+    input) are checked letter by letter.
+    """
+    k = _SCREEN_STRIDE
+    sample = (np.frombuffer(tokens, dtype=np.uint8)[::k].tobytes() + _SCREEN_PAD).translate(_NUCLEOTIDE_TABLE)
+    first = (starts + k - 1) // k  # index of each record's first sampled letter
+    sampled = (starts + lengths + k - 1) // k - first
+    # Each sum runs up to the next record's first sampled letter: this record's, plus its EOS (which counts 0).
+    nucleotide = np.add.reduceat(np.frombuffer(sample, dtype=np.uint8), first, dtype=np.uint32)
+    bound = (100 - NUCLEOTIDE_PERCENT) * lengths
+    maybe = np.flatnonzero((lengths >= NUCLEOTIDE_MIN_LENGTH) & (100 * (sampled - nucleotide) <= bound))
+    flags = np.zeros(starts.size, dtype=bool)
+    for i in maybe.tolist():
+        flags[i] = is_nucleotide(tokens[starts[i] : starts[i] + lengths[i]])
+    return flags
 
 
 # ---- parsers: a parsed record is (accession or "", Pfam families from the entry, sequence bytes, error or None) ----
@@ -98,7 +116,8 @@ def parse_fasta(block: bytes) -> Iterator[Parsed]:
         return  # only blank lines (text before the first '>' was refused by InputFile)
     for rec in block[start + 1 :].split(b"\n>"):
         title, _, body = rec.partition(b"\n")
-        yield parse_title(title.decode("latin-1"))[0], (), body.replace(b"\n", b"").replace(b" ", b"").replace(b"\r", b""), None
+        sequence = body.replace(b"\n", b"").replace(b" ", b"").replace(b"\r", b"")
+        yield parse_title(title.decode("latin-1"))[0], (), sequence, None
 
 
 _AC_LINE = re.compile(r"^AC   (\S+?);", re.MULTILINE)

@@ -22,10 +22,12 @@ from protein_performer.errors import UserError
 from protein_performer.fasta import open_text
 
 # PAPER_NOTES section 1 (App. C.1 of arXiv 2009.14794).
+# fmt: off
 PAPER_OOD_FAMILIES = (
     "PF18369", "PF04680", "PF17988", "PF12325", "PF03272", "PF03938", "PF17724", "PF10696", "PF11968", "PF04153",
     "PF06173", "PF12378", "PF04420", "PF10841", "PF06917", "PF03492", "PF06905", "PF15340", "PF17055", "PF05318",
 )
+# fmt: on
 
 _PFAM_ID = re.compile(r"^PF\d{5}$")
 TRAIN, VALID, TEST, OOD = (SPLITS.index(name) for name in ("train", "valid", "test", "ood"))  # split codes
@@ -85,8 +87,10 @@ def read_ood_accessions(path: str | Path, families: set[str]) -> set[str]:
                         continue
                 if len(cols) <= max(acc_col, fam_col):
                     if line.strip():
-                        raise UserError(f"{path}: line {line_no}: expected at least {max(acc_col, fam_col) + 1} "
-                                        "tab-separated columns")
+                        raise UserError(
+                            f"{path}: line {line_no}: expected at least {max(acc_col, fam_col) + 1} "
+                            "tab-separated columns"
+                        )
                     continue
                 if any(fam.split(".")[0] in families for fam in cols[fam_col].split(",")):
                     found.add(cols[acc_col])

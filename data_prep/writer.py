@@ -34,7 +34,9 @@ class SplitWriter:
         self.position = 0
         self.count = 0
 
-    def append(self, tokens: memoryview, starts: np.ndarray, lengths: np.ndarray, idx: np.ndarray, digests: np.ndarray) -> None:
+    def append(
+        self, tokens: memoryview, starts: np.ndarray, lengths: np.ndarray, idx: np.ndarray, digests: np.ndarray
+    ) -> None:
         """Write sequences `idx` of a block (tokens[starts[i] : starts[i] + lengths[i] + 1] ends with EOS)."""
         if idx.size == 0:
             return
@@ -56,13 +58,19 @@ class SplitWriter:
 
 def read_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens, offsets, digests) of a split being finalised, memory-mapped."""
-    tokens = np.memmap(split_dir / "tokens.bin", dtype=np.uint8, mode="r") if (split_dir / "tokens.bin").stat().st_size else np.zeros(0, np.uint8)
+    tokens = (
+        np.memmap(split_dir / "tokens.bin", dtype=np.uint8, mode="r")
+        if (split_dir / "tokens.bin").stat().st_size
+        else np.zeros(0, np.uint8)
+    )
     offsets = np.fromfile(split_dir / "offsets.tmp", dtype="<i8")
     digests = np.fromfile(split_dir / "digests.tmp", dtype="<u8").reshape(-1, 2)
     return tokens, offsets, digests
 
 
-def rewrite_split(split_dir: Path, keep: np.ndarray, incoming: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+def rewrite_split(
+    split_dir: Path, keep: np.ndarray, incoming: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+) -> None:
     """Rebuild a split from its sequences `keep` (sorted indices) plus `incoming` sequences.
 
     `incoming` holds (tokens, offsets, digests, indices) of other splits; the new files are written
@@ -70,7 +78,9 @@ def rewrite_split(split_dir: Path, keep: np.ndarray, incoming: list[tuple[np.nda
     """
     tokens, offsets, digests = read_split(split_dir)
     ends = np.append(offsets[1:], len(tokens))
-    parts = [(tokens, offsets, ends, digests, keep)] + [(t, o, np.append(o[1:], len(t)), d, i) for t, o, d, i in incoming]
+    parts = [(tokens, offsets, ends, digests, keep)] + [
+        (t, o, np.append(o[1:], len(t)), d, i) for t, o, d, i in incoming
+    ]
     new_offsets, new_digests, position = [], [], 0
     with open(split_dir / "tokens.bin.new", "wb") as out:
         for tok, off, end, dig, idx in parts:

@@ -75,11 +75,15 @@ def test_fasta_matches_independent_count(fasta_out):
     assert sorted(s for seqs in got.values() for s in seqs) == sorted(expected)
     assert manifest["records"]["read"] == len(records)
     assert manifest["records"]["rejected"]["unknown_letter"] == sum(1 for s in records if s and not valid_protein(s))
-    assert manifest["records"]["rejected"]["duplicate_sequence"] == sum(1 for s in records if valid_protein(s)) - len(expected)
+    assert manifest["records"]["rejected"]["duplicate_sequence"] == sum(1 for s in records if valid_protein(s)) - len(
+        expected
+    )
     for split, seqs in got.items():
         lengths = np.array([len(s) for s in seqs])
         st = manifest["splits"][split]
-        assert st["count"] == len(seqs) and st["residues"] == lengths.sum() and st["tokens"] == lengths.sum() + len(seqs)
+        assert (
+            st["count"] == len(seqs) and st["residues"] == lengths.sum() and st["tokens"] == lengths.sum() + len(seqs)
+        )
         if len(seqs):
             assert (st["min"], st["max"]) == (lengths.min(), lengths.max())
             # Same formulas, different summation order: agree to float rounding.
@@ -114,7 +118,10 @@ def test_ood_from_labels_tsv_both_layouts(tmp_path):
     SeqIO.write(records, fasta, "fasta")
     chosen = [r.id.split("|")[1] for r in records[:30:3]]
     labels = tmp_path / "labels.tsv"
-    labels.write_text("accession\tn_domains\tfamilies\ttop_family\ttop_family_name\n" + "".join(f"{a}\t2\tPF00069,PF18369\tPF00069\tPkinase\n" for a in chosen))
+    labels.write_text(
+        "accession\tn_domains\tfamilies\ttop_family\ttop_family_name\n"
+        + "".join(f"{a}\t2\tPF00069,PF18369\tPF00069\tPkinase\n" for a in chosen)
+    )
     regions = tmp_path / "Pfam-A.regions.uniprot.tsv.gz"
     with gzip.open(regions, "wt") as f:
         f.write("uniprot_acc\tseq_version\tcrc64\tmd5\tpfamA_acc\tseq_start\tseq_end\n")
@@ -261,7 +268,12 @@ def test_record_level_problems_are_skipped_and_counted(tmp_path, capsys):
     assert code == 0
     m = json.loads((out / "manifest.json").read_text())["records"]
     assert m["read"] == 7 and m["kept"] == 3
-    assert {k: v for k, v in m["rejected"].items() if v} == {"empty": 1, "duplicate_accession": 1, "unknown_letter": 1, "no_sequence": 1}
+    assert {k: v for k, v in m["rejected"].items() if v} == {
+        "empty": 1,
+        "duplicate_accession": 1,
+        "unknown_letter": 1,
+        "no_sequence": 1,
+    }
     assert f"{fasta}: record 2 (A2): empty" in err
     assert f"{fasta}: record 3 (A1): duplicate accession" in err
     assert f"{fasta}: record 4 (A3): unknown letter: letter 'J' at position 4" in err
@@ -272,9 +284,13 @@ def test_unknown_error_policy_stops(tmp_path, capsys):
     fasta = tmp_path / "in.fasta"
     fasta.write_text(">tr|A1|X\nMKV\n>tr|A3|X\nMKVJ\n")
     for workers in ("1", "2"):  # with 2 the error crosses a process boundary
-        code = cli(str(fasta), "--out", str(tmp_path / "out"), "--unknown", "error", "--workers", workers, "--no_progress")
+        code = cli(
+            str(fasta), "--out", str(tmp_path / "out"), "--unknown", "error", "--workers", workers, "--no_progress"
+        )
         err = capsys.readouterr().err
-        assert code == 2 and f"{fasta}: record 2 (A3): letter 'J' at position 4" in err and not (tmp_path / "out").exists()
+        assert (
+            code == 2 and f"{fasta}: record 2 (A3): letter 'J' at position 4" in err and not (tmp_path / "out").exists()
+        )
     code, _, out = run_bad(tmp_path, capsys, str(fasta), "--unknown", "x", "--min_valid", "0", "--min_test", "0")
     assert code == 0 and json.loads((out / "manifest.json").read_text())["records"]["changed"]["unknown_to_x"] == 1
 
@@ -303,7 +319,12 @@ def test_existing_output_is_never_corrupted(tmp_path, capsys):
 def test_console_entry_point_without_traceback(tmp_path):
     bad = tmp_path / "x.fasta"
     bad.write_text("junk\n>a\nMKV\n")
-    proc = subprocess.run([sys.executable, "-m", "data_prep", str(bad), "--out", str(tmp_path / "o")], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_prep", str(bad), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "text before the first '>'" in proc.stderr
     helped = subprocess.run([sys.executable, "-m", "data_prep", "--help"], capture_output=True, text=True, check=False)
     assert helped.returncode == 0 and "--ood_families" in helped.stdout
@@ -339,14 +360,32 @@ def test_block_path_equals_record_path(monkeypatch):
     assert fast is not None and fast.n_records == 3000
     _assert_same(fast, records)
     _assert_same(fast, bio)
-    odd_titles = [b"sp|P2|N d", b"tr|Q9|", b"sp|", b"x y", b"", b" sp|P3|", b"sp|P4 |x", b"tr|Q5\t|y", b"sp|Q\x85|a",
-                  b"sp|ABCDEFGHIJKLMNOP|x", b"sp|ABCDEFGHIJKLMNOPQ|x", b"a>b", b"sp|P6", b"tr|\xc5\xc4|x", b"sp|P7|\r"]
+    odd_titles = [
+        b"sp|P2|N d",
+        b"tr|Q9|",
+        b"sp|",
+        b"x y",
+        b"",
+        b" sp|P3|",
+        b"sp|P4 |x",
+        b"tr|Q5\t|y",
+        b"sp|Q\x85|a",
+        b"sp|ABCDEFGHIJKLMNOP|x",
+        b"sp|ABCDEFGHIJKLMNOPQ|x",
+        b"a>b",
+        b"sp|P6",
+        b"tr|\xc5\xc4|x",
+        b"sp|P7|\r",
+    ]
     rng = random.Random(0)
     n_fast = 0
     for _ in range(400):
         parts = [b"\n" * rng.randint(0, 1)]
         for _ in range(rng.randint(1, 6)):
-            seq = "".join(rng.choice("ACDEFGHIKLMNPQRSTVWYBOUXZ" + rng.choice(["", "", "a", "J", " \r", "\t"])) for _ in range(rng.randint(0, 90)))
+            seq = "".join(
+                rng.choice("ACDEFGHIKLMNPQRSTVWYBOUXZ" + rng.choice(["", "", "a", "J", " \r", "\t"]))
+                for _ in range(rng.randint(0, 90))
+            )
             lines = [seq[i : i + 30] for i in range(0, len(seq), 30)] or [""]
             eol = rng.choice([b"\n", b"\n", b"\r\n"])
             parts.append(b">" + rng.choice(odd_titles) + eol + eol.join(s.encode() for s in lines) + eol)
@@ -364,16 +403,41 @@ def test_block_path_equals_record_path(monkeypatch):
 def test_duplicate_accession_across_block_paths(tmp_path):
     # The first block takes the whole-block path, the second (lowercase) the record path: same accession keys.
     fasta = tmp_path / "in.fasta"
-    fasta.write_text(">tr|A1|X\nMKV\n>sp|LONGACCESSION_ABCDEF|X\nMKW\n>B7 d\nMKY\n" + ">tr|A1|Y\nwww\n>sp|LONGACCESSION_ABCDEF|Y\nPPP\n>B7\nQQQ\n")
+    fasta.write_text(
+        ">tr|A1|X\nMKV\n>sp|LONGACCESSION_ABCDEF|X\nMKW\n>B7 d\nMKY\n"
+        + ">tr|A1|Y\nwww\n>sp|LONGACCESSION_ABCDEF|Y\nPPP\n>B7\nQQQ\n"
+    )
     out = tmp_path / "out"
     records = run(Settings([str(fasta)], str(out), block_size=40, progress=False))["records"]
     assert records["read"] == 6 and records["kept"] == 3 and records["rejected"]["duplicate_accession"] == 3
 
 
-TRICKY_TITLES = [b"sp|P2|N d", b"tr|Q9|", b"sp|", b"x y", b"", b" sp|P3|", b"sp|P4 |x", b"tr|Q5\t|y", b"sp|Q\x85|a",
-                 b"sp|ABCDEFGHIJKLMNOP|x", b"sp|ABCDEFGHIJKLMNOPQ|x", b"a>b", b"sp|P6", b"tr|\xc5\xc4|x", b"sp|P7|\r",
-                 b"sp||x", b"SP|P8|x", b"tr|Q1|x|y", b"sp|P9\xa0|x", b"sp|A\x1cB|x", b"gi|123|ref|x", b"sp|P1\x0b|y",
-                 b"trx|P1|y", b"sp|P0974|BPT1_BOVIN Pancreatic trypsin inhibitor OS=Bos taurus"]
+TRICKY_TITLES = [
+    b"sp|P2|N d",
+    b"tr|Q9|",
+    b"sp|",
+    b"x y",
+    b"",
+    b" sp|P3|",
+    b"sp|P4 |x",
+    b"tr|Q5\t|y",
+    b"sp|Q\x85|a",
+    b"sp|ABCDEFGHIJKLMNOP|x",
+    b"sp|ABCDEFGHIJKLMNOPQ|x",
+    b"a>b",
+    b"sp|P6",
+    b"tr|\xc5\xc4|x",
+    b"sp|P7|\r",
+    b"sp||x",
+    b"SP|P8|x",
+    b"tr|Q1|x|y",
+    b"sp|P9\xa0|x",
+    b"sp|A\x1cB|x",
+    b"gi|123|ref|x",
+    b"sp|P1\x0b|y",
+    b"trx|P1|y",
+    b"sp|P0974|BPT1_BOVIN Pancreatic trypsin inhibitor OS=Bos taurus",
+]
 
 
 def test_vectorised_accessions_equal_parse_title():
