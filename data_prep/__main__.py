@@ -9,6 +9,7 @@ from typing import Literal
 
 from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
 
+from data_prep.inputs import Format
 from data_prep.messages import PROG, say
 from data_prep.parallel import default_workers
 from data_prep.pipeline import Settings, run
@@ -24,7 +25,7 @@ Seed = restricted_number_type("Seed", int, [(">=", 0), ("<", 2**128)])
 def prep(
     inputs: list[str],
     out: str,
-    format: Literal["auto", "fasta", "swiss"] = "auto",
+    format: Format = "auto",
     pfam_labels: str | None = None,
     ood_families: list[str] | None = None,
     ood_families_file: str | None = None,

@@ -12,11 +12,12 @@ import io
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from protein_performer.errors import UserError
 from protein_performer.fasta import check_input, open_binary
 
-FORMATS = ("fasta", "swiss")
+Format = Literal["auto", "fasta", "swiss"]  # auto: by the first line
 _FLAT_FILE_END = re.compile(rb"(^|\n)//[ \t\r]*\n?$")
 
 
@@ -53,7 +54,7 @@ class InputFile:
     size, sha256 and gzipped are known once `blocks` is exhausted; records is set by the pipeline.
     """
 
-    def __init__(self, path: str | Path, fmt: str = "auto", block_size: int = 4 << 20):
+    def __init__(self, path: str | Path, fmt: Format = "auto", block_size: int = 4 << 20):
         self.path, self.block_size = check_input(path), block_size
         if self.path.is_file() and self.path.stat().st_size == 0:  # pipes and devices are found empty when read
             raise UserError(f"{self.path}: empty input: no records")

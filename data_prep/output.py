@@ -185,15 +185,17 @@ class OutputDir:
 
     def _swap(self) -> None:
         self._check_target(" (it appeared or changed during this run)")
-        old = None
-        if self.out.exists():
-            old = self.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.out, old)
+        old = self.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}" if self.out.exists() else None
         try:
-            os.rename(self.tmp, self.out)
-        except OSError as e:
             if old is not None:
-                os.rename(old, self.out)
+                os.rename(self.out, old)
+            try:
+                os.rename(self.tmp, self.out)
+            except OSError:
+                if old is not None:
+                    os.rename(old, self.out)
+                raise
+        except OSError as e:
             raise UserError(f"{self.given}: cannot move the prepared data into place ({e.strerror})") from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
