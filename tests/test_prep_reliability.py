@@ -48,9 +48,23 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
-def start_prep(*args: str, **kw) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "data_prep", *args, "--workers", "1", "--no_progress"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+@pytest.fixture
+def start_prep():
+    """Start a prep in a subprocess; whatever a failing test leaves running (blocked on its FIFO) is killed."""
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "data_prep", *args, "--workers", "1", "--no_progress"]
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def wait_for(condition, what: str, timeout: float = 60) -> None:
@@ -81,8 +95,18 @@ class FifoInput:
         self.path = tmp_path / "input.fifo"
         os.mkfifo(self.path)
 
+    def writer(self, timeout: float = 60):
+        """The pipe opened for writing, once the prep opens it for reading (a daemon thread waits, not the test)."""
+        opened: list = []
+        thread = threading.Thread(target=lambda: opened.append(open(self.path, "wb")), daemon=True)  # noqa: SIM115
+        thread.start()
+        thread.join(timeout)
+        if not opened:
+            raise AssertionError(f"no prep opened {self.path} for reading within {timeout} s")
+        return opened[0]
+
     def feed(self, data: bytes) -> None:
-        with open(self.path, "wb") as f:
+        with self.writer() as f:
             f.write(data)
 
 
@@ -142,7 +166,7 @@ def test_overwrite_refuses_foreign_files(tmp_path, capsys, extra):
     assert leftovers(tmp_path) == []
 
 
-def test_overwrite_is_checked_again_at_the_swap(tmp_path):
+def test_overwrite_is_checked_again_at_the_swap(tmp_path, start_prep):
     inp = fasta(tmp_path / "in.fasta", 20)
     out = tmp_path / "out"
     assert prep(str(inp), "--out", str(out)) == 0
@@ -162,7 +186,7 @@ def test_overwrite_is_checked_again_at_the_swap(tmp_path):
 # ---- 2. one run at a time per output; 3. what killed runs leave is removed by the next run ----
 
 
-def test_second_run_into_the_same_new_output_fails_fast(tmp_path, capsys):
+def test_second_run_into_the_same_new_output_fails_fast(tmp_path, start_prep, capsys):
     inp = fasta(tmp_path / "in.fasta", 20)
     out = tmp_path / "out"
     fifo = FifoInput(tmp_path)
@@ -184,7 +208,7 @@ def test_second_run_into_the_same_new_output_fails_fast(tmp_path, capsys):
     assert prep(str(FASTA), "--out", str(out)) == 2 and "exists; pass --overwrite" in capsys.readouterr().err
 
 
-def test_output_created_during_the_run_is_not_replaced(tmp_path):
+def test_output_created_during_the_run_is_not_replaced(tmp_path, start_prep):
     inp = fasta(tmp_path / "in.fasta", 20)
     out = tmp_path / "out"
     fifo = FifoInput(tmp_path)
@@ -197,13 +221,13 @@ def test_output_created_during_the_run_is_not_replaced(tmp_path):
     assert out.is_dir() and not any(out.iterdir()) and leftovers(tmp_path) == []
 
 
-def test_killed_run_leaves_temporary_directory_that_the_next_run_removes(tmp_path, capsys):
+def test_killed_run_leaves_temporary_directory_that_the_next_run_removes(tmp_path, start_prep, capsys):
     inp = fasta(tmp_path / "in.fasta", 20)
     out = tmp_path / "out"
     fifo = FifoInput(tmp_path)
     proc = start_prep(str(fifo.path), "--out", str(out))
     wait_for(lambda: f"pid {proc.pid}" in lock_holder(out), "the run to take its lock")
-    writer = open(fifo.path, "wb")  # noqa: SIM115 - held open across the kill
+    writer = fifo.writer()  # held open across the kill
     writer.write(inp.read_bytes()[:200])
     writer.flush()
     (tmp_dir,) = [tmp_path / n for n in leftovers(tmp_path) if ".tmp-" in n]
@@ -462,11 +486,11 @@ def test_fifo_input_written_slowly(tmp_path):
                 f.write(data[i : i + 65_537])
                 f.flush()
 
-    thread = threading.Thread(target=feed)
+    thread = threading.Thread(target=feed, daemon=True)  # a failing prep must not leave the test waiting
     thread.start()
     out = tmp_path / "out"
     code = prep(str(fifo.path), "--out", str(out))
-    thread.join()
+    thread.join(60)
     manifest = json.loads((out / "manifest.json").read_text())
     assert (
         code == 0
