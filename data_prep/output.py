@@ -28,6 +28,8 @@ from protein_performer.errors import UserError
 
 PREPARED_ENTRIES = frozenset({MANIFEST, *SPLITS})
 SPLIT_FILES = frozenset({"tokens.bin", "offsets.npy"})
+# flock on some cluster file systems (Lustre without -o flock, old NFS): the run goes on without a lock
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
 def _megabytes(path: Path) -> float:
@@ -66,6 +68,13 @@ class OutputDir:
             except OSError as e:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "starting"
                 os.close(fd)
+                if e.errno in _NO_LOCKS:
+                    self.lock_path.unlink(missing_ok=True)
+                    say(
+                        f"{self.parent}: the file system does not support locks ({e.strerror}): a concurrent run into "
+                        f"{self.given} would not be noticed, and temporary directories of killed runs are left alone"
+                    )
+                    return
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 raise UserError(
@@ -155,7 +164,8 @@ class OutputDir:
             raise UserError(f"{self.given}: cannot create the output directory ({e.strerror})") from None
         try:
             self._check_target("")
-            self._remove_stale()
+            if self._lock_fd is not None:  # only the lock proves the owners of temporary directories are dead
+                self._remove_stale()
             self.tmp.mkdir()
         except OSError as e:
             self._unlock()

@@ -3,6 +3,8 @@ output, killed runs, tiny inputs, full disks, odd label files, nucleotide record
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import gzip
 import hashlib
 import json
@@ -240,6 +242,19 @@ def test_killed_run_leaves_temporary_directory_that_the_next_run_removes(tmp_pat
     err = capsys.readouterr().err
     assert f"note: removed 1 temporary directory left beside {out} by killed runs (1.5 MB): {tmp_dir.name}" in err
     assert leftovers(tmp_path) == [] and (out / "manifest.json").is_file()
+
+
+def test_file_system_without_locks_runs_unlocked(tmp_path, capsys, monkeypatch):
+    stale = tmp_path / ".out.tmp-0000dead"
+    stale.mkdir()
+
+    def unsupported(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    assert prep(str(fasta(tmp_path / "in.fasta", 20)), "--out", str(tmp_path / "out")) == 0
+    assert "does not support locks (No locks available)" in capsys.readouterr().err
+    assert stale.is_dir() and (tmp_path / "out" / "manifest.json").is_file() and leftovers(tmp_path) == [stale.name]
 
 
 # ---- 4. tiny inputs ----
