@@ -1,8 +1,8 @@
 """Data preparation: UniProt FASTA / flat files -> tokenized, de-duplicated, split shards.
 
-Run it as `protein-performer-prep` or `python -m data_prep`; the on-disk format it writes is read
-by `protein_performer.data`.
+Run it as `protein-performer-prep` or `python -m data_prep` (__main__.prep); the on-disk format it writes is read
+by protein_performer.corpus. Modules, in the order data flows: inputs (files and pipes -> blocks of records),
+records (blocks -> token ids, record checks), parallel (reader thread, worker processes), dedup (keys, hash set),
+splits (OOD families, split keys, minimum counts), writer (split files), manifest, output (the locked temporary
+directory and the final swap), pipeline (the run that ties them together).
 """
-
-class PrepError(Exception):
-    """A problem with the input or the output that stops the run; the CLI prints it without a traceback."""

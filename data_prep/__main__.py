@@ -1,109 +1,119 @@
-"""Command line: protein-performer-prep INPUT [INPUT ...] --out DIR [options] (or python -m data_prep)."""
+"""Command line: protein-performer-prep INPUT [INPUT ...] --out DIR [options] (or python -m data_prep), generated
+from `prep`'s signature and docstring by protein_performer.commands."""
 
 from __future__ import annotations
 
-import argparse
-import os
+import inspect
 import sys
+from typing import Literal
 
-from data_prep import PrepError
+from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
+
+from data_prep.inputs import Format
+from data_prep.messages import PROG, say
+from data_prep.parallel import default_workers
 from data_prep.pipeline import Settings, run
-from data_prep.readers import FORMATS
 from data_prep.splits import PAPER_OOD_FAMILIES, normalize_family, read_family_file
+from protein_performer import commands
+from protein_performer.errors import UserError
+from protein_performer.vocab import UnknownPolicy
+
+Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)])
+Seed = restricted_number_type("Seed", int, [(">=", 0), ("<", 2**128)])
 
 
-def default_workers() -> int:
-    """1 on up to 2 cores (measured: a worker pool's pickling and pipe traffic cost more than it wins there), else all cores."""
-    cores = os.cpu_count() or 1
-    return 1 if cores <= 2 else cores
+def prep(
+    inputs: list[str],
+    out: str,
+    format: Format = "auto",
+    pfam_labels: str | None = None,
+    ood_families: list[str] | None = None,
+    ood_families_file: str | None = None,
+    valid_fraction: Fraction = 0.001,
+    test_fraction: Fraction = 0.01,
+    min_valid: NonNegativeInt = 100,
+    min_test: NonNegativeInt = 100,
+    seed: Seed = 0,
+    workers: PositiveInt | None = None,
+    unknown: UnknownPolicy = "reject",
+    fasta_parser: Literal["fast", "biopython"] = "fast",
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> dict:
+    """Tokenize, de-duplicate and split UniProt FASTA or flat files into a prepared data directory.
+
+    Writes OUT/{train,valid,test,ood}/tokens.bin + offsets.npy and OUT/manifest.json. Sequences carrying a
+    held-out Pfam family go to ood; the rest are split by a seeded hash of the sequence. Skipped records are
+    counted by reason in the manifest and the first few of each reason are named on stderr.
+
+    Args:
+        inputs: UniProt FASTA (.fasta[.gz]) or flat files (.dat[.gz]), plain or gzipped; pipes work (<(zcat x.gz)).
+        out: output directory; written beside it and renamed at the end, one run at a time.
+        format: input format; auto looks at the first line.
+        pfam_labels: accession -> Pfam families: 'accession n_domains families ...' TSV or Pfam's
+            Pfam-A.regions.uniprot.tsv[.gz] (flat files also use their own 'DR   Pfam;' lines).
+        ood_families: held-out Pfam families (default: the paper's 20).
+        ood_families_file: file of held-out Pfam families (whitespace or comma separated, # comments).
+        valid_fraction: share of non-OOD sequences for validation, in [0, 1).
+        test_fraction: share of non-OOD sequences for test, in [0, 1).
+        min_valid: minimum validation sequences (capped at a quarter of a tiny input).
+        min_test: minimum test sequences (capped at a quarter of a tiny input).
+        seed: salt of the split hash; a different seed gives a different split.
+        workers: parser processes (default: 1 on up to 2 cores, where parsing in the main process while a thread
+            decompresses is fastest, else one per core); the output is identical for any value.
+        unknown: letters outside the vocabulary (J, *, digits): skip the record (reject), map to X (x), or stop (error).
+        fasta_parser: fast: a block-level equivalent of Biopython's SimpleFastaParser (4x faster); biopython:
+            SimpleFastaParser itself.
+        overwrite: replace OUT if it is a prepared directory or empty (swapped in only when the run succeeds).
+        progress: progress bar (default: on a terminal).
+    """
+    if ood_families is not None and ood_families_file is not None:
+        raise UserError("give --ood_families or --ood_families_file, not both")
+    if ood_families_file is not None:
+        families = read_family_file(ood_families_file)
+    else:
+        families = [normalize_family(f) for f in (PAPER_OOD_FAMILIES if ood_families is None else ood_families)]
+    if min(min_valid, min_test) < 0 or (workers is not None and workers < 1):
+        raise UserError("--min_valid and --min_test must be >= 0, --workers >= 1")
+    return run(
+        Settings(
+            inputs=inputs,
+            out=out,
+            format=format,
+            pfam_labels=pfam_labels,
+            ood_families=families,
+            valid_fraction=valid_fraction,
+            test_fraction=test_fraction,
+            min_valid=min_valid,
+            min_test=min_test,
+            seed=seed,
+            unknown=unknown,
+            fasta_parser=fasta_parser,
+            workers=default_workers() if workers is None else workers,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="protein-performer-prep",
-        description=(
-            "Tokenize, de-duplicate and split UniProt FASTA or flat files (plain or gzipped) into "
-            "DIR/{train,valid,test,ood}/tokens.bin + offsets.npy and DIR/manifest.json. Sequences carrying a "
-            "held-out Pfam family go to ood; the rest are split by a seeded hash of the sequence."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="UniProt FASTA (.fasta[.gz]) or flat file (.dat[.gz])")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (swapped in only when the run succeeds)")
-    p.add_argument("--format", choices=("auto", *FORMATS), default="auto", help="input format; auto looks at the first line")
-    p.add_argument(
-        "--pfam-labels",
-        metavar="TSV",
-        help="accession -> Pfam families: 'accession n_domains families ...' TSV or Pfam's Pfam-A.regions.uniprot.tsv[.gz] "
-        "(flat files also use their own 'DR   Pfam;' lines)",
-    )
-    fams = p.add_mutually_exclusive_group()
-    fams.add_argument("--ood-families", nargs="+", metavar="PF", help="held-out Pfam families (default: the paper's 20)")
-    fams.add_argument("--ood-families-file", metavar="FILE", help="file of held-out Pfam families (whitespace/comma separated, # comments)")
-    p.add_argument("--valid-fraction", type=float, default=0.001, help="share of non-OOD sequences for validation")
-    p.add_argument("--test-fraction", type=float, default=0.01, help="share of non-OOD sequences for test")
-    p.add_argument("--min-valid", type=int, default=100, help="minimum validation sequences (capped at a quarter of a tiny input)")
-    p.add_argument("--min-test", type=int, default=100, help="minimum test sequences (capped at a quarter of a tiny input)")
-    p.add_argument("--seed", type=int, default=0, help="salt of the split hash; a different seed gives a different split")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=default_workers(),
-        help="parser processes; 1 parses in the main process while a thread decompresses, which is fastest on "
-        "machines of up to 2 cores (output is identical for any value)",
-    )
-    p.add_argument(
-        "--unknown",
-        choices=("reject", "x", "error"),
-        default="reject",
-        help="letters outside the vocabulary (J, *, digits): skip the record, map to X, or stop",
-    )
-    p.add_argument(
-        "--fasta-parser",
-        choices=("fast", "biopython"),
-        default="fast",
-        help="fast: block-level equivalent of Biopython's SimpleFastaParser (4x faster); biopython: SimpleFastaParser itself",
-    )
-    p.add_argument("--block-size", type=int, default=4 << 20, help=argparse.SUPPRESS)
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)")
-    return p
+def _current_spelling(argv: list[str]) -> list[str]:
+    """Flags spelt the old way (--no-progress, --valid-fraction) in their current form (--no_progress), with a
+    warning: scripts written for the argparse version of this command keep working while they are updated."""
+    known = {f"--{name}" for name in inspect.signature(prep).parameters} | {"--no_progress", "--no_overwrite"}
+    result = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        new = "--" + flag[2:].replace("-", "_")
+        if flag.startswith("--") and new != flag and new in known:
+            say(f"{flag} is now spelt {new}")
+            arg = new + eq + value
+        result.append(arg)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.ood_families_file:
-            families = read_family_file(args.ood_families_file)
-        else:
-            families = [normalize_family(f) for f in (args.ood_families or PAPER_OOD_FAMILIES)]
-        if args.workers < 1:
-            raise PrepError("--workers must be >= 1")
-        settings = Settings(
-            inputs=args.inputs,
-            out=args.out,
-            format=args.format,
-            pfam_labels=args.pfam_labels,
-            ood_families=families,
-            valid_fraction=args.valid_fraction,
-            test_fraction=args.test_fraction,
-            min_valid=args.min_valid,
-            min_test=args.min_test,
-            seed=args.seed,
-            unknown=args.unknown,
-            fasta_parser=args.fasta_parser,
-            workers=args.workers,
-            overwrite=args.overwrite,
-            block_size=args.block_size,
-            progress=args.progress,
-        )
-        run(settings)
-    except PrepError as e:
-        print(f"protein-performer-prep: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("protein-performer-prep: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    """The console script: 0 on success; errors exit with status 2 (`PROG: error: ...`)."""
+    commands.run(prep, _current_spelling(sys.argv[1:] if argv is None else list(argv)), PROG)
     return 0
 
 

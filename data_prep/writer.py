@@ -1,54 +1,18 @@
-"""Output: per-split token streams written incrementally, final fix-ups, statistics, manifest.
-
-Everything is written into a hidden temporary directory next to DIR and renamed to DIR only after
-manifest.json (written last) is complete, so an interrupted run never leaves a DIR that looks done
-and never touches an existing DIR unless --overwrite (which swaps the new one in by rename).
+"""The splits on disk: per-split token streams written incrementally, the final fix-ups (sequences moved between
+splits), offsets.npy and the statistics of each split. Everything is written inside the run's temporary
+directory (output.OutputDir); the layout is the one protein_performer.corpus reads.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from data_prep import PrepError
 from protein_performer.vocab import EOS
 
 _COPY = 1 << 26  # bytes per copy step when rewriting a split
-
-
-class OutputDir:
-    """Context manager giving a temporary directory that becomes `out` on success, vanishes on failure."""
-
-    def __init__(self, out: str | Path, overwrite: bool = False):
-        self.out = Path(out).absolute()
-        if self.out.exists() and not overwrite:
-            raise PrepError(f"{self.out}: output directory exists; pass --overwrite to replace it")
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> Path:
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp.mkdir()
-        except OSError as e:
-            raise PrepError(f"{self.out}: cannot create output directory ({e.strerror})") from None
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,13 +27,16 @@ class SplitWriter:
     def __init__(self, root: Path, name: str):
         self.dir = root / name
         self.dir.mkdir()
-        self.tokens = open(self.dir / "tokens.bin", "wb", buffering=1 << 22)
-        self.offsets = open(self.dir / "offsets.tmp", "wb", buffering=1 << 20)
-        self.digests = open(self.dir / "digests.tmp", "wb", buffering=1 << 20)
+        # open across appends, closed by close() (the run's temporary directory goes if anything fails)
+        self.tokens = open(self.dir / "tokens.bin", "wb", buffering=1 << 22)  # noqa: SIM115
+        self.offsets = open(self.dir / "offsets.tmp", "wb", buffering=1 << 20)  # noqa: SIM115
+        self.digests = open(self.dir / "digests.tmp", "wb", buffering=1 << 20)  # noqa: SIM115
         self.position = 0
         self.count = 0
 
-    def append(self, tokens: memoryview, starts: np.ndarray, lengths: np.ndarray, idx: np.ndarray, digests: np.ndarray) -> None:
+    def append(
+        self, tokens: memoryview, starts: np.ndarray, lengths: np.ndarray, idx: np.ndarray, digests: np.ndarray
+    ) -> None:
         """Write sequences `idx` of a block (tokens[starts[i] : starts[i] + lengths[i] + 1] ends with EOS)."""
         if idx.size == 0:
             return
@@ -91,13 +58,19 @@ class SplitWriter:
 
 def read_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens, offsets, digests) of a split being finalised, memory-mapped."""
-    tokens = np.memmap(split_dir / "tokens.bin", dtype=np.uint8, mode="r") if (split_dir / "tokens.bin").stat().st_size else np.zeros(0, np.uint8)
+    tokens = (
+        np.memmap(split_dir / "tokens.bin", dtype=np.uint8, mode="r")
+        if (split_dir / "tokens.bin").stat().st_size
+        else np.zeros(0, np.uint8)
+    )
     offsets = np.fromfile(split_dir / "offsets.tmp", dtype="<i8")
     digests = np.fromfile(split_dir / "digests.tmp", dtype="<u8").reshape(-1, 2)
     return tokens, offsets, digests
 
 
-def rewrite_split(split_dir: Path, keep: np.ndarray, incoming: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+def rewrite_split(
+    split_dir: Path, keep: np.ndarray, incoming: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+) -> None:
     """Rebuild a split from its sequences `keep` (sorted indices) plus `incoming` sequences.
 
     `incoming` holds (tokens, offsets, digests, indices) of other splits; the new files are written
@@ -105,7 +78,9 @@ def rewrite_split(split_dir: Path, keep: np.ndarray, incoming: list[tuple[np.nda
     """
     tokens, offsets, digests = read_split(split_dir)
     ends = np.append(offsets[1:], len(tokens))
-    parts = [(tokens, offsets, ends, digests, keep)] + [(t, o, np.append(o[1:], len(t)), d, i) for t, o, d, i in incoming]
+    parts = [(tokens, offsets, ends, digests, keep)] + [
+        (t, o, np.append(o[1:], len(t)), d, i) for t, o, d, i in incoming
+    ]
     new_offsets, new_digests, position = [], [], 0
     with open(split_dir / "tokens.bin.new", "wb") as out:
         for tok, off, end, dig, idx in parts:
@@ -113,8 +88,7 @@ def rewrite_split(split_dir: Path, keep: np.ndarray, incoming: list[tuple[np.nda
                 continue
             first, last = _runs(idx)
             for a, b in zip(off[first].tolist(), end[last].tolist()):
-                for s in range(a, b, _COPY):
-                    out.write(tok[s : min(b, s + _COPY)].tobytes())
+                out.writelines(tok[s : min(b, s + _COPY)].tobytes() for s in range(a, b, _COPY))
             sizes = end[idx] - off[idx]
             new_offsets.append(position + np.cumsum(sizes) - sizes)
             new_digests.append(dig[idx])
@@ -152,7 +126,7 @@ def finish_split(split_dir: Path) -> dict:
         tokens = np.memmap(split_dir / "tokens.bin", dtype=np.uint8, mode="r")
         # Cheap self-check of the layout (one byte per sequence): every sequence ends with EOS.
         if (lengths < 1).any() or not (tokens[offsets + lengths] == EOS).all():
-            raise PrepError(f"{split_dir}: internal error: token stream does not match its offsets")
+            raise RuntimeError(f"{split_dir}: internal error: token stream does not match its offsets")
         del tokens
     np.save(split_dir / "offsets.npy", offsets)
     for name in ("offsets.tmp", "digests.tmp"):
@@ -160,12 +134,3 @@ def finish_split(split_dir: Path) -> dict:
     stats = length_stats(lengths)
     stats["tokens"] = int(n_tokens)
     return stats
-
-
-def write_manifest(root: Path, manifest: dict) -> None:
-    path = root / "manifest.json"
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())

@@ -16,7 +16,7 @@ COMMON=(--config configs/cpu/demo.yaml --data.data_dir "$OUT/prepared" --trainer
 
 echo "== 1/4 prepare the bundled sample -> $OUT/prepared"
 protein-performer-prep data/sample/mmseqs2_DB_first3000.fasta.gz data/sample/emboss_swiss_seq.dat.gz \
-  --out "$OUT/prepared" --overwrite --ood-families PF00258 PF00001 PF00022
+  --out "$OUT/prepared" --overwrite --ood_families PF00258 PF00001 PF00022
 
 echo "== 2/4 train (configs/cpu/demo.yaml)"
 protein-performer fit "${COMMON[@]}" --trainer.logger.init_args.version train "$@"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import subprocess
 import sys
@@ -12,10 +13,14 @@ import numpy as np
 import pytest
 from Bio import SeqIO, SwissProt
 
+from data_prep import records as R
 from data_prep.__main__ import main
-from data_prep.dedup import HashSet
-from data_prep.readers import parse_fasta, parse_fasta_biopython
-from data_prep.splits import SPLITS, read_ood_accessions
+from data_prep.dedup import HashSet, accession_keys, seed_key
+from data_prep.pipeline import Settings, run
+from data_prep.records import parse_fasta, parse_fasta_biopython
+from data_prep.splits import read_ood_accessions
+from protein_performer.corpus import SPLITS
+from protein_performer.fasta import parse_title
 from protein_performer.vocab import EOS, LETTERS, decode
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -23,9 +28,23 @@ FASTA = SAMPLE / "mmseqs2_DB_first3000.fasta.gz"
 SWISS = [SAMPLE / "emboss_swiss_seq.dat.gz", SAMPLE / "emboss_swnew_trembl.dat"]
 
 
+def text(path: Path) -> str:
+    """The text of a plain or gzipped file."""
+    data = path.read_bytes()
+    return (gzip.decompress(data) if path.suffix == ".gz" else data).decode()
+
+
+def cli(*args: str) -> int:
+    """Exit status of the command line (errors exit through SystemExit)."""
+    try:
+        return main(list(args))
+    except SystemExit as e:
+        return e.code
+
+
 def prep(tmp: Path, *args: str, name: str = "out") -> tuple[int, Path]:
     out = tmp / name
-    return main([*args, "--out", str(out), "--workers", "1", "--no-progress"]), out
+    return cli(*args, "--out", str(out), "--workers", "1", "--no_progress"), out
 
 
 def split_sequences(out: Path, split: str) -> list[str]:
@@ -50,17 +69,21 @@ def fasta_out(tmp_path_factory) -> Path:
 
 def test_fasta_matches_independent_count(fasta_out):
     manifest = json.loads((fasta_out / "manifest.json").read_text())
-    records = [str(r.seq) for r in SeqIO.parse(gzip.open(FASTA, "rt"), "fasta")]
+    records = [str(r.seq) for r in SeqIO.parse(io.StringIO(text(FASTA)), "fasta")]
     expected = list(dict.fromkeys(s.upper() for s in records if valid_protein(s)))  # first occurrences, in order
     got = {split: split_sequences(fasta_out, split) for split in SPLITS}
     assert sorted(s for seqs in got.values() for s in seqs) == sorted(expected)
     assert manifest["records"]["read"] == len(records)
     assert manifest["records"]["rejected"]["unknown_letter"] == sum(1 for s in records if s and not valid_protein(s))
-    assert manifest["records"]["rejected"]["duplicate_sequence"] == sum(1 for s in records if valid_protein(s)) - len(expected)
+    assert manifest["records"]["rejected"]["duplicate_sequence"] == sum(1 for s in records if valid_protein(s)) - len(
+        expected
+    )
     for split, seqs in got.items():
         lengths = np.array([len(s) for s in seqs])
         st = manifest["splits"][split]
-        assert st["count"] == len(seqs) and st["residues"] == lengths.sum() and st["tokens"] == lengths.sum() + len(seqs)
+        assert (
+            st["count"] == len(seqs) and st["residues"] == lengths.sum() and st["tokens"] == lengths.sum() + len(seqs)
+        )
         if len(seqs):
             assert (st["min"], st["max"]) == (lengths.min(), lengths.max())
             # Same formulas, different summation order: agree to float rounding.
@@ -74,10 +97,10 @@ def test_fasta_matches_independent_count(fasta_out):
 
 
 def test_swiss_ood_split(tmp_path):
-    entries = [r for p in SWISS for r in SwissProt.parse(gzip.open(p, "rt") if p.suffix == ".gz" else open(p))]
+    entries = [r for p in SWISS for r in SwissProt.parse(io.StringIO(text(p)))]
     fams = {e.accessions[0]: {x[1] for x in e.cross_references if x[0] == "Pfam"} for e in entries}
     held_out = ["PF00001", "PF00022"]  # 7tm_1 and actin: present in seq.dat
-    code, out = prep(tmp_path, *map(str, SWISS), "--ood-families", *held_out)
+    code, out = prep(tmp_path, *map(str, SWISS), "--ood_families", *held_out)
     assert code == 0
     got = {split: split_sequences(out, split) for split in SPLITS}
     ood_seqs = {e.sequence for e in entries if fams[e.accessions[0]] & set(held_out)}
@@ -90,12 +113,15 @@ def test_swiss_ood_split(tmp_path):
 
 
 def test_ood_from_labels_tsv_both_layouts(tmp_path):
-    records = list(SeqIO.parse(gzip.open(FASTA, "rt"), "fasta"))[:200]
+    records = list(SeqIO.parse(io.StringIO(text(FASTA)), "fasta"))[:200]
     fasta = tmp_path / "in.fasta"
     SeqIO.write(records, fasta, "fasta")
     chosen = [r.id.split("|")[1] for r in records[:30:3]]
     labels = tmp_path / "labels.tsv"
-    labels.write_text("accession\tn_domains\tfamilies\ttop_family\ttop_family_name\n" + "".join(f"{a}\t2\tPF00069,PF18369\tPF00069\tPkinase\n" for a in chosen))
+    labels.write_text(
+        "accession\tn_domains\tfamilies\ttop_family\ttop_family_name\n"
+        + "".join(f"{a}\t2\tPF00069,PF18369\tPF00069\tPkinase\n" for a in chosen)
+    )
     regions = tmp_path / "Pfam-A.regions.uniprot.tsv.gz"
     with gzip.open(regions, "wt") as f:
         f.write("uniprot_acc\tseq_version\tcrc64\tmd5\tpfamA_acc\tseq_start\tseq_end\n")
@@ -104,7 +130,7 @@ def test_ood_from_labels_tsv_both_layouts(tmp_path):
     assert read_ood_accessions(regions, {"PF18369"}) == set(chosen)
     outs = []
     for i, tsv in enumerate((labels, regions)):
-        code, out = prep(tmp_path, str(fasta), "--pfam-labels", str(tsv), name=f"o{i}")
+        code, out = prep(tmp_path, str(fasta), "--pfam_labels", str(tsv), name=f"o{i}")
         assert code == 0
         expected = {str(r.seq) for r in records if r.id.split("|")[1] in chosen}
         assert set(split_sequences(out, "ood")) == expected
@@ -125,7 +151,7 @@ def test_dedup_and_late_ood(tmp_path):
     )
     labels = tmp_path / "labels.tsv"
     labels.write_text("accession\tn_domains\tfamilies\nA7\t1\tPF18369\n")
-    code, out = prep(tmp_path, str(fasta), "--pfam-labels", str(labels))
+    code, out = prep(tmp_path, str(fasta), "--pfam_labels", str(labels), "--min_valid", "0", "--min_test", "0")
     assert code == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["records"]["rejected"]["duplicate_sequence"] == 3
@@ -151,7 +177,7 @@ def test_hash_set_matches_python_set():
 
 
 def test_fast_fasta_parser_equals_simple_fasta_parser():
-    block = gzip.open(FASTA, "rb").read()
+    block = gzip.decompress(FASTA.read_bytes())
     assert list(parse_fasta(block)) == list(parse_fasta_biopython(block))
     odd = b"\n\n>sp|P1|N d\r\nAC D \r\nEF\n>\n>tr|Q2|M\n\nGH\t\nK\n>x y\nM M\n"
     assert list(parse_fasta(odd)) == list(parse_fasta_biopython(odd))
@@ -161,14 +187,14 @@ def test_fast_fasta_parser_equals_simple_fasta_parser():
 def test_deterministic_across_workers_parsers_and_blocks(tmp_path):
     inputs = [str(FASTA), *map(str, SWISS)]
     runs = [
-        ["--workers", "1"],
-        ["--workers", "2", "--block-size", "65536"],
-        ["--workers", "1", "--block-size", "10000", "--fasta-parser", "biopython"],
+        {"workers": 1},
+        {"workers": 2, "block_size": 65536},
+        {"workers": 1, "block_size": 10000, "fasta_parser": "biopython"},
     ]
     outs = []
     for i, extra in enumerate(runs):
         out = tmp_path / f"o{i}"
-        assert main([*inputs, "--out", str(out), "--no-progress", "--seed", "7", *extra]) == 0
+        run(Settings(inputs, str(out), seed=7, progress=False, **extra))
         outs.append(out)
     files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
     assert len(files) == 9
@@ -176,7 +202,8 @@ def test_deterministic_across_workers_parsers_and_blocks(tmp_path):
         assert sorted(p.relative_to(other) for p in other.rglob("*") if p.is_file()) == files
         for f in files:
             assert (outs[0] / f).read_bytes() == (other / f).read_bytes(), f
-    code, out = prep(tmp_path, *inputs, "--seed", "8", name="seed8")
+    out = tmp_path / "seed8"
+    run(Settings(inputs, str(out), seed=8, progress=False))
     assert (out / "test" / "tokens.bin").read_bytes() != (outs[0] / "test" / "tokens.bin").read_bytes()
 
 
@@ -234,14 +261,19 @@ def test_record_level_problems_are_skipped_and_counted(tmp_path, capsys):
     fasta = tmp_path / "in.fasta"
     fasta.write_text(">tr|A1|X\nMKV\n>tr|A2|X\n>tr|A1|Y\nWWW\n>tr|A3|X\nMKVJ\n>tr|A4|X\nPPP\n")
     swiss = tmp_path / "in.dat"
-    entry = gzip.open(SWISS[0], "rt").read().split("\n//\n")[0]
+    entry = text(SWISS[0]).split("\n//\n")[0]
     no_seq = entry[: entry.index("\nSQ   ")].replace("P15455", "P99999", 1)
     swiss.write_text(entry + "\n//\n" + no_seq + "\n//\n")
     code, err, out = run_bad(tmp_path, capsys, str(fasta), str(swiss))
     assert code == 0
     m = json.loads((out / "manifest.json").read_text())["records"]
     assert m["read"] == 7 and m["kept"] == 3
-    assert {k: v for k, v in m["rejected"].items() if v} == {"empty": 1, "duplicate_accession": 1, "unknown_letter": 1, "no_sequence": 1}
+    assert {k: v for k, v in m["rejected"].items() if v} == {
+        "empty": 1,
+        "duplicate_accession": 1,
+        "unknown_letter": 1,
+        "no_sequence": 1,
+    }
     assert f"{fasta}: record 2 (A2): empty" in err
     assert f"{fasta}: record 3 (A1): duplicate accession" in err
     assert f"{fasta}: record 4 (A3): unknown letter: letter 'J' at position 4" in err
@@ -252,16 +284,20 @@ def test_unknown_error_policy_stops(tmp_path, capsys):
     fasta = tmp_path / "in.fasta"
     fasta.write_text(">tr|A1|X\nMKV\n>tr|A3|X\nMKVJ\n")
     for workers in ("1", "2"):  # with 2 the error crosses a process boundary
-        code = main([str(fasta), "--out", str(tmp_path / "out"), "--unknown", "error", "--workers", workers, "--no-progress"])
+        code = cli(
+            str(fasta), "--out", str(tmp_path / "out"), "--unknown", "error", "--workers", workers, "--no_progress"
+        )
         err = capsys.readouterr().err
-        assert code == 2 and f"{fasta}: record 2 (A3): letter 'J' at position 4" in err and not (tmp_path / "out").exists()
-    code, _, out = run_bad(tmp_path, capsys, str(fasta), "--unknown", "x")
+        assert (
+            code == 2 and f"{fasta}: record 2 (A3): letter 'J' at position 4" in err and not (tmp_path / "out").exists()
+        )
+    code, _, out = run_bad(tmp_path, capsys, str(fasta), "--unknown", "x", "--min_valid", "0", "--min_test", "0")
     assert code == 0 and json.loads((out / "manifest.json").read_text())["records"]["changed"]["unknown_to_x"] == 1
 
 
 def test_unterminated_flat_file(tmp_path, capsys):
     bad = tmp_path / "cut.dat"
-    bad.write_text(gzip.open(SWISS[0], "rt").read()[:20000])
+    bad.write_text(text(SWISS[0])[:20000])
     code, err, _ = run_bad(tmp_path, capsys, str(bad))
     assert code == 2 and f"{bad}: unterminated flat-file record" in err and "after record" in err
 
@@ -275,7 +311,7 @@ def test_existing_output_is_never_corrupted(tmp_path, capsys):
     bad.write_bytes(FASTA.read_bytes()[:100_000])
     code, err, _ = run_bad(tmp_path, capsys, str(bad), "--overwrite")
     assert code == 2 and {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert main([str(FASTA), "--out", str(out), "--overwrite", "--no-progress", "--workers", "1"]) == 0
+    assert cli(str(FASTA), "--out", str(out), "--overwrite", "--no_progress", "--workers", "1") == 0
     assert json.loads((out / "manifest.json").read_text())["records"]["read"] == 3000
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -283,28 +319,30 @@ def test_existing_output_is_never_corrupted(tmp_path, capsys):
 def test_console_entry_point_without_traceback(tmp_path):
     bad = tmp_path / "x.fasta"
     bad.write_text("junk\n>a\nMKV\n")
-    proc = subprocess.run([sys.executable, "-m", "data_prep", str(bad), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_prep", str(bad), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "text before the first '>'" in proc.stderr
-    helped = subprocess.run([sys.executable, "-m", "data_prep", "--help"], capture_output=True, text=True)
-    assert helped.returncode == 0 and "--ood-families" in helped.stdout
+    helped = subprocess.run([sys.executable, "-m", "data_prep", "--help"], capture_output=True, text=True, check=False)
+    assert helped.returncode == 0 and "--ood_families" in helped.stdout
 
 
-# ---- the whole-block FASTA path (pipeline._fasta_block_fast) against the record path ----
+# ---- the whole-block FASTA path (records.fast_fasta_block) against the record path ----
+
+CONFIG = R.WorkerConfig("reject", seed_key(5), frozenset(), frozenset({"P2", "Q9"}))
 
 
-def _block_results(block: bytes):
+def _block_results(block: bytes, monkeypatch):
     """(fast path or None, record path with parse_fasta, record path with SimpleFastaParser) of one block."""
-    from data_prep import pipeline as P
-
-    P._init_worker(P._WorkerConfig("reject", P.seed_key(5), frozenset(), frozenset({"P2", "Q9"})))
-    fast = P._fasta_block_fast(block, P._CONFIG)
-    original = P._fasta_block_fast
-    P._fasta_block_fast = lambda block, cfg: None
-    try:
-        records = P.process_block(("fasta", block))
-    finally:
-        P._fasta_block_fast = original
-    return fast, records, P.process_block(("fasta-biopython", block))
+    R.configure(CONFIG)
+    fast = R.fast_fasta_block(block, CONFIG)
+    with monkeypatch.context() as m:
+        m.setattr(R, "fast_fasta_block", lambda block, cfg: None)
+        records = R.process_block(("fasta", block))
+    return fast, records, R.process_block(("fasta-biopython", block))
 
 
 def _assert_same(a, b) -> None:
@@ -314,29 +352,47 @@ def _assert_same(a, b) -> None:
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
 
 
-def test_block_path_equals_record_path():
+def test_block_path_equals_record_path(monkeypatch):
     import random
 
-    clean = gzip.open(FASTA, "rb").read()
-    fast, records, bio = _block_results(clean)
+    clean = gzip.decompress(FASTA.read_bytes())
+    fast, records, bio = _block_results(clean, monkeypatch)
     assert fast is not None and fast.n_records == 3000
     _assert_same(fast, records)
     _assert_same(fast, bio)
-    odd_titles = [b"sp|P2|N d", b"tr|Q9|", b"sp|", b"x y", b"", b" sp|P3|", b"sp|P4 |x", b"tr|Q5\t|y", b"sp|Q\x85|a",
-                  b"sp|ABCDEFGHIJKLMNOP|x", b"sp|ABCDEFGHIJKLMNOPQ|x", b"a>b", b"sp|P6", b"tr|\xc5\xc4|x", b"sp|P7|\r"]
+    odd_titles = [
+        b"sp|P2|N d",
+        b"tr|Q9|",
+        b"sp|",
+        b"x y",
+        b"",
+        b" sp|P3|",
+        b"sp|P4 |x",
+        b"tr|Q5\t|y",
+        b"sp|Q\x85|a",
+        b"sp|ABCDEFGHIJKLMNOP|x",
+        b"sp|ABCDEFGHIJKLMNOPQ|x",
+        b"a>b",
+        b"sp|P6",
+        b"tr|\xc5\xc4|x",
+        b"sp|P7|\r",
+    ]
     rng = random.Random(0)
     n_fast = 0
     for _ in range(400):
         parts = [b"\n" * rng.randint(0, 1)]
         for _ in range(rng.randint(1, 6)):
-            seq = "".join(rng.choice("ACDEFGHIKLMNPQRSTVWYBOUXZ" + rng.choice(["", "", "a", "J", " \r", "\t"])) for _ in range(rng.randint(0, 90)))
+            seq = "".join(
+                rng.choice("ACDEFGHIKLMNPQRSTVWYBOUXZ" + rng.choice(["", "", "a", "J", " \r", "\t"]))
+                for _ in range(rng.randint(0, 90))
+            )
             lines = [seq[i : i + 30] for i in range(0, len(seq), 30)] or [""]
             eol = rng.choice([b"\n", b"\n", b"\r\n"])
             parts.append(b">" + rng.choice(odd_titles) + eol + eol.join(s.encode() for s in lines) + eol)
         block = b"".join(parts)
         if rng.random() < 0.1:
             block = block.rstrip(b"\n")
-        fast, records, bio = _block_results(block)
+        fast, records, bio = _block_results(block, monkeypatch)
         _assert_same(records, bio)
         if fast is not None:
             n_fast += 1
@@ -347,7 +403,55 @@ def test_block_path_equals_record_path():
 def test_duplicate_accession_across_block_paths(tmp_path):
     # The first block takes the whole-block path, the second (lowercase) the record path: same accession keys.
     fasta = tmp_path / "in.fasta"
-    fasta.write_text(">tr|A1|X\nMKV\n>sp|LONGACCESSION_ABCDEF|X\nMKW\n>B7 d\nMKY\n" + ">tr|A1|Y\nwww\n>sp|LONGACCESSION_ABCDEF|Y\nPPP\n>B7\nQQQ\n")
-    code, out = prep(tmp_path, str(fasta), "--block-size", "40")
-    records = json.loads((out / "manifest.json").read_text())["records"]
-    assert code == 0 and records["read"] == 6 and records["kept"] == 3 and records["rejected"]["duplicate_accession"] == 3
+    fasta.write_text(
+        ">tr|A1|X\nMKV\n>sp|LONGACCESSION_ABCDEF|X\nMKW\n>B7 d\nMKY\n"
+        + ">tr|A1|Y\nwww\n>sp|LONGACCESSION_ABCDEF|Y\nPPP\n>B7\nQQQ\n"
+    )
+    out = tmp_path / "out"
+    records = run(Settings([str(fasta)], str(out), block_size=40, progress=False))["records"]
+    assert records["read"] == 6 and records["kept"] == 3 and records["rejected"]["duplicate_accession"] == 3
+
+
+TRICKY_TITLES = [
+    b"sp|P2|N d",
+    b"tr|Q9|",
+    b"sp|",
+    b"x y",
+    b"",
+    b" sp|P3|",
+    b"sp|P4 |x",
+    b"tr|Q5\t|y",
+    b"sp|Q\x85|a",
+    b"sp|ABCDEFGHIJKLMNOP|x",
+    b"sp|ABCDEFGHIJKLMNOPQ|x",
+    b"a>b",
+    b"sp|P6",
+    b"tr|\xc5\xc4|x",
+    b"sp|P7|\r",
+    b"sp||x",
+    b"SP|P8|x",
+    b"tr|Q1|x|y",
+    b"sp|P9\xa0|x",
+    b"sp|A\x1cB|x",
+    b"gi|123|ref|x",
+    b"sp|P1\x0b|y",
+    b"trx|P1|y",
+    b"sp|P0974|BPT1_BOVIN Pancreatic trypsin inhibitor OS=Bos taurus",
+]
+
+
+def test_vectorised_accessions_equal_parse_title():
+    """The whole-block path's accession extraction is parse_title's accelerated twin."""
+    block = b"".join(b">" + t + b"\nMKV\n" for t in TRICKY_TITLES)
+    result = R.fast_fasta_block(block, CONFIG)
+    expected = [parse_title(t.decode("latin-1"))[0] for t in TRICKY_TITLES]
+    assert result is not None and result.accessions.split("\n") == expected
+    assert np.array_equal(result.accession_keys, accession_keys(expected))
+
+
+def test_old_flag_spellings_still_work(tmp_path, capsys):
+    """Dashed flags of the argparse version (still used by scripts outside data_prep) map to today's, with a warning."""
+    code = cli(str(SWISS[1]), "--out", str(tmp_path / "o"), "--no-progress", "--valid-fraction=0.2", "--min-test", "1")
+    err = capsys.readouterr().err
+    assert code == 0 and "warning: --no-progress is now spelt --no_progress" in err and "--min-test is now" in err
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["parameters"]["valid_fraction"] == 0.2
