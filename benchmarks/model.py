@@ -26,9 +26,9 @@ from pathlib import Path
 
 from results_io import (
     RESULTS,
-    machine_info,
     default_device,
     fastest_of_rounds,
+    machine_info,
     performer_pytorch_installed,
     run_worker,
     time_memory_plot,

@@ -3,14 +3,13 @@ from `prep`'s signature and docstring by protein_performer.commands."""
 
 from __future__ import annotations
 
-import inspect
 import sys
 from typing import Literal
 
 from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
 
 from data_prep.inputs import Format
-from data_prep.messages import PROG, say
+from data_prep.messages import PROG
 from data_prep.parallel import default_workers
 from data_prep.pipeline import Settings, run
 from data_prep.splits import PAPER_OOD_FAMILIES, normalize_family, read_family_file
@@ -96,24 +95,9 @@ def prep(
     )
 
 
-def _current_spelling(argv: list[str]) -> list[str]:
-    """Flags spelt the old way (--no-progress, --valid-fraction) in their current form (--no_progress), with a
-    warning: scripts written for the argparse version of this command keep working while they are updated."""
-    known = {f"--{name}" for name in inspect.signature(prep).parameters} | {"--no_progress", "--no_overwrite"}
-    result = []
-    for arg in argv:
-        flag, eq, value = arg.partition("=")
-        new = "--" + flag[2:].replace("-", "_")
-        if flag.startswith("--") and new != flag and new in known:
-            say(f"{flag} is now spelt {new}")
-            arg = new + eq + value
-        result.append(arg)
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     """The console script: 0 on success; errors exit with status 2 (`PROG: error: ...`)."""
-    commands.run(prep, _current_spelling(sys.argv[1:] if argv is None else list(argv)), PROG)
+    commands.run(prep, sys.argv[1:] if argv is None else list(argv), PROG)
     return 0
 
 

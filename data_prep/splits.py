@@ -103,7 +103,7 @@ def read_ood_accessions(path: str | Path, families: set[str]) -> set[str]:
 
 def split_thresholds(valid_fraction: float, test_fraction: float) -> tuple[np.uint64, np.uint64]:
     """uint64 thresholds on the split key: key < t_test -> test; key < t_valid -> valid."""
-    if not (0 <= valid_fraction and 0 <= test_fraction and valid_fraction + test_fraction < 1):
+    if not (valid_fraction >= 0 and test_fraction >= 0 and valid_fraction + test_fraction < 1):
         raise UserError("--valid_fraction and --test_fraction must be >= 0 and sum to less than 1")
     t_test = int(test_fraction * 2**64)
     t_valid = min(int((test_fraction + valid_fraction) * 2**64), 2**64 - 1)

@@ -75,12 +75,18 @@ class _Formatter(logging.Formatter):
         return f"{self.prog}: {record.levelname.lower()}: {record.getMessage()}"
 
 
-_HANDLER = logging.StreamHandler()
+class _Stderr(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (a StreamHandler would keep the stream it started with)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+_HANDLER = _Stderr()
 
 
 def log_to_stderr(prog: str) -> None:
     """Show what protein_performer logs (skipped records, cropped sequences) as `PROG: warning: ...` on stderr."""
-    _HANDLER.setStream(sys.stderr)
     _HANDLER.setFormatter(_Formatter(prog))
     logger = logging.getLogger("protein_performer")
     if _HANDLER not in logger.handlers:

@@ -26,7 +26,7 @@ BEST=$(ls -t "$OUT"/checkpoints/best-*.ckpt | head -n 1)
 protein-performer test "${COMMON[@]}" --trainer.logger.init_args.version test --ckpt_path "$BEST"
 
 echo "== 4/4 attention analysis of the best checkpoint -> $OUT/analysis"
-protein-performer analyze --ckpt "$BEST" --input "$OUT/prepared" --out "$OUT/analysis" --num-sequences 100
+protein-performer analyze --ckpt "$BEST" --input "$OUT/prepared" --out "$OUT/analysis" --num_sequences 100
 
 python - "$OUT" <<'PY'
 import csv, json, sys

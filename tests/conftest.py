@@ -81,7 +81,7 @@ def prep_sample(out: Path) -> Path:
     """The bundled UniProt sample prepared by `protein-performer-prep`, three Pfam families held out (as the demo)."""
     subprocess.run(
         [sys.executable, "-m", "data_prep", str(SAMPLE_FASTA), str(SAMPLE / "emboss_swiss_seq.dat.gz"),
-         "--out", str(out), "--ood-families", "PF00258", "PF00001", "PF00022", "--workers", "1", "--no-progress"],
+         "--out", str(out), "--ood_families", "PF00258", "PF00001", "PF00022", "--workers", "1", "--no_progress"],
         check=True, capture_output=True, cwd=REPO,
     )
     return out
@@ -121,7 +121,7 @@ def tiny_run(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-run")
     paths = {"prepared": root / "prepared", "run": root / "run", "fasta": root / "small.fasta"}
     subprocess.run([sys.executable, "-m", "data_prep", str(SAMPLE_FASTA), "--out", str(paths["prepared"]),
-                    "--workers", "1", "--no-progress"], check=True, capture_output=True, cwd=REPO)
+                    "--workers", "1", "--no_progress"], check=True, capture_output=True, cwd=REPO)
     code, err = run_cli(["fit", "--config", TINY, "--data.data_dir", paths["prepared"], "--trainer.max_steps", "4",
                          "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
                          "--trainer.default_root_dir", paths["run"], "--trainer.logger.init_args.save_dir",

@@ -447,11 +447,3 @@ def test_vectorised_accessions_equal_parse_title():
     expected = [parse_title(t.decode("latin-1"))[0] for t in TRICKY_TITLES]
     assert result is not None and result.accessions.split("\n") == expected
     assert np.array_equal(result.accession_keys, accession_keys(expected))
-
-
-def test_old_flag_spellings_still_work(tmp_path, capsys):
-    """Dashed flags of the argparse version (still used by scripts outside data_prep) map to today's, with a warning."""
-    code = cli(str(SWISS[1]), "--out", str(tmp_path / "o"), "--no-progress", "--valid-fraction=0.2", "--min-test", "1")
-    err = capsys.readouterr().err
-    assert code == 0 and "warning: --no-progress is now spelt --no_progress" in err and "--min-test is now" in err
-    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["parameters"]["valid_fraction"] == 0.2

@@ -25,8 +25,8 @@ def prepared(tmp_path_factory):
     fasta = tmp / "in.fasta"
     fasta.write_text("".join(f">tr|P{i}|X\n{s}\n" for i, s in enumerate(SEQS)))
     # Everything in train: fractions and minimums 0.
-    args = ["--valid-fraction", "0", "--test-fraction", "0", "--min-valid", "0", "--min-test", "0"]
-    assert main([str(fasta), "--out", str(tmp / "out"), "--workers", "1", "--no-progress", *args]) == 0
+    args = ["--valid_fraction", "0", "--test_fraction", "0", "--min_valid", "0", "--min_test", "0"]
+    assert main([str(fasta), "--out", str(tmp / "out"), "--workers", "1", "--no_progress", *args]) == 0
     return tmp / "out"
 
 
