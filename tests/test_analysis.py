@@ -289,12 +289,14 @@ def test_cli_refuses_to_overwrite(tiny_run, ckpt, tmp_path, cli):
     assert code == 2 and "not empty" in err and "--overwrite" in err
     code, err = analyze(users, "--overwrite")
     assert code == 2 and "not written by this command" in err and (users / "notes.txt").exists()
-    ours = tmp_path / "analysis"
-    assert analyze(ours)[0] == 0
-    (ours / "notes.txt").write_text("kept")
+    ours = tmp_path / "analysis"  # what an earlier analyze left: its summary.json, a stale figure, a user's note
+    ours.mkdir()
+    for name, text in (("summary.json", "{}"), ("attention_grid.png", "stale"), ("notes.txt", "kept")):
+        (ours / name).write_text(text)
     code, err = analyze(ours, "--overwrite")
     assert code == 0, err
-    assert (ours / "notes.txt").read_text() == "kept" and (ours / "summary.json").exists()
+    assert (ours / "notes.txt").read_text() == "kept" and (ours / "summary.json").read_text() != "{}"
+    assert (ours / "attention_grid.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_embedding_similarity_is_the_row_correlation():
