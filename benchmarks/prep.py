@@ -109,7 +109,10 @@ def main() -> None:
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     csv_path = results / "prep.csv"
-    rows = list(csv.DictReader(open(csv_path, newline=""))) if csv_path.exists() else []
+    rows = []
+    if csv_path.exists():
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
     fields = list(dict.fromkeys([*(rows[0].keys() if rows else []), *row]))  # older rows lack newer columns
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, restval="")
