@@ -1,4 +1,4 @@
-"""Attention-analysis throughput: proteins/s of `run_analysis`'s per-protein loop for each attention kind.
+"""Attention-analysis throughput: proteins/s of `analyze_attention`'s per-protein loop for each attention kind.
 
     python benchmarks/analysis.py [--preset tiny] [--length 256] [--proteins 20] [--out benchmarks/results/analysis.csv]
 
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from results_io import RESULTS
+from results_io import RESULTS, write_csv
 
 from protein_performer.analysis import AttentionToAminoAcids, model_input
 from protein_performer.model import ATTENTION_KINDS, Config, ProteinLM
@@ -34,7 +35,7 @@ def main() -> None:
         for causal in (False, True):
             cfg = Config.from_name(args.preset, attention=kind, causal=causal, max_len=max(args.length, 2))
             model = ProteinLM(cfg).eval()
-            stats = AttentionToAminoAcids(cfg.n_layers, cfg.n_heads, threshold=0.3)
+            stats = AttentionToAminoAcids(cfg.n_layers, cfg.n_heads, threshold=0.3, causal=causal)
             tokens = model_input(proteins[0], args.length)
             stats.update(model.attention_maps(tokens)[:, 0], tokens[0])
             start = time.perf_counter()
@@ -46,8 +47,7 @@ def main() -> None:
                          "threads": torch.get_num_threads(), "proteins_per_s": args.proteins / elapsed})
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format="%.2f"))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, index=False)
+    write_csv(rows, Path(args.out))
 
 
 if __name__ == "__main__":
