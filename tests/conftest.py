@@ -72,6 +72,12 @@ def make_prepared():
     return make_prepared_dir
 
 
+@pytest.fixture
+def prepared_from():
+    """write_prepared: a prepared directory from token arrays per split."""
+    return write_prepared
+
+
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     return make_prepared_dir(tmp_path_factory.mktemp("prepared"))

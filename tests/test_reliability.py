@@ -3,15 +3,17 @@ splits and damaged inputs each end in a clear message, and nothing already writt
 
 import csv
 import math
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, write_prepared
 
 from protein_performer.training import ProteinDataModule, ProteinLMModule
 from protein_performer.training.callbacks import NonFiniteGuard
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "cpu" / "tiny.yaml"
 
 
 def fit_args(data, root, *extra):
@@ -97,10 +99,10 @@ def test_resume_keeps_the_earlier_metrics(prepared, tmp_path, cli):
     assert len([r for r in rows if r.get("val/ppl")]) == 3  # validations at 10, 20, 30: none lost, none twice
 
 
-def test_an_empty_split_is_named(tmp_path, cli):
+def test_an_empty_split_is_named(tmp_path, cli, prepared_from):
     rng = np.random.default_rng(0)
-    data = write_prepared(tmp_path / "data", {"train": [rng.integers(0, 20, 30).astype(np.uint8) for _ in range(8)],
-                                             "valid": [], "test": []})
+    data = prepared_from(tmp_path / "data", {"train": [rng.integers(0, 20, 30).astype(np.uint8) for _ in range(8)],
+                                            "valid": [], "test": []})
     code, err = cli(fit_args(data, tmp_path))
     assert code == 2 and "split 'valid' is empty" in err and "0 sequences" in err
 
@@ -144,10 +146,10 @@ def test_a_checkpoint_of_release_0_1_is_evaluated(prepared, tmp_path, cli):
 
 
 @pytest.mark.parametrize("damage", ["truncate tokens", "foreign byte"])
-def test_damaged_data_is_one_clear_line(tmp_path, cli, damage):
+def test_damaged_data_is_one_clear_line(tmp_path, cli, prepared_from, damage):
     rng = np.random.default_rng(0)
     seqs = {s: [rng.integers(0, 20, 30).astype(np.uint8) for _ in range(8)] for s in ("train", "valid")}
-    data = write_prepared(tmp_path / "data", seqs)
+    data = prepared_from(tmp_path / "data", seqs)
     tokens = data / "valid" / "tokens.bin"
     if damage == "truncate tokens":
         tokens.write_bytes(tokens.read_bytes()[:-5])

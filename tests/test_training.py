@@ -103,10 +103,8 @@ def PreparedDirDataset(root):
     return SingleSequenceDataset(PreparedDir(root).split("valid"), max_len=64)
 
 
-def test_token_counts_and_unigram_baseline(tmp_path, make_prepared):
-    from conftest import write_prepared
-
-    write_prepared(tmp_path, {"train": [np.array([0, 0, 1], np.uint8), np.array([2], np.uint8)]})
+def test_token_counts_and_unigram_baseline(tmp_path, prepared_from):
+    prepared_from(tmp_path, {"train": [np.array([0, 0, 1], np.uint8), np.array([2], np.uint8)]})
     counts = PreparedDir(tmp_path).split("train").token_counts()
     stream = np.array([0, 0, 1, vocab.EOS, 2, vocab.EOS], dtype=np.uint8)
     assert counts.tolist() == np.bincount(stream, minlength=vocab.VOCAB_SIZE).tolist()
