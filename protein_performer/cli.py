@@ -3,7 +3,7 @@
     protein-performer fit | validate | test --config CONFIG.yaml [--trainer.max_steps 10 --model.d_model 128 ...]
     protein-performer report    RUN_A/report/report.json RUN_B/report/report.json
     protein-performer analyze   --ckpt CKPT --input FASTA_OR_DIR --out DIR
-    protein-performer agreement --ckpts RUN/checkpoints --input FASTA_OR_DIR --out DIR
+    protein-performer agreement RUN [RUN ...] --input FASTA_OR_DIR --out DIR
     protein-performer embed | score | generate --ckpt CKPT ...
 
 fit/validate/test are LightningCLI (training/cli.py). The other subcommands are the functions below: their

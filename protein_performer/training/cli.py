@@ -38,7 +38,7 @@ def auto_precision(accelerator: str) -> tuple[str, str]:
         return "32-true", f"GPU {torch.cuda.get_device_name()} has no bf16"
     if cpu_has_amx_bf16():
         return "bf16-mixed", "CPU with AMX-BF16 matrix units"
-    return "32-true", "CPU without AMX-BF16 (bf16 would be slower than fp32 here)"
+    return "32-true", "CPU without AMX-BF16, where bf16 runs slower than fp32"
 
 
 class SaveAndLogConfig(SaveConfigCallback):
@@ -73,7 +73,7 @@ class ProteinCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.precision is None:  # configs say null: decide on the machine that runs
             config.trainer.precision, reason = auto_precision(str(config.trainer.accelerator))
-            rank_zero_info(f"precision: {config.trainer.precision} ({reason})")
+            rank_zero_info(f"precision: {config.trainer.precision}, picked for this machine: {reason}")
         if config.trainer.precision in ("32-true", "32", 32) and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 work on tensor cores
         if config.checkpoint.dirpath is None:  # one place per run directory, so `--ckpt_path last` finds it
