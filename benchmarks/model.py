@@ -57,7 +57,7 @@ def step_flops(system: str, causal: bool, length: int, size: dict) -> float:
         f = 2 * m if system == "performer-pytorch" else m  # (q, k features) + kv + out
         attn = 2 * length * f * d_head * heads * 2 + 2 * length * m * (d_head + 1) * heads * 2
         if causal and system != "performer-pytorch":  # our intra-chunk C x C products on top
-            from protein_performer.attention.favor import DEFAULT_CHUNK
+            from protein_performer.attention import DEFAULT_CHUNK
 
             attn += 2 * length * DEFAULT_CHUNK * (m + d_head + 1) * heads
     return flops + 3 * layers * attn

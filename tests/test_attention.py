@@ -392,11 +392,11 @@ def test_recurrent_decoding_equals_causal_attention(kernel, projected):
     (True, 37, 4, 12), (True, 40, 4, 8), (True, 23, 5, 10), (True, 9, 4, 4),
 ])
 @pytest.mark.parametrize("padded", [False, True])
-def test_blocked_functions_values_and_gradients(kernel, causal, length, chunk, rows, padded, monkeypatch):
+@pytest.mark.parametrize("scan", ["loop", "matmul"])
+def test_blocked_functions_values_and_gradients(kernel, causal, length, chunk, rows, padded, scan):
     # keys large enough that later blocks raise the online (running) maximum; padding after and between real keys
-    from protein_performer.attention import favor
-
-    monkeypatch.setattr(favor, "SPAN" if causal else "BLOCK", rows)
+    from protein_performer.attention import Blocking
+    blocking = Blocking(block=rows, span=rows, scan=scan)
     w = projection(32, 16)
     q, k, v = qkv(length=length, scale=1.5, requires_grad=True)
     mask = None
@@ -405,7 +405,8 @@ def test_blocked_functions_values_and_gradients(kernel, causal, length, chunk, r
         mask[0, length // 2:] = False
         # causal: padding between real keys (a row before any real key is 0 / 0 in the reference); else first
         mask[1, slice(3, 7) if causal else slice(0, 3)] = False
-    out = favor_attention(q, k, v, w, kernel=kernel, causal=causal, chunk_size=chunk or 64, key_padding_mask=mask)
+    out = favor_attention(q, k, v, w, kernel=kernel, causal=causal, chunk_size=chunk or 64, key_padding_mask=mask,
+                          blocking=blocking)
     ref = naive_favor(q, k, v, w, kernel, causal=causal, key_padding_mask=mask)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)  # float64 round-off only
     dy = rand(*out.shape, seed=9)
