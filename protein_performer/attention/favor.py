@@ -148,10 +148,18 @@ def attention_matrix(
 
 
 def _whole_sequence(q, k, v, w, kernel, causal, real, state=None, final_state=False):
-    """The plain-autograd path (trig): out (B, H, L, d_v) and, with final_state, the state after the last row."""
-    a, g, f_q, f_k, r = _scores(q, k, w, kernel, causal, real, state)
+    """The plain-autograd path (trig): out (B, H, L, d_v) and, with final_state, the state after the last row.
+    Bidirectional: phi(Q) (phi(K)^T [V, 1]); causal: the (B, H, L, L) matrix of _scores times [V, 1]."""
     v1 = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1)  # (B, H, L, d_v + 1): D is the last column
-    y = a @ v1
+    if causal:
+        a, g, f_q, f_k, r = _scores(q, k, w, kernel, causal, real, state)
+        y = a @ v1
+    else:
+        f_q, _ = whole_features(q, w, kernel)
+        f_k, r = whole_features(k, w, kernel)
+        g = _key_reference(r, real, causal, state)
+        phi_k = f_k * _masked(r - g, real).exp()[..., None]  # (B, H, L, F), padded keys 0
+        y = f_q @ (phi_k.transpose(-1, -2) @ v1)
     if state is not None:  # the prefix, moved from its maximum to each row's (<= 1)
         y = y + (f_q @ state.kv) * torch.exp(state.g[..., None] - g)[..., None]
     out = y[..., :-1] / _safe_denominator(y[..., -1:], kernel)
@@ -165,17 +173,25 @@ def _whole_sequence(q, k, v, w, kernel, causal, real, state=None, final_state=Fa
 
 
 def _scores(q, k, w, kernel, causal, real, state=None):
-    """a (B, H, L, L) = f(q_i) . f(k_j) exp(r_j - g_i) where row i may see key j (else 0), g_i the largest key
-    log-scale row i sees (running maximum when causal; joined with the state's); and g, f(q), f(k), r."""
+    """a (B, H, L, L) = f(q_i) . f(k_j) exp(r_j - g_i) where row i may see key j (else 0); and g, f(q), f(k), r."""
     f_q, _ = whole_features(q, w, kernel)  # query log-scales cancel in D^-1
     f_k, r = whole_features(k, w, kernel)  # (B, H, L, F), (B, H, L)
-    r_real = r.detach() if real is None else r.detach().masked_fill(~real, PAD_LOG_SCALE)
-    g = torch.cummax(r_real, -1).values if causal else r_real.amax(-1, keepdim=True).expand_as(r_real)
-    if state is not None:
-        g = torch.maximum(g, state.g[..., None])
+    g = _key_reference(r, real, causal, state)
     allowed = _allowed(q.shape[2], q.device, causal, real)  # (B or 1, 1, L, L)
     decay = (r[..., None, :] - g[..., :, None]).masked_fill(~allowed, float("-inf")).exp()  # <= 1
     return (f_q @ f_k.transpose(-1, -2)) * decay, g, f_q, f_k, r
+
+
+def _key_reference(r, real, causal, state):
+    """g (B, H, L): the largest log-scale r of the real keys each row sees (running when causal), joined with the
+    state's; detached, as it cancels in D^-1."""
+    r = _masked(r.detach(), real, PAD_LOG_SCALE)
+    g = torch.cummax(r, -1).values if causal else r.amax(-1, keepdim=True).expand_as(r)
+    return g if state is None else torch.maximum(g, state.g[..., None])
+
+
+def _masked(x, real, value=float("-inf")):
+    return x if real is None else x.masked_fill(~real, value)
 
 
 def _allowed(length, device, causal, real):
