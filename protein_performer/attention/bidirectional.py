@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import torch
 
-from .features import BlockFeatures, blocks, grad_y, mm, new_output, normalise_, rows, with_ones, without_autocast
+from .features import (
+    BlockFeatures,
+    add_mm_,
+    blocks,
+    grad_y,
+    mm,
+    new_output,
+    normalise_,
+    rows,
+    with_ones,
+    without_autocast,
+)
 
 
 class BidirectionalFavor(torch.autograd.Function):
     """D^-1 phi(Q) (phi(K)^T [V, 1]) for softmax or ReLU features; returns the output (B, H, L, d_v).
 
-    Forward: a pass over key blocks builds kv (B, H, m, d_v + 1) under an online shared maximum g of the key
-    log-scales (kv is rescaled by exp(g_old - g_new) <= 1 when a block raises it), then a pass over query
-    blocks. Backward recomputes the features block by block: a query pass (dq, dkv), then a key pass (dk, dv).
-    Saves q, k, v, the projection, kv, g, the output and D.
+    Forward: a pass over key blocks builds kv^T = sum_j [v_j, 1] phi(k_j)^T (B, H, d_v + 1, m) under an online
+    shared maximum g of the key log-scales (rescaled by exp(g_old - g_new) <= 1 when a block raises it), then a
+    pass over query blocks. Backward recomputes the features block by block: a query pass (dq, dkv), then a key
+    pass (dk, dv). Saves q, k, v, the projection, kv^T, g, the output and D. kv is kept transposed: the products
+    that accumulate it then have d_v + 1 = 65 rows instead of 65 columns, about 20% faster on the CPU.
     """
 
     @staticmethod
@@ -22,7 +34,7 @@ class BidirectionalFavor(torch.autograd.Function):
         b, h, length, _ = q.shape
         block = min(block, length)
         buf = q.new_empty(b, h, block, feats.m)  # one (B, H, C, m) buffer serves every block
-        kv = q.new_zeros(b, h, feats.m, v.shape[-1] + 1)  # (B, H, m, d_v + 1), referenced at g
+        kv = q.new_zeros(b, h, v.shape[-1] + 1, feats.m)  # kv^T (B, H, d_v + 1, m), referenced at g
         g = None  # (B, H, 1): the largest key log-scale so far (softmax only)
         for s, e in blocks(length, block):
             real_c = None if real is None else real[:, :, s:e]
@@ -35,10 +47,10 @@ class BidirectionalFavor(torch.autograd.Function):
                     kv.mul_(torch.exp(g - g_new)[..., None])
                 g = g_new
             feats.keys_(phi, half_sq_norm, g, real_c)
-            kv += mm(phi.transpose(-1, -2), with_ones(v[:, :, s:e]), low)
+            add_mm_(kv, with_ones(v[:, :, s:e]).transpose(-1, -2), phi, low)
         out, den = new_output(q, v.shape[-1])
         for s, e in blocks(length, block):
-            y = mm(feats.queries_(q[:, :, s:e], rows(buf, e - s)), kv, low)  # (B, H, C, d_v + 1)
+            y = mm(feats.queries_(q[:, :, s:e], rows(buf, e - s)), kv.transpose(-1, -2), low)  # (B, H, C, d_v + 1)
             normalise_(y, out[:, :, s:e], den[:, :, s:e])
         ctx.save_for_backward(q, k, v, w, kv, g, real, out, den)
         ctx.kernel, ctx.block, ctx.low = kernel, block, low
@@ -57,13 +69,16 @@ class BidirectionalFavor(torch.autograd.Function):
         for s, e in blocks(length, ctx.block):  # queries: dq, and dkv = sum_i phi(q_i) dy_i^T
             phi = feats.queries_(q[:, :, s:e], rows(buf, e - s))
             dy = grad_y(d_out[:, :, s:e], out[:, :, s:e], den[:, :, s:e])  # (B, H, C, d_v + 1)
-            dkv += mm(phi.transpose(-1, -2), dy, low)
-            d_phi = mm(dy, kv.transpose(-1, -2), low, out=rows(grad, e - s))
+            add_mm_(dkv, dy.transpose(-1, -2), phi, low)  # dkv^T (B, H, d_v + 1, m)
+            d_phi = mm(dy, kv, low, out=rows(grad, e - s))
             dq[:, :, s:e] = feats.queries_backward_(d_phi, phi)
         for s, e in blocks(length, ctx.block):  # keys: dk, dv
             real_c = None if real is None else real[:, :, s:e]
             phi = feats.keys_at_(k[:, :, s:e], rows(buf, e - s), g, real_c)
-            dv[:, :, s:e] = mm(phi, dkv[..., :-1], low)
-            d_phi = mm(with_ones(v[:, :, s:e]), dkv.transpose(-1, -2), low, out=rows(grad, e - s))
-            dk[:, :, s:e] = feats.keys_backward_(d_phi, phi, k[:, :, s:e])
+            v1 = with_ones(v[:, :, s:e])
+            p = mm(phi, dkv.transpose(-1, -2), low)  # (B, H, C, d_v + 1)
+            dv[:, :, s:e] = p[..., :-1]
+            d_phi = mm(v1, dkv, low, out=rows(grad, e - s))
+            # sum_f d_phi * phi = v1 . p per key: no pass over the (B, H, C, m) product
+            dk[:, :, s:e] = feats.keys_backward_(d_phi, phi, k[:, :, s:e], total=(v1 * p).sum(-1, keepdim=True))
         return dq, dk, dv, None, None, None, None, None

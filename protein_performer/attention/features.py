@@ -162,15 +162,25 @@ class BlockFeatures:
             grad.mul_(phi > RELU_EPS)  # active where W x > 0
         return grad if self.w is None else mm(grad, self.w, self.low)
 
-    def keys_backward_(self, grad: torch.Tensor, phi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """As queries_backward_ for keys, whose exponent also holds -|x'|^2/2 (g is detached: it cancels)."""
+    def keys_backward_(self, grad: torch.Tensor, phi: torch.Tensor, x: torch.Tensor, total=None) -> torch.Tensor:
+        """As queries_backward_ for keys, whose exponent also holds -|x'|^2/2 (g is detached: it cancels). total:
+        sum(grad * phi, -1) (B, H, C, 1) when the caller has it, else computed here."""
         if not self.softmax:
             return self.queries_backward_(grad, phi)  # padded keys: phi = 0, so no gradient
         grad.mul_(phi)
-        return mm(grad, self.w, self.low) - (self.scale**2 * grad.sum(-1, keepdim=True)) * x
+        total = grad.sum(-1, keepdim=True) if total is None else total
+        return mm(grad, self.w, self.low) - (self.scale**2 * total) * x
 
 
 # ---- shared by the bidirectional and causal Functions ----------------------------------------------------------
+
+def add_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, low: torch.dtype | None = None) -> torch.Tensor:
+    """acc += a @ b for (B, H, ., .) operands, in place (no temporary product in full precision)."""
+    if low is not None:
+        return acc.add_(mm(a, b, low))
+    acc.view(-1, *acc.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return acc
+
 
 def with_ones(v: torch.Tensor) -> torch.Tensor:
     """[V, 1] (..., d_v + 1): the last column carries the denominator D through the numerator's products."""
