@@ -511,3 +511,24 @@ def test_functions_read_no_values_and_stay_on_the_inputs_device(scan):
     assert state.kv.device.type == "meta"
     with pytest.raises(RuntimeError):  # the premise: a value read on meta raises
         bool(mask.any())
+
+
+# ---- benchmarks/feature_error.py (the paper's Fig. 4) ----------------------------------------------------------------
+
+def test_feature_error_script_smoke(tmp_path, monkeypatch, capsys):
+    import csv
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))  # the script imports results_io as a sibling
+    spec = importlib.util.spec_from_file_location("feature_error", bench / "feature_error.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--length", "64", "--draws", "2", "--features", "16", "32", "--norms", "1", "--out", str(tmp_path)])
+    with open(tmp_path / "feature_error.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and all(float(r["mse_mean"]) > 0 for r in rows)  # 4 estimators x 2 values of m
+    assert (tmp_path / "feature_error.png").stat().st_size > 0 and (tmp_path / "feature_error.machine.json").exists()
+    printed = capsys.readouterr().out
+    assert "orthogonal < IID" in printed and "positive < trig" in printed

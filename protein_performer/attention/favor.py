@@ -6,7 +6,7 @@ blocks of rows and never materialise a (B, H, L, m) feature tensor: on the CPU e
 costs page faults that take longer than the arithmetic on it. Features are computed into reused (B, H, C, m)
 buffers, backward recomputes them block by block, and the output is written in the (B, L, H, d_v) layout of the
 merged heads, so that the output projection's saved input is this same tensor. The trig kernel (an ablation)
-runs in plain autograd over the whole sequence, O(L^2), like attention_matrix.
+runs in plain autograd over the whole sequence (causal: an O(L^2) masked matrix), like attention_matrix.
 
 Precision: float32 (float64 when given float64), also under autocast. Under bf16 autocast the big products
 (features x projection, phi(K)^T [V, 1], phi(Q) x state, the intra-chunk products) take bf16 operands; the
