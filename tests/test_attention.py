@@ -186,8 +186,11 @@ def test_matmul_scan_equals_loop_and_definition(reverse, with_first):
     x = rand(2, 3, nc, 5, 4)
     refs = torch.cumsum(rand(2, 3, nc + 1, seed=1).abs() * 20, -1)
     first = rand(2, 3, 5, 4, seed=2) if with_first else None
-    loop = scan_states(x, refs, first, reverse, "loop")
-    matmul = scan_states(x, refs, first, reverse, "matmul")
+    def boundaries(inner, edge):  # all nc + 1 boundaries in order
+        return torch.cat([edge[:, :, None], inner] if reverse else [inner, edge[:, :, None]], 2)
+
+    loop = boundaries(*scan_states(x, refs, first, reverse, "loop"))
+    matmul = boundaries(*scan_states(x, refs, first, reverse, "matmul"))
     expected = torch.zeros_like(loop)
     for c in range(nc + 1):  # the definition, term by term: x[j] sits at refs[j] (reverse) or refs[j + 1]
         for j in range(c, nc) if reverse else range(c):

@@ -56,8 +56,7 @@ class CausalFavor(torch.autograd.Function):
             y = mm(mm(fqc, pkc.transpose(-1, -2), low).mul_(_decay(gc, upper)), vc, low)  # intra-chunk
             to_end = torch.exp(gc - refs[..., 1:, None])[..., None]  # (B, H, nc, C, 1), <= 1
             local = mm(pkc.transpose(-1, -2), vc * to_end, low)  # (B, H, nc, m, D), referenced at each chunk's end
-            states = scan_states(local, refs, state, reverse=False, mode=scan)
-            before, state = states[:, :, :-1], states[:, :, -1]
+            before, state = scan_states(local, refs, state, reverse=False, mode=scan)
             befores.append(before)
             y += torch.exp(refs[..., :-1, None] - gc)[..., None] * mm(fqc, before, low)  # the earlier chunks
             normalise_(y.view(b, h, n, -1)[:, :, : e - s], out[:, :, s:e], den[:, :, s:e])
@@ -101,8 +100,7 @@ class CausalFavor(torch.autograd.Function):
             # queries read the state from earlier chunks; keys and values feed every later chunk
             dfq += mm(dy_prev, before.transpose(-1, -2), low)
             local = mm(fqc.transpose(-1, -2), dy_prev, low)  # (B, H, nc, m, D), referenced at each chunk's start
-            states = scan_states(local, refs, after, reverse=True, mode=ctx.scan)
-            afters, after = states[:, :, 1:], states[:, :, 0]
+            afters, after = scan_states(local, refs, after, reverse=True, mode=ctx.scan)
             dpk += mm(vc * to_end, afters.transpose(-1, -2), low)
             dvc += to_end * mm(pkc, afters, low)
             dv[:, :, s:e] = dvc.view(b, h, n, -1)[:, :, : e - s, :-1]
@@ -113,36 +111,41 @@ class CausalFavor(torch.autograd.Function):
 
 
 def scan_states(x, refs, first, reverse, mode="loop"):
-    """The carried state at every chunk boundary: (B, H, nc + 1, m, D), row c referenced at refs[c].
+    """The carried state at every chunk boundary, as (inner (B, H, nc, m, D), edge (B, H, m, D)).
 
     x (B, H, nc, m, D): one term per chunk, referenced at refs[c + 1] (forward: its keys summed to its end) or
     refs[c] (reverse: its queries' gradients summed to its start); first (B, H, m, D) or None: the state entering
-    at refs[0] (forward) or refs[nc] (reverse). Forward row c = first + the terms of chunks before c; reverse row c
-    = first + the terms of chunks from c on; each moved to refs[c] by a factor exp(-|refs[c] - ref|) <= 1.
-    mode "loop": one fused multiply-add per chunk; "matmul": one product with the (nc + 1)^2 decay matrix.
+    at refs[0] (forward) or refs[nc] (reverse). Boundary r holds first + the terms of the chunks before r
+    (forward) or from r on (reverse), each moved to refs[r] by a factor exp(-|refs[r] - ref|) <= 1. Forward: inner
+    = boundaries 0 .. nc - 1 (before each chunk), edge = nc (after the last); reverse: inner = 1 .. nc (after
+    each chunk), edge = 0. mode "loop": one fused multiply-add per chunk; "matmul": the products with the
+    (nc + 1)^2 lower-triangular decay matrix (transposed for reverse), inner and edge rows apart so that inner
+    is contiguous for the products that read it.
     """
     b, h, nc, m, d = x.shape
     if mode == "matmul":
-        decay = _decay(refs)  # (B, H, nc + 1, nc + 1): exp(refs[j] - refs[c]) for j <= c
+        decay = _decay(refs)  # (B, H, nc + 1, nc + 1): exp(refs[j] - refs[r]) for j <= r
         if reverse:
             decay = decay.transpose(-1, -2)
-        terms = decay[..., :, :-1] if reverse else decay[..., :, 1:]
-        states = (terms @ x.flatten(-2)).view(b, h, nc + 1, m, d)
+        terms, entry = (decay[..., :-1], decay[..., -1:]) if reverse else (decay[..., 1:], decay[..., :1])
+        inner_rows, edge_row = (slice(1, None), slice(0, 1)) if reverse else (slice(None, -1), slice(nc, None))
+        inner, edge = terms[..., inner_rows, :] @ x.flatten(-2), terms[..., edge_row, :] @ x.flatten(-2)
         if first is not None:
-            edge = decay[..., :, -1:] if reverse else decay[..., :, :1]
-            states += edge[..., None] * first[:, :, None]
-        return states
-    states = x.new_empty(b, h, nc + 1, m, d)
+            inner += entry[..., inner_rows, :] * first.flatten(-2)[:, :, None]
+            edge += entry[..., edge_row, :] * first.flatten(-2)[:, :, None]
+        return inner.view(b, h, nc, m, d), edge.view(b, h, m, d)
+    inner, edge = x.new_empty(b, h, nc, m, d), x.new_empty(b, h, m, d)
     carry = torch.exp(refs[..., :-1] - refs[..., 1:])[..., None, None]  # (B, H, nc, 1, 1), <= 1
-    edge = nc if reverse else 0
+    start = inner[:, :, -1] if reverse else inner[:, :, 0]
     if first is None:
-        states[:, :, edge].zero_()
+        start.zero_()
     else:
-        states[:, :, edge] = first
+        start.copy_(first)
     for c in range(nc - 1, -1, -1) if reverse else range(nc):
-        src, dst = (c + 1, c) if reverse else (c, c + 1)
-        torch.addcmul(x[:, :, c], states[:, :, src], carry[:, :, c], out=states[:, :, dst])
-    return states
+        nxt = c - 1 if reverse else c + 1
+        dst = inner[:, :, nxt] if 0 <= nxt < nc else edge
+        torch.addcmul(x[:, :, c], inner[:, :, c], carry[:, :, c], out=dst)
+    return inner, edge
 
 
 def _span_rows(x, s, e, pad, repeat_last=False):
