@@ -61,7 +61,7 @@ def _build(method: str, causal: bool, d: int, m: int):
 
 
 def worker(method: str, length: int, causal: bool, batch: int, heads: int, d: int, m: int, repeats: int,
-           device: str, precision: str = "fp32", baseline: str | None = None) -> dict:
+           device: str, precision: str = "fp32", baseline: str | None = None, cpu_time: bool = False) -> dict:
     """Runs in the child process: times forward+backward, returns seconds and peak MiB above baseline."""
     if method.endswith(BASELINE):
         sys.path.insert(0, baseline)
@@ -74,15 +74,16 @@ def worker(method: str, length: int, causal: bool, batch: int, heads: int, d: in
         fn.to(device)
     q, k, v = (torch.randn(batch, heads, length, d, device=device, requires_grad=True) for _ in range(3))
     baseline = _rss_mib() if device == "cpu" else torch.cuda.memory_allocated() / 2**20
+    clock = time.process_time if cpu_time else time.perf_counter
     times = []
     for _ in range(repeats + 1):  # the first run warms up allocator and kernels
         _sync(device)
-        start = time.perf_counter()
+        start = clock()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = fn(q, k, v)
         out.float().sum().backward()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
         q.grad = k.grad = v.grad = None
         if times[-1] > 20:  # slow rows: one warm-up and one measurement are enough
             break
@@ -107,6 +108,8 @@ def run_one(args, method: str, length: int, causal: bool) -> dict:
            "--repeats", str(args.repeats), "--device", args.device, "--precision", args.precision]
     if args.baseline:
         cmd += ["--baseline", str(args.baseline)]
+    if args.cpu_time:
+        cmd.append("--cpu-time")
     return run_worker(cmd, args.timeout)
 
 
@@ -125,6 +128,9 @@ def main(argv=None):
                         "counts (a shared machine's slow spells then hit every method alike)")
     p.add_argument("--device", default=default_device())
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: under bf16 autocast")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time with the process's CPU clock instead of the wall clock: for OMP_NUM_THREADS=1 runs on "
+                        "a machine shared with other work, where waiting for a core would otherwise count")
     p.add_argument("--baseline", type=Path,
                    help="a checkout of protein_performer (e.g. `git worktree add DIR OLD_COMMIT`): its FAVOR methods "
                         "run too, as METHOD@baseline, interleaved with this checkout's")
@@ -138,7 +144,8 @@ def main(argv=None):
     if args.worker:
         method, length, causal = args.worker[0], int(args.worker[1]), bool(int(args.worker[2]))
         print(json.dumps(worker(method, length, causal, args.batch, args.heads, args.d_head, args.features,
-                                args.repeats, args.device, args.precision, args.baseline and str(args.baseline))))
+                                args.repeats, args.device, args.precision, args.baseline and str(args.baseline),
+                                args.cpu_time)))
         return
 
     methods = [m for m in args.methods if m != "performer-pytorch" or performer_pytorch_installed()]
@@ -149,7 +156,8 @@ def main(argv=None):
     rows = []
     print(machine_line())
     print(f"B={args.batch} H={args.heads} d_head={args.d_head} m={args.features}, forward+backward, "
-          f"device={args.device}, precision={args.precision}, torch threads={_threads()}, {args.rounds} round(s)")
+          f"device={args.device}, precision={args.precision}, torch threads={_threads()}, {args.rounds} round(s), "
+          f"{'CPU' if args.cpu_time else 'wall'} clock")
     print(f"{'mode':<14}{'method':<27}{'L':>7}{'seconds':>10}{'peak MiB':>10}")
     keys = [(mode, method) for mode in args.modes for method in methods]
     runs = fastest_of_rounds(keys, args.lengths, args.rounds,
