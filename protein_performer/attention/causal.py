@@ -10,6 +10,8 @@ state scan runs chunk after chunk, as a loop or as one product with a lower-tria
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .features import BlockFeatures, blocks, grad_y, mm, new_output, normalise_, rows, with_ones, without_autocast
@@ -32,7 +34,6 @@ class CausalFavor(torch.autograd.Function):
         f_q, phi_k = (q.new_empty(b, h, span, feats.m) for _ in range(2))
         g = q.new_zeros(b, h, length)  # stays 0 for relu
         out, den = new_output(q, v.shape[-1])
-        upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
         state, g_in = kv0, g0  # the state entering the span (B, H, m, D), referenced at g_in (B, H)
         befores = []
         for s, e in blocks(length, span):
@@ -53,7 +54,7 @@ class CausalFavor(torch.autograd.Function):
             feats.keys_(pk, half_sq_norm, g_s, real_s)  # phi(k_j) exp(-g_j)
             gc, fqc, pkc, vc = _split(chunk, g_s, fq, pk, vs)  # (B, H, nc, C[, ...])
             refs = _references(gc, g_in)  # (B, H, nc + 1)
-            y = mm(mm(fqc, pkc.transpose(-1, -2), low).mul_(_decay(gc, upper)), vc, low)  # intra-chunk
+            y = mm(mm(fqc, pkc.transpose(-1, -2), low).mul_(_decay(gc)), vc, low)  # intra-chunk
             to_end = torch.exp(gc - refs[..., 1:, None])[..., None]  # (B, H, nc, C, 1), <= 1
             local = mm(pkc.transpose(-1, -2), vc * to_end, low)  # (B, H, nc, m, D), referenced at each chunk's end
             before, state = scan_states(local, refs, state, reverse=False, mode=scan)
@@ -75,7 +76,6 @@ class CausalFavor(torch.autograd.Function):
         b, h, length, _ = q.shape
         f_q, phi_k, d_fq, d_pk = (q.new_empty(b, h, span, feats.m) for _ in range(4))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
         after = d_state  # sum over later positions of exp(g_ref - g_i) phi(q_i) dy_i^T (B, H, m, D)
         for (s, e), before in reversed(list(zip(blocks(length, span), befores))):
             pad = -(e - s) % chunk
@@ -89,7 +89,7 @@ class CausalFavor(torch.autograd.Function):
             pk = feats.keys_at_(ks, rows(phi_k, n), g_s, real_s)
             gc, fqc, pkc, vc, dyc = _split(chunk, g_s, fq, pk, vs, dys)
             refs = _references(gc, g0 if s == 0 else g[:, :, s - 1])
-            decay = _decay(gc, upper)
+            decay = _decay(gc)
             dy_prev = dyc * torch.exp(refs[..., :-1, None] - gc)[..., None]  # (B, H, nc, C, D), scale <= 1
             to_end = torch.exp(gc - refs[..., 1:, None])[..., None]  # (B, H, nc, C, 1), <= 1
             # intra-chunk
@@ -181,9 +181,11 @@ def _references(gc, g_in):
     return torch.cat([start, gc[..., -1]], -1)
 
 
-def _decay(g, upper=None):
+def _decay(g):
     """exp(g_j - g_i) for j <= i, else 0 (.., n, n), for non-decreasing g (.., n): every factor <= 1."""
-    if upper is None:
-        n = g.shape[-1]
-        upper = torch.ones(n, n, dtype=torch.bool, device=g.device).triu(1)
-    return (g[..., None, :] - g[..., :, None]).masked_fill_(upper, float("-inf")).exp_()
+    return (g[..., None, :] - g[..., :, None]).masked_fill_(_above_diagonal(g.shape[-1], g.device), -torch.inf).exp_()
+
+
+@functools.lru_cache(maxsize=16)
+def _above_diagonal(n, device):
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
