@@ -21,8 +21,9 @@ class CausalFavor(torch.autograd.Function):
     """Returns (out (B, H, L, d_v), the final state kv (B, H, m, d_v + 1), its reference g (B, H)).
 
     kv0, g0: the state of a prefix (kv referenced at g: S = kv exp(g)), or None. Saves q, k, v, the projection,
-    g (B, H, L), the state before every chunk, the output and D. Backward is one reverse pass over the spans:
-    it recomputes their features and carries sum_{i later} exp(g_end - g_i) phi(q_i) dy_i^T for the keys.
+    g (B, H, L), the state before every chunk, the output, D and the query rows' maxima. Backward is one reverse
+    pass over the spans: it recomputes their features and carries sum_{i later} exp(g_end - g_i) phi(q_i) dy_i^T
+    for the keys.
     """
 
     @staticmethod
@@ -33,6 +34,7 @@ class CausalFavor(torch.autograd.Function):
         span = chunk * max(1, span // chunk)
         f_q, phi_k = (q.new_empty(b, h, span, feats.m) for _ in range(2))
         g = q.new_zeros(b, h, length)  # stays 0 for relu
+        shift = q.new_zeros(b, h, length + (-length % chunk))  # query rows' maxima, for backward's recomputation
         out, den = new_output(q, v.shape[-1])
         state, g_in = kv0, g0  # the state entering the span (B, H, m, D), referenced at g_in (B, H)
         befores = []
@@ -42,7 +44,7 @@ class CausalFavor(torch.autograd.Function):
             real_s = _span_real(real, s, e, pad, q.device)
             vs = _span_rows(with_ones(v[:, :, s:e]), 0, e - s, pad)  # (B, H, n, D)
             n = qs.shape[2]
-            fq, pk = feats.queries_(qs, rows(f_q, n)), rows(phi_k, n)
+            fq, pk = feats.queries_(qs, rows(f_q, n), shift[:, :, s:s + n]), rows(phi_k, n)
             r, half_sq_norm = feats.key_logits(ks, pk, real_s)
             if r is None:
                 g_s = q.new_zeros(b, h, n)
@@ -62,7 +64,7 @@ class CausalFavor(torch.autograd.Function):
             y += torch.exp(refs[..., :-1, None] - gc)[..., None] * mm(fqc, before, low)  # the earlier chunks
             normalise_(y.view(b, h, n, -1)[:, :, : e - s], out[:, :, s:e], den[:, :, s:e])
             g_in = refs[..., -1]
-        ctx.save_for_backward(q, k, v, w, g, real, g0, out, den, *befores)
+        ctx.save_for_backward(q, k, v, w, g, real, g0, out, den, shift, *befores)
         ctx.kernel, ctx.chunk, ctx.span, ctx.scan, ctx.low = kernel, chunk, span, scan, low
         ctx.mark_non_differentiable(g_in)
         return out, state, g_in
@@ -70,7 +72,7 @@ class CausalFavor(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, d_out, d_state, _):
-        q, k, v, w, g, real, g0, out, den, *befores = ctx.saved_tensors
+        q, k, v, w, g, real, g0, out, den, shift, *befores = ctx.saved_tensors
         chunk, span, low = ctx.chunk, ctx.span, ctx.low
         feats = BlockFeatures(w, ctx.kernel, q.shape[-1], low)
         b, h, length, _ = q.shape
@@ -85,7 +87,7 @@ class CausalFavor(torch.autograd.Function):
             dys = _span_rows(grad_y(d_out[:, :, s:e], out[:, :, s:e], den[:, :, s:e]), 0, e - s, pad)
             g_s = _span_rows(g, s, e, pad, repeat_last=True)
             n = qs.shape[2]
-            fq = feats.queries_(qs, rows(f_q, n))
+            fq = feats.queries_at_(qs, rows(f_q, n), shift[:, :, s:s + n])
             pk = feats.keys_at_(ks, rows(phi_k, n), g_s, real_s)
             gc, fqc, pkc, vc, dyc = _split(chunk, g_s, fq, pk, vs, dys)
             refs = _references(gc, g0 if s == 0 else g[:, :, s - 1])
