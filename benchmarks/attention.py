@@ -3,10 +3,13 @@
 Compares exact attention (torch SDPA), FAVOR softmax and FAVOR ReLU from protein_performer, bidirectional and
 causal, and performer-pytorch's FastAttention (when `pip install performer-pytorch==1.1.4` is present),
 at B=1, H=8, d_head=64, m=256 by default. Each (method, length) runs in a fresh subprocess so that its
-peak memory (max RSS above the process's baseline) is its own. Prints a table and writes CSV.
+peak memory (max RSS above the process's baseline) is its own. Prints a table and writes CSV (and the machine,
+see results_io.machine_info).
 
     python benchmarks/attention.py                      # 1K .. 32K, all methods
     python benchmarks/attention.py --lengths 1024 8192 --methods favor-softmax exact
+    python benchmarks/attention.py --precision bf16     # under bf16 autocast
+    python benchmarks/attention.py --baseline DIR       # also FAVOR from another checkout (before / after)
 """
 
 from __future__ import annotations
@@ -19,10 +22,19 @@ import sys
 import time
 from pathlib import Path
 
-from results_io import (RESULTS, default_device, fastest_of_rounds, performer_pytorch_installed, run_worker,
-                        time_memory_plot, write_csv)
+from results_io import (
+    RESULTS,
+    default_device,
+    fastest_of_rounds,
+    machine_line,
+    performer_pytorch_installed,
+    run_worker,
+    time_memory_plot,
+    write_csv,
+)
 
 METHODS = ("exact", "favor-softmax", "favor-relu", "performer-pytorch")
+BASELINE = "@baseline"  # method suffix: the same method imported from --baseline DIR
 
 
 def _rss_mib() -> float:
@@ -49,8 +61,11 @@ def _build(method: str, causal: bool, d: int, m: int):
 
 
 def worker(method: str, length: int, causal: bool, batch: int, heads: int, d: int, m: int, repeats: int,
-           device: str) -> dict:
+           device: str, precision: str = "fp32", baseline: str | None = None, cpu_time: bool = False) -> dict:
     """Runs in the child process: times forward+backward, returns seconds and peak MiB above baseline."""
+    if method.endswith(BASELINE):
+        sys.path.insert(0, baseline)
+        method = method.removesuffix(BASELINE)
     import torch
 
     torch.manual_seed(0)
@@ -59,13 +74,16 @@ def worker(method: str, length: int, causal: bool, batch: int, heads: int, d: in
         fn.to(device)
     q, k, v = (torch.randn(batch, heads, length, d, device=device, requires_grad=True) for _ in range(3))
     baseline = _rss_mib() if device == "cpu" else torch.cuda.memory_allocated() / 2**20
+    clock = time.process_time if cpu_time else time.perf_counter
     times = []
     for _ in range(repeats + 1):  # the first run warms up allocator and kernels
         _sync(device)
-        start = time.perf_counter()
-        fn(q, k, v).sum().backward()
+        start = clock()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = fn(q, k, v)
+        out.float().sum().backward()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
         q.grad = k.grad = v.grad = None
         if times[-1] > 20:  # slow rows: one warm-up and one measurement are enough
             break
@@ -85,10 +103,14 @@ def _sync(device: str) -> None:
 
 
 def run_one(args, method: str, length: int, causal: bool) -> dict:
-    return run_worker([sys.executable, __file__, "--worker", method, str(length), str(int(causal)),
-                       "--batch", str(args.batch), "--heads", str(args.heads), "--d-head", str(args.d_head),
-                       "--features", str(args.features), "--repeats", str(args.repeats), "--device", args.device],
-                      args.timeout)
+    cmd = [sys.executable, __file__, "--worker", method, str(length), str(int(causal)), "--batch", str(args.batch),
+           "--heads", str(args.heads), "--d-head", str(args.d_head), "--features", str(args.features),
+           "--repeats", str(args.repeats), "--device", args.device, "--precision", args.precision]
+    if args.baseline:
+        cmd += ["--baseline", str(args.baseline)]
+    if args.cpu_time:
+        cmd.append("--cpu-time")
+    return run_worker(cmd, args.timeout)
 
 
 def main(argv=None):
@@ -105,6 +127,13 @@ def main(argv=None):
                    help="processes per (method, mode, length), interleaved across methods and modes; the fastest "
                         "counts (a shared machine's slow spells then hit every method alike)")
     p.add_argument("--device", default=default_device())
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: under bf16 autocast")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time with the process's CPU clock instead of the wall clock: for OMP_NUM_THREADS=1 runs on "
+                        "a machine shared with other work, where waiting for a core would otherwise count")
+    p.add_argument("--baseline", type=Path,
+                   help="a checkout of protein_performer (e.g. `git worktree add DIR OLD_COMMIT`): its FAVOR methods "
+                        "run too, as METHOD@baseline, interleaved with this checkout's")
     p.add_argument("--timeout", type=float, default=300, help="seconds per (method, length) before giving up")
     p.add_argument("--skip-after", type=float, default=60,
                    help="stop growing L for a method once one run took longer than this many seconds")
@@ -115,28 +144,33 @@ def main(argv=None):
     if args.worker:
         method, length, causal = args.worker[0], int(args.worker[1]), bool(int(args.worker[2]))
         print(json.dumps(worker(method, length, causal, args.batch, args.heads, args.d_head, args.features,
-                                args.repeats, args.device)))
+                                args.repeats, args.device, args.precision, args.baseline and str(args.baseline),
+                                args.cpu_time)))
         return
 
     methods = [m for m in args.methods if m != "performer-pytorch" or performer_pytorch_installed()]
     if len(methods) < len(args.methods):
         print("performer-pytorch is not installed: skipping it (pip install performer-pytorch==1.1.4)")
+    if args.baseline:
+        methods += [m + BASELINE for m in methods if m.startswith("favor-")]
     rows = []
+    print(machine_line())
     print(f"B={args.batch} H={args.heads} d_head={args.d_head} m={args.features}, forward+backward, "
-          f"device={args.device}, torch threads={_threads()}, {args.rounds} round(s)")
-    print(f"{'mode':<14}{'method':<19}{'L':>7}{'seconds':>10}{'peak MiB':>10}")
+          f"device={args.device}, precision={args.precision}, torch threads={_threads()}, {args.rounds} round(s), "
+          f"{'CPU' if args.cpu_time else 'wall'} clock")
+    print(f"{'mode':<14}{'method':<27}{'L':>7}{'seconds':>10}{'peak MiB':>10}")
     keys = [(mode, method) for mode in args.modes for method in methods]
     runs = fastest_of_rounds(keys, args.lengths, args.rounds,
                              lambda key, length: run_one(args, key[1], length, key[0] == "causal"),
                              stop=lambda r: r["seconds"] > args.skip_after)
     for (mode, method), length, r in runs:
-        row = {"mode": mode, "method": method, "length": length, "seconds": r.get("seconds"),
-               "peak_mib": r.get("peak_mib"), "error": r.get("error", "")}
+        row = {"mode": mode, "method": method, "length": length, "precision": args.precision,
+               "seconds": r.get("seconds"), "peak_mib": r.get("peak_mib"), "error": r.get("error", "")}
         rows.append(row)
         if row["error"]:
-            print(f"{mode:<14}{method:<19}{length:>7}   {row['error']}", flush=True)
+            print(f"{mode:<14}{method:<27}{length:>7}   {row['error']}", flush=True)
         else:
-            print(f"{mode:<14}{method:<19}{length:>7}{row['seconds']:>10.3f}{row['peak_mib']:>10.0f}", flush=True)
+            print(f"{mode:<14}{method:<27}{length:>7}{row['seconds']:>10.3f}{row['peak_mib']:>10.0f}", flush=True)
     write_csv(rows, args.out)
     time_memory_plot(rows, args.out.with_suffix(".png"), "method", "seconds (forward + backward)", "peak_mib",
                      "peak memory above baseline (MiB)")
@@ -146,11 +180,13 @@ def main(argv=None):
 def _summary(rows):
     """Ratios the issue asks for, where the rows exist."""
     t = {(r["mode"], r["method"], r["length"]): r["seconds"] for r in rows if r["seconds"]}
+    for (mode, method, length), seconds in sorted(t.items()):
+        pp, base = t.get((mode, "performer-pytorch", length)), t.get((mode, method + BASELINE, length))
+        if pp and method.startswith("favor-"):
+            print(f"{mode} L={length}: {method} is {pp / seconds:.2f}x faster than performer-pytorch")
+        if base:
+            print(f"{mode} L={length}: {method} takes {seconds / base:.2f}x the time of {method}{BASELINE}")
     for mode in ("bidirectional", "causal"):
-        pp = t.get((mode, "performer-pytorch", 8192))
-        fs = t.get((mode, "favor-softmax", 8192))
-        if pp and fs:
-            print(f"{mode}: FAVOR softmax is {pp / fs:.1f}x faster than performer-pytorch at L=8192")
         lengths = sorted(l for (mo, me, l) in t if mo == mode and me == "favor-softmax")
         wins = [l for l in lengths if (mode, "exact", l) in t and t[(mode, "favor-softmax", l)] < t[(mode, "exact", l)]]
         if wins:

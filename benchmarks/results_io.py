@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
+import platform
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -16,13 +18,48 @@ def run_worker(cmd: list[str], timeout: float) -> dict:
     """Runs one benchmark worker process (its peak memory is then its own): the JSON dict of its last stdout
     line, or {"error": ...} for a timeout, a crash or a kill."""
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout > {timeout:.0f}s"}
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1]
         return {"error": ("killed (out of memory?)" if res.returncode < 0 else last)[:120]}
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def machine_info() -> dict:
+    """The machine a benchmark ran on: CPU model, cores, the bf16 matmul instructions (AMX-BF16 makes bf16 products
+    fast on a CPU; AVX512-BF16 alone does not), torch version and threads, CUDA device."""
+    import torch
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    cpu = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:  # not Linux: the flags stay unknown
+        pass
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "amx_bf16": "amx_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def machine_line(info: dict | None = None) -> str:
+    info = info or machine_info()
+    yes = {True: "yes", False: "no"}
+    return (f"machine: {info['cpu']}, {info['cores']} cores, AMX-BF16 {yes[info['amx_bf16']]}, AVX512-BF16 "
+            f"{yes[info['avx512_bf16']]}; torch {info['torch']} ({info['torch_threads']} threads); "
+            f"CUDA {info['cuda'] or 'none'}")
 
 
 def performer_pytorch_installed() -> bool:
@@ -68,15 +105,19 @@ def fastest_of_rounds(keys: list, lengths: list[int], rounds: int, run: Callable
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
+    """The rows as CSV, and machine_info() beside it (NAME.machine.json)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {path}")
+    info = machine_info()
+    path.with_suffix(".machine.json").write_text(json.dumps(info, indent=1) + "\n")
+    print(f"wrote {path} and {path.with_suffix('.machine.json').name} ({machine_line(info)})")
 
 
-def time_memory_plot(rows: list[dict], path: Path, series: str, time_label: str, memory: str, memory_label: str) -> None:
+def time_memory_plot(rows: list[dict], path: Path, series: str, time_label: str, memory: str,
+                     memory_label: str) -> None:
     """Log-log time and peak memory against sequence length, one line per (series, mode), like the paper's Fig. 3."""
     import matplotlib
 

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import vocab
 from .attention import ExactAttention, FavorAttention, attention_matrix
-from .attention.favor import DEFAULT_CHUNK
+from .attention import DEFAULT_CHUNK
 
 AttentionKind = Literal["exact", "favor-softmax", "favor-relu"]
 ATTENTION_KINDS: tuple[str, ...] = ("exact", "favor-softmax", "favor-relu")

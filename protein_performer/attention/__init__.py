@@ -1,18 +1,21 @@
-"""Attention library, independent of proteins: FAVOR+ (softmax, ReLU, trig kernels; bidirectional and
-chunked causal), exact softmax attention, the explicit attention matrices, and O(L^2) references."""
+"""Attention library, independent of proteins: FAVOR+ (softmax, ReLU, trig kernels; bidirectional and causal in
+O(L) memory; recurrent decoding), exact softmax attention, the explicit attention matrices, O(L^2) references."""
 
 from .exact import softmax_attention
-from .favor import attention_matrix, favor_attention
-from .features import KERNELS, feature_map, orthogonal_gaussian_matrix
+from .favor import DEFAULT_CHUNK, Blocking, DecodeState, attention_matrix, favor_attention, favor_decode_step
+from .features import KERNELS, orthogonal_gaussian_matrix
 from .module import ExactAttention, FavorAttention
 
 __all__ = [
+    "DEFAULT_CHUNK",
     "KERNELS",
+    "Blocking",
+    "DecodeState",
     "ExactAttention",
     "FavorAttention",
     "attention_matrix",
     "favor_attention",
-    "feature_map",
+    "favor_decode_step",
     "orthogonal_gaussian_matrix",
     "softmax_attention",
 ]

@@ -1,14 +1,13 @@
-"""Random projections and FAVOR+ feature maps.
+"""Random projections, FAVOR+ feature maps, and the block plumbing shared by the FAVOR Functions.
 
-Every feature phi(x) factors as ``f * exp(r)``: ``f`` (B, H, L, F) is bounded, ``r`` (B, H, L) is a
-per-position log-scale. For queries exp(r) cancels in the attention normaliser, so only ``f`` is used;
-keys are returned times exp(-g), g the shared (bidirectional) or running (causal) maximum of ``r``, so no
-exponent is ever positive and nothing can overflow, and no epsilon is added that would bias attention
-towards uniform (the performer-pytorch defect, PAPER_NOTES section 5).
+Every feature phi(x) factors as f * exp(r): f (.., F) bounded, r a per-row log-scale. Query log-scales
+cancel in the normaliser D^-1, so queries use f alone; keys are scaled by exp(-g), g a maximum of r, so no
+exponent is ever positive and no epsilon is needed (the performer-pytorch defect, PAPER_NOTES section 5).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Literal
@@ -18,6 +17,8 @@ import torch
 Kernel = Literal["softmax", "relu", "trig"]
 KERNELS: tuple[str, ...] = ("softmax", "relu", "trig")
 RELU_EPS = 1e-3  # part of the authors' generalized ReLU kernel phi(x) = relu(x) + 1e-3, not a stabiliser
+PAD_LOG_SCALE = torch.finfo(torch.float32).min / 4  # padded keys: never raises a maximum, differences stay finite
+PAD_OFFSET = 1e30  # padded keys' features exp(logit - PAD_OFFSET) = 0; finite, so 0 * offset stays 0 in a product
 
 
 def orthogonal_gaussian_matrix(
@@ -30,27 +31,23 @@ def orthogonal_gaussian_matrix(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """An (m, d) matrix of random projection rows w_i for FAVOR+.
+    """An (m, d) matrix of random projection rows for FAVOR+.
 
-    orthogonal=True stacks blocks of d exactly orthogonal rows (QR of a Gaussian matrix with the sign of
-    diag(R) folded in, so each block is Haar-distributed); orthogonal=False gives IID Gaussian rows.
-    scaling="chi" gives row norms distributed as the norm of a d-dim standard Gaussian (so each row is
-    marginally N(0, I_d)); "sqrt_d" sets every norm to sqrt(d) (the "regularized" variant).
-    Drawn on the CPU in float64 from `generator`, so the matrix is a pure function of the generator's
-    seed whatever the device: every data-parallel rank draws the same one without communication.
+    orthogonal=True stacks blocks of d orthogonal rows (QR with the sign of diag(R) folded in: Haar), else IID
+    Gaussian rows; scaling="chi" gives Gaussian row norms, "sqrt_d" sets them all to sqrt(d). Drawn on the CPU
+    in float64 from `generator`: a pure function of its seed, the same on every data-parallel rank.
     """
     if m < 1 or d < 1:
         raise ValueError(f"need m >= 1 and d >= 1, got m={m}, d={d}")
     if scaling not in ("chi", "sqrt_d"):
         raise ValueError(f"scaling must be 'chi' or 'sqrt_d', not {scaling!r}")
-    opts = dict(generator=generator, dtype=torch.float64)
+    opts = {"generator": generator, "dtype": torch.float64}
     if orthogonal:
         blocks = []
         for _ in range(math.ceil(m / d)):
             q, r = torch.linalg.qr(torch.randn(d, d, **opts))
-            q = q * torch.sign(torch.diagonal(r))  # column j times sign(R_jj): Haar-distributed
-            blocks.append(q.T)  # rows orthonormal
-        w = torch.cat(blocks)[:m]  # (m, d), unit rows
+            blocks.append((q * torch.sign(torch.diagonal(r))).T)  # orthonormal rows, Haar-distributed
+        w = torch.cat(blocks)[:m]  # (m, d)
         if scaling == "chi":
             norms = torch.randn(m, d, **opts).norm(dim=1)
         else:
@@ -63,53 +60,7 @@ def orthogonal_gaussian_matrix(
     return w.to(device=device, dtype=dtype or torch.get_default_dtype())
 
 
-def feature_map(
-    x: torch.Tensor,
-    projection: torch.Tensor | None,
-    kernel: Kernel,
-    *,
-    key_stabiliser: Literal["none", "shared", "running"] = "none",
-    key_padding_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of x (B, H, L, d): returns (phi, g), phi (B, H, L, F) and the stabiliser g (B, H, L).
-
-    softmax: phi(x) = m^-1/2 exp(W x' - |x'|^2/2), x' = x d^-1/4 (positive features, F = m);
-    trig:    phi(x) = m^-1/2 exp(|x'|^2/2) [cos W x', sin W x'] (F = 2m);
-    relu:    phi(x) = m^-1/2 relu(W x) + 1e-3, or relu(x) + 1e-3 when projection is None (the authors'
-             deterministic default); g = 0 (nothing to stabilise).
-
-    With key_stabiliser="none" (queries), phi is returned up to a positive factor per position, which
-    cancels in the attention normaliser: softmax features are exp(W x' - max_i (W x')_i) <= 1.
-    For keys, phi is returned times exp(-g): g is the maximum log-scale over real keys ("shared",
-    bidirectional) or its running maximum g_i = max_{j<=i} ("running", causal: the future never moves
-    the past). Exponents are then never positive, so nothing overflows, and no epsilon is added (the
-    performer-pytorch defect, PAPER_NOTES section 5). Padded keys (key_padding_mask False) get phi = 0.
-    g is detached: it cancels exactly in D^-1.
-    """
-    check_feature_args(x.shape[-1], projection, kernel)
-    real = None if key_padding_mask is None else key_padding_mask[:, None, :].to(torch.bool)  # (B, 1, L)
-    if projection is not None and kernel != "trig":
-        return _ProjectedFeatures.apply(x, projection, kernel, key_stabiliser, real)
-    if kernel == "relu":  # the authors' deterministic map, no projection
-        phi = torch.relu(x) + RELU_EPS
-        return (phi if real is None else phi * real[..., None]), x.new_zeros(x.shape[:-1])
-    # trig: an ablation, kept in plain autograd; its log-scale |x'|^2/2 carries gradient
-    m, d = projection.shape
-    x = x * d**-0.25
-    wx = x @ projection.T
-    phi = torch.cat([torch.cos(wx), torch.sin(wx)], -1) * m**-0.5
-    if key_stabiliser == "none":
-        return phi, x.new_zeros(x.shape[:-1])
-    r = 0.5 * (x * x).sum(-1)
-    g = _stabiliser(r.detach(), key_stabiliser, real)
-    scale = torch.exp(r - g)
-    if real is not None:
-        scale = scale.masked_fill(~real, 0.0)
-    return phi * scale[..., None], g
-
-
 def check_feature_args(d: int, projection: torch.Tensor | None, kernel: str) -> None:
-    """Clear errors for an unknown kernel, a missing projection, or one whose width is not d_head."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
     if projection is None and kernel != "relu":
@@ -118,136 +69,195 @@ def check_feature_args(d: int, projection: torch.Tensor | None, kernel: str) -> 
         raise ValueError(f"projection has d={projection.shape[1]} columns but q/k have d_head={d}")
 
 
-def _stabiliser(r: torch.Tensor, kind: str, real: torch.Tensor | None) -> torch.Tensor:
-    """Shared or running maximum of the per-position log-scale r (B, H, L) over real keys."""
-    if real is not None:
-        # padded keys never raise the maximum (also when they come before the first real key)
-        r = r.masked_fill(~real, torch.finfo(r.dtype).min / 4)
-    if kind == "running":
-        return torch.cummax(r, dim=-1).values
-    return r.amax(-1, keepdim=True).expand(r.shape)
+def whole_features(x: torch.Tensor, w: torch.Tensor | None, kernel: Kernel) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f, r) with phi(x) = f exp(r) for a whole sequence x (B, H, L, d), in plain autograd (trig, matrices).
+
+    softmax: f = exp(W x' - max), r = max - |x'|^2/2 - log sqrt(m), x' = x d^-1/4 (the max is detached);
+    trig: f = [cos W x', sin W x'], r = |x'|^2/2 - log sqrt(m); relu: f = m^-1/2 relu(W x) + eps (or relu(x) + eps
+    without a projection), r = 0.
+    """
+    if kernel == "relu":
+        f = torch.relu(x) if w is None else torch.relu(x @ w.T) * w.shape[0] ** -0.5
+        return f + RELU_EPS, x.new_zeros(x.shape[:-1])
+    m, d = w.shape
+    x = x * d**-0.25
+    wx = x @ w.T  # (B, H, L, m)
+    half_sq_norm, log_sqrt_m = 0.5 * (x * x).sum(-1), 0.5 * math.log(m)
+    if kernel == "trig":
+        return torch.cat([torch.cos(wx), torch.sin(wx)], -1), half_sq_norm - log_sqrt_m
+    top = wx.detach().amax(-1, keepdim=True)
+    return torch.exp(wx - top), top[..., 0] - half_sq_norm - log_sqrt_m
 
 
-def without_autocast(backward):
-    """For the hand-written backward passes: run in the forward's precision (float32 or float64) also when
-    loss.backward() is called inside an autocast region, where their products would otherwise drop to bf16."""
-
-    @functools.wraps(backward)
-    def wrapped(ctx, *grads):
-        device = next(g for g in grads if g is not None).device  # not ctx.saved_tensors: unpack only once
-        with torch.autocast(device_type=device.type, enabled=False):
-            return backward(ctx, *grads)
-
-    return wrapped
-
-
-class _ProjectedFeatures(torch.autograd.Function):
-    """feature_map for the softmax and projected-ReLU kernels: BlockFeatures over the whole sequence as one
-    block, so the formulas and the hand-written backward live in one place."""
-
-    @staticmethod
-    def forward(ctx, x, w, kernel, key_stabiliser, real):
-        feats = BlockFeatures(w, kernel, x.shape[-1])
-        phi = x.new_empty(*x.shape[:-1], feats.m)  # (B, H, L, m), filled in place
-        g = x.new_zeros(x.shape[:-1])
-        if key_stabiliser == "none":
-            feats.queries_(x, phi)
-        else:
-            r, half_sq_norm = feats.key_logits(x, phi, real)
-            if r is not None:  # softmax (relu has nothing to stabilise)
-                g = _stabiliser(r, key_stabiliser, None)  # key_logits already kept padded keys out of r
-            feats.keys_(phi, half_sq_norm, g, real)
-        ctx.save_for_backward(x, w, phi)
-        ctx.kernel, ctx.is_key = kernel, key_stabiliser != "none"
-        ctx.mark_non_differentiable(g)
-        return phi, g
-
-    @staticmethod
-    @without_autocast
-    def backward(ctx, d_phi, _):
-        x, w, phi = ctx.saved_tensors
-        feats = BlockFeatures(w, ctx.kernel, x.shape[-1])
-        grad = d_phi.clone()  # the BlockFeatures backward methods overwrite their input
-        dx = feats.keys_backward_(grad, phi, x) if ctx.is_key else feats.queries_backward_(grad, phi)
-        return dx, None, None, None, None
+def mm(a: torch.Tensor, b: torch.Tensor, low: torch.dtype | None = None, out: torch.Tensor | None = None):
+    """a @ b; with low=torch.bfloat16 the product of bf16 copies (fp32 accumulation), returned in a's dtype."""
+    if low is None:
+        return torch.matmul(a, b, out=out)
+    y = torch.matmul(a.to(low), b.to(low))
+    return y.to(a.dtype) if out is None else out.copy_(y)
 
 
 class BlockFeatures:
-    """Softmax or ReLU features of one block of rows, written in place into a reused buffer.
-
-    FAVOR's Functions (favor.py) call these per block of rows (bidirectional) or span of chunks (causal) so that
-    no (B, H, L, m) tensor is ever allocated: on the CPU each fresh tensor of that size costs page faults that
-    take longer than the arithmetic on it. Same formulas as feature_map: for queries phi up to a per-row factor;
-    for keys phi times exp(-g), with g (B, H, C) or (B, H, 1) chosen by the caller from the log-scales r that
-    key_logits returns. w=None (relu only) is the authors' deterministic map relu(x) + eps, m = d features.
-    Backward methods take G = d loss / d phi and overwrite it.
+    """Softmax or ReLU features of one block of rows (B, H, C, d), written in place into a reused (B, H, C, m)
+    buffer (no (B, H, L, m) tensor: see favor.py). Queries: f up to a per-row factor; keys: phi(k) exp(-g) with
+    g (B, H, C) or (B, H, 1) chosen by the caller. w=None (relu only): the deterministic relu(x) + eps, m = d.
+    The *_backward_ methods take G = d loss / d phi and overwrite it. `low`: the dtype of the products (mm).
     """
 
-    def __init__(self, w: torch.Tensor | None, kernel: Kernel, d: int):
+    def __init__(self, w: torch.Tensor | None, kernel: Kernel, d: int, low: torch.dtype | None = None):
         self.softmax = kernel == "softmax"
-        if w is None and self.softmax:
-            raise ValueError("softmax features need a projection")
         self.m = d if w is None else w.shape[0]
         # softmax: W x' with x' = x d^-1/4; relu: m^-1/2 relu(W x) = relu(m^-1/2 W x). Either way x @ (s W)^T.
         self.scale = d**-0.25 if self.softmax else self.m**-0.5
         self.w = None if w is None else w * self.scale  # (m, d)
-        self.wt = None if w is None else self.w.T  # (d, m)
         self.log_sqrt_m = 0.5 * math.log(self.m)
+        self.low = low
+        # backward's recomputation folds a known per-row shift into the product: [x, -shift] @ [s W, 1]^T
+        self.w_shift = None if w is None else torch.cat([self.w, self.w.new_ones(self.m, 1)], 1)  # (m, d + 1)
 
     def _logits(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.w is None:  # deterministic relu: the coordinates themselves
+        if self.w is None:
             return out.copy_(x)
-        return torch.matmul(x, self.wt, out=out)  # (B, H, C, m)
+        return mm(x, self.w.T, self.low, out=out)  # (B, H, C, m)
 
-    def _project_back(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad if self.w is None else grad @ self.w  # (B, H, C, d)
-
-    def queries_(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out (B, H, C, m) <- features of x (B, H, C, d): exp(W x' - max) or m^-1/2 relu(W x) + eps."""
+    def queries_(self, x: torch.Tensor, out: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """out <- f(x): exp(W x' - row max) (the row maxima also into shift (B, H, C)), or m^-1/2 relu(W x) + eps."""
         self._logits(x, out)
         if self.softmax:
-            return out.sub_(out.amax(-1, keepdim=True)).exp_()
+            top = out.amax(-1, keepdim=True)
+            if shift is not None:
+                shift.copy_(top[..., 0])
+            return out.sub_(top).exp_()
         return out.relu_().add_(RELU_EPS)
 
+    def queries_at_(self, x: torch.Tensor, out: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """out <- queries_'s features again from its row maxima: one product and exp, no pass for the maximum."""
+        if not self.softmax:
+            return self.queries_(x, out)
+        return self._shifted_exp_(x, shift, out)
+
+    def _shifted_exp_(self, x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out <- exp(x' W^T - shift) for x (B, H, C, d) and shift (B, H, C): the shift folded into the product,
+        except for bf16 products, where it would be rounded to bf16 (the forward subtracts it in float32)."""
+        if self.low is not None:
+            return self._logits(x, out).sub_(shift[..., None]).exp_()
+        return mm(torch.cat([x, -shift[..., None]], -1), self.w_shift.T, out=out).exp_()
+
     def key_logits(self, x: torch.Tensor, out: torch.Tensor, real: torch.Tensor | None):
-        """out <- W x'; returns (r, half_sq_norm) (B, H, C): the log-scale r = max_i (W x')_i - |x'|^2/2
-        (padded keys: a very negative value that never raises a maximum), or (None, None) for relu."""
+        """out <- W x'; returns (r, half_sq_norm) (B, H, C): r = max (W x') - |x'|^2/2 (PAD_LOG_SCALE for padded
+        keys), or (None, None) for relu (nothing to stabilise)."""
         self._logits(x, out)
         if not self.softmax:
             return None, None
         half_sq_norm = self._half_sq_norm(x)
         r = out.amax(-1) - half_sq_norm
         if real is not None:
-            r.masked_fill_(~real, torch.finfo(r.dtype).min / 4)
+            r.masked_fill_(~real, PAD_LOG_SCALE)
         return r, half_sq_norm
 
     def _half_sq_norm(self, x: torch.Tensor) -> torch.Tensor:
         return (0.5 * self.scale**2) * (x * x).sum(-1)  # |x'|^2 / 2 (B, H, C)
 
-    def keys_at_(self, x: torch.Tensor, out: torch.Tensor, g, real: torch.Tensor | None) -> torch.Tensor:
-        """out <- phi(k) exp(-g) for a g already known (backward's recomputation): no log-scales needed."""
-        self._logits(x, out)
-        return self.keys_(out, self._half_sq_norm(x) if self.softmax else None, g, real)
-
     def keys_(self, logits: torch.Tensor, half_sq_norm, g, real: torch.Tensor | None) -> torch.Tensor:
         """logits (from key_logits) <- phi(k) exp(-g), in place; padded keys get 0."""
         if self.softmax:
-            offset = half_sq_norm + g + self.log_sqrt_m
-            if real is not None:
-                offset.masked_fill_(~real, float("inf"))  # exp(-inf) = 0
-            return logits.sub_(offset[..., None]).exp_()
+            return logits.sub_(self._key_offset(half_sq_norm, g, real)[..., None]).exp_()
         logits.relu_().add_(RELU_EPS)
         return logits if real is None else logits.mul_(real[..., None])
 
-    def queries_backward_(self, grad: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-        """d loss / d x (B, H, C, d) from grad = d loss / d phi (overwritten) and the query features phi."""
-        if self.softmax:  # the subtracted row maximum cancels in D^-1: no gradient through it
-            return grad.mul_(phi) @ self.w
-        return self._project_back(grad.mul_(phi > RELU_EPS))  # active where W x > 0
+    def _key_offset(self, half_sq_norm, g, real):
+        offset = half_sq_norm + g + self.log_sqrt_m
+        return offset if real is None else offset.masked_fill_(~real, PAD_OFFSET)  # exp(-PAD_OFFSET) = 0
 
-    def keys_backward_(self, grad: torch.Tensor, phi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """As queries_backward_ for keys, whose exponent also holds -|x'|^2/2 (g is detached: it cancels)."""
+    def keys_at_(self, x: torch.Tensor, out: torch.Tensor, g, real: torch.Tensor | None) -> torch.Tensor:
+        """out <- phi(k) exp(-g) for a known g (backward's recomputation): one product and exp."""
+        if not self.softmax:
+            return self.keys_(self._logits(x, out), None, g, real)
+        return self._shifted_exp_(x, self._key_offset(self._half_sq_norm(x), g, real), out)
+
+    def queries_backward_(self, grad: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """d loss / d x (B, H, C, d) from grad = d loss / d phi and the query features phi."""
+        if self.softmax:  # the subtracted row maximum cancels in D^-1: no gradient through it
+            grad.mul_(phi)
+        else:
+            grad.mul_(phi > RELU_EPS)  # active where W x > 0
+        return grad if self.w is None else mm(grad, self.w, self.low)
+
+    def keys_backward_(self, grad: torch.Tensor, phi: torch.Tensor, x: torch.Tensor, total=None) -> torch.Tensor:
+        """As queries_backward_ for keys, whose exponent also holds -|x'|^2/2 (g is detached: it cancels). total:
+        sum(grad * phi, -1) (B, H, C, 1) when the caller has it, else computed here."""
         if not self.softmax:
             return self.queries_backward_(grad, phi)  # padded keys: phi = 0, so no gradient
         grad.mul_(phi)
-        return grad @ self.w - (self.scale**2 * grad.sum(-1, keepdim=True)) * x
+        total = grad.sum(-1, keepdim=True) if total is None else total
+        return mm(grad, self.w, self.low) - (self.scale**2 * total) * x
+
+
+# ---- shared by the bidirectional and causal Functions ----------------------------------------------------------
+
+def add_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, low: torch.dtype | None = None) -> torch.Tensor:
+    """acc += a @ b for (B, H, ., .) operands, in place (no temporary product in full precision)."""
+    if low is not None:
+        return acc.add_(mm(a, b, low))
+    acc.view(-1, *acc.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return acc
+
+
+def with_ones(v: torch.Tensor) -> torch.Tensor:
+    """[V, 1] (..., d_v + 1): the last column carries the denominator D through the numerator's products."""
+    return torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1)
+
+
+def new_output(q: torch.Tensor, d_v: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (B, H, L, d_v) output stored as (B, L, H, d_v), so that the caller's merge of heads
+    out.transpose(1, 2).flatten(2) is a view, and the (B, H, L, 1) denominators."""
+    b, h, length, _ = q.shape
+    return q.new_empty(b, length, h, d_v).transpose(1, 2), q.new_empty(b, h, length, 1)
+
+
+def normalise_(y: torch.Tensor, out: torch.Tensor, den: torch.Tensor) -> None:
+    """out <- numerator / D and den <- D for rows y = [numerator, D]; D is clamped to the smallest normal number,
+    which only changes rows without any real key (0 instead of 0 / 0)."""
+    torch.clamp_min(y[..., -1:], torch.finfo(y.dtype).tiny, out=den)
+    torch.div(y[..., :-1], den, out=out)
+
+
+def grad_y(d_out: torch.Tensor, out: torch.Tensor, den: torch.Tensor, into: torch.Tensor | None = None):
+    """d loss / d [numerator, D] (..., d_v + 1) from d loss / d out, for out = numerator / D; written into `into`
+    when given (a contiguous buffer: about 3x faster than building it from the strided d_out and out)."""
+    dy = d_out.new_empty(*d_out.shape[:-1], d_out.shape[-1] + 1) if into is None else into
+    # rows without a real key (D clamped, out = 0) get no gradient, not inf * 0
+    inv = torch.where(den > torch.finfo(den.dtype).tiny, den.reciprocal(), 0.0)
+    d_num = torch.mul(d_out, inv, out=dy[..., :-1])
+    torch.sum(d_num * out, -1, keepdim=True, out=dy[..., -1:]).neg_()
+    return dy
+
+
+def rows(buffer: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n rows of a (B, H, R, m) work buffer as a contiguous (B, H, n, m) tensor (matmul's out= needs
+    one: it folds a contiguous input's batch dimensions into its rows)."""
+    b, h, _, m = buffer.shape
+    return buffer.view(-1)[: b * h * n * m].view(b, h, n, m)
+
+
+def blocks(length: int, block: int):
+    return ((s, min(s + block, length)) for s in range(0, length, block))
+
+
+def no_autocast(device: torch.device):
+    """Autocast off for this device (a no-op context on devices without autocast, e.g. "meta")."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def without_autocast(backward):
+    """For the hand-written backward passes: the product dtype is the one the forward chose (ctx.low), also when
+    loss.backward() runs inside an autocast region."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        with no_autocast(next(g for g in grads if g is not None).device):
+            return backward(ctx, *grads)
+
+    return wrapped

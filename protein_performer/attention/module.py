@@ -70,7 +70,8 @@ class FavorAttention(nn.Module):
         return favor_decode_step(q, k, v, self.random_projection, state, kernel=self.kernel)
 
     def extra_repr(self) -> str:
-        return f"kernel={self.kernel}, causal={self.causal}, nb_features={self.nb_features if self.projection.numel() else 0}"
+        features = self.nb_features if self.projection.numel() else 0
+        return f"kernel={self.kernel}, causal={self.causal}, nb_features={features}"
 
 
 class ExactAttention(nn.Module):

@@ -1,0 +1,87 @@
+"""Bidirectional FAVOR+ as one autograd Function over blocks of rows (the design: see favor.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from .features import (
+    BlockFeatures,
+    add_mm_,
+    blocks,
+    grad_y,
+    mm,
+    new_output,
+    normalise_,
+    rows,
+    with_ones,
+    without_autocast,
+)
+
+
+class BidirectionalFavor(torch.autograd.Function):
+    """D^-1 phi(Q) (phi(K)^T [V, 1]) for softmax or ReLU features; returns the output (B, H, L, d_v).
+
+    Forward: a pass over key blocks builds kv^T = sum_j [v_j, 1] phi(k_j)^T (B, H, d_v + 1, m) under an online
+    shared maximum g of the key log-scales (rescaled by exp(g_old - g_new) <= 1 when a block raises it), then a
+    pass over query blocks. Backward recomputes the features block by block (a query pass for dq and dkv, then a
+    key pass for dk and dv), each from one product with its shift folded in. Saves q, k, v, the projection, kv^T,
+    g, the output, D and the query rows' maxima. kv is kept transposed: the products that accumulate it then
+    have d_v + 1 = 65 rows instead of 65 columns, about 20% faster on the CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, w, kernel, real, block, low):
+        feats = BlockFeatures(w, kernel, q.shape[-1], low)
+        b, h, length, _ = q.shape
+        block = min(block, length)
+        buf = q.new_empty(b, h, block, feats.m)  # one (B, H, C, m) buffer serves every block
+        kv = q.new_zeros(b, h, v.shape[-1] + 1, feats.m)  # kv^T (B, H, d_v + 1, m), referenced at g
+        g = None  # (B, H, 1): the largest key log-scale so far (softmax only)
+        for s, e in blocks(length, block):
+            real_c = None if real is None else real[:, :, s:e]
+            phi = rows(buf, e - s)
+            r, half_sq_norm = feats.key_logits(k[:, :, s:e], phi, real_c)
+            if r is not None:  # softmax: raise the shared maximum, rescale what kv holds
+                g_new = r.amax(-1, keepdim=True)
+                if g is not None:
+                    g_new = torch.maximum(g, g_new)
+                    kv.mul_(torch.exp(g - g_new)[..., None])
+                g = g_new
+            feats.keys_(phi, half_sq_norm, g, real_c)
+            add_mm_(kv, with_ones(v[:, :, s:e]).transpose(-1, -2), phi, low)
+        out, den = new_output(q, v.shape[-1])
+        shift = q.new_empty(b, h, length)  # each query row's maximum, for backward's recomputation
+        for s, e in blocks(length, block):
+            phi = feats.queries_(q[:, :, s:e], rows(buf, e - s), shift[:, :, s:e])
+            normalise_(mm(phi, kv.transpose(-1, -2), low), out[:, :, s:e], den[:, :, s:e])
+        ctx.save_for_backward(q, k, v, w, kv, g, real, out, den, shift)
+        ctx.kernel, ctx.block, ctx.low = kernel, block, low
+        return out
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, d_out):
+        q, k, v, w, kv, g, real, out, den, shift = ctx.saved_tensors
+        low = ctx.low
+        feats = BlockFeatures(w, ctx.kernel, q.shape[-1], low)
+        b, h, length, _ = q.shape
+        buf, grad = (q.new_empty(b, h, ctx.block, feats.m) for _ in range(2))
+        dy_buf = q.new_empty(b, h, ctx.block, v.shape[-1] + 1)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dkv = torch.zeros_like(kv)
+        for s, e in blocks(length, ctx.block):  # queries: dq, and dkv = sum_i phi(q_i) dy_i^T
+            phi = feats.queries_at_(q[:, :, s:e], rows(buf, e - s), shift[:, :, s:e])
+            dy = grad_y(d_out[:, :, s:e], out[:, :, s:e], den[:, :, s:e], rows(dy_buf, e - s))  # (B, H, C, d_v + 1)
+            add_mm_(dkv, dy.transpose(-1, -2), phi, low)  # dkv^T (B, H, d_v + 1, m)
+            d_phi = mm(dy, kv, low, out=rows(grad, e - s))
+            dq[:, :, s:e] = feats.queries_backward_(d_phi, phi)
+        for s, e in blocks(length, ctx.block):  # keys: dk, dv
+            real_c = None if real is None else real[:, :, s:e]
+            phi = feats.keys_at_(k[:, :, s:e], rows(buf, e - s), g, real_c)
+            v1 = with_ones(v[:, :, s:e])
+            p = mm(phi, dkv.transpose(-1, -2), low)  # (B, H, C, d_v + 1)
+            dv[:, :, s:e] = p[..., :-1]
+            d_phi = mm(v1, dkv, low, out=rows(grad, e - s))
+            # sum_f d_phi * phi = v1 . p per key: no pass over the (B, H, C, m) product
+            dk[:, :, s:e] = feats.keys_backward_(d_phi, phi, k[:, :, s:e], total=(v1 * p).sum(-1, keepdim=True))
+        return dq, dk, dv, None, None, None, None, None

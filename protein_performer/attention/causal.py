@@ -1,0 +1,193 @@
+"""Causal FAVOR+ as one autograd Function over spans of chunks, with an initial and a final state (the design:
+see favor.py).
+
+y_i = phi(q_i) (S_0 exp(g_0 - g_i) + sum_{j<=i} phi(k_j) exp(g_j - g_i) [v_j, 1]^T), g_i the running maximum of
+the key log-scales (joined with g_0, the initial state's): every factor is <= 1 and nothing after i reaches y_i.
+Chunks of C rows: inside a chunk an explicit masked C x C product, across chunks a carried (m, d_v + 1) state.
+A span holds several chunks, so its intra-chunk products and chunk states are single batched products; only the
+state scan runs chunk after chunk, as a loop or as one product with a lower-triangular decay matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .features import BlockFeatures, blocks, grad_y, mm, new_output, normalise_, rows, with_ones, without_autocast
+
+
+class CausalFavor(torch.autograd.Function):
+    """Returns (out (B, H, L, d_v), the final state kv (B, H, m, d_v + 1), its reference g (B, H)).
+
+    kv0, g0: the state of a prefix (kv referenced at g: S = kv exp(g)), or None. Saves q, k, v, the projection,
+    g (B, H, L), the state before every chunk, the output, D and the query rows' maxima. Backward is one reverse
+    pass over the spans: it recomputes their features and carries sum_{i later} exp(g_end - g_i) phi(q_i) dy_i^T
+    for the keys.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, w, kernel, real, kv0, g0, chunk, span, scan, low):
+        feats = BlockFeatures(w, kernel, q.shape[-1], low)
+        b, h, length, _ = q.shape
+        chunk = min(chunk, length)
+        span = chunk * max(1, span // chunk)
+        f_q, phi_k = (q.new_empty(b, h, span, feats.m) for _ in range(2))
+        g = q.new_zeros(b, h, length)  # stays 0 for relu
+        shift = q.new_zeros(b, h, length + (-length % chunk))  # query rows' maxima, for backward's recomputation
+        out, den = new_output(q, v.shape[-1])
+        state, g_in = kv0, g0  # the state entering the span (B, H, m, D), referenced at g_in (B, H)
+        befores = []
+        for s, e in blocks(length, span):
+            pad = -(e - s) % chunk  # only the last span can be short
+            qs, ks = _span_rows(q, s, e, pad), _span_rows(k, s, e, pad)
+            real_s = _span_real(real, s, e, pad, q.device)
+            vs = _span_rows(with_ones(v[:, :, s:e]), 0, e - s, pad)  # (B, H, n, D)
+            n = qs.shape[2]
+            fq, pk = feats.queries_(qs, rows(f_q, n), shift[:, :, s:s + n]), rows(phi_k, n)
+            r, half_sq_norm = feats.key_logits(ks, pk, real_s)
+            if r is None:
+                g_s = q.new_zeros(b, h, n)
+            else:  # running maximum, joined with the previous span's
+                g_s = torch.cummax(r, -1).values
+                if g_in is not None:
+                    g_s = torch.maximum(g_s, g_in[..., None])
+                g[:, :, s:e] = g_s[..., : e - s]
+            feats.keys_(pk, half_sq_norm, g_s, real_s)  # phi(k_j) exp(-g_j)
+            gc, fqc, pkc, vc = _split(chunk, g_s, fq, pk, vs)  # (B, H, nc, C[, ...])
+            refs = _references(gc, g_in)  # (B, H, nc + 1)
+            y = mm(mm(fqc, pkc.transpose(-1, -2), low).mul_(_decay(gc)), vc, low)  # intra-chunk
+            to_end = torch.exp(gc - refs[..., 1:, None])[..., None]  # (B, H, nc, C, 1), <= 1
+            local = mm(pkc.transpose(-1, -2), vc * to_end, low)  # (B, H, nc, m, D), referenced at each chunk's end
+            before, state = scan_states(local, refs, state, reverse=False, mode=scan)
+            befores.append(before)
+            y += torch.exp(refs[..., :-1, None] - gc)[..., None] * mm(fqc, before, low)  # the earlier chunks
+            normalise_(y.view(b, h, n, -1)[:, :, : e - s], out[:, :, s:e], den[:, :, s:e])
+            g_in = refs[..., -1]
+        ctx.save_for_backward(q, k, v, w, g, real, g0, out, den, shift, *befores)
+        ctx.kernel, ctx.chunk, ctx.span, ctx.scan, ctx.low = kernel, chunk, span, scan, low
+        ctx.mark_non_differentiable(g_in)
+        return out, state, g_in
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, d_out, d_state, _):
+        q, k, v, w, g, real, g0, out, den, shift, *befores = ctx.saved_tensors
+        chunk, span, low = ctx.chunk, ctx.span, ctx.low
+        feats = BlockFeatures(w, ctx.kernel, q.shape[-1], low)
+        b, h, length, _ = q.shape
+        f_q, phi_k, d_fq, d_pk = (q.new_empty(b, h, span, feats.m) for _ in range(4))
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        after = d_state  # sum over later positions of exp(g_ref - g_i) phi(q_i) dy_i^T (B, H, m, D)
+        for (s, e), before in reversed(list(zip(blocks(length, span), befores))):
+            pad = -(e - s) % chunk
+            qs, ks = _span_rows(q, s, e, pad), _span_rows(k, s, e, pad)
+            real_s = _span_real(real, s, e, pad, q.device)
+            vs = _span_rows(with_ones(v[:, :, s:e]), 0, e - s, pad)
+            dys = _span_rows(grad_y(d_out[:, :, s:e], out[:, :, s:e], den[:, :, s:e]), 0, e - s, pad)
+            g_s = _span_rows(g, s, e, pad, repeat_last=True)
+            n = qs.shape[2]
+            fq = feats.queries_at_(qs, rows(f_q, n), shift[:, :, s:s + n])
+            pk = feats.keys_at_(ks, rows(phi_k, n), g_s, real_s)
+            gc, fqc, pkc, vc, dyc = _split(chunk, g_s, fq, pk, vs, dys)
+            refs = _references(gc, g0 if s == 0 else g[:, :, s - 1])
+            decay = _decay(gc)
+            dy_prev = dyc * torch.exp(refs[..., :-1, None] - gc)[..., None]  # (B, H, nc, C, D), scale <= 1
+            to_end = torch.exp(gc - refs[..., 1:, None])[..., None]  # (B, H, nc, C, 1), <= 1
+            # intra-chunk
+            da = mm(dyc, vc.transpose(-1, -2), low).mul_(decay)  # (B, H, nc, C, C)
+            dfq = mm(da, pkc, low, out=rows(d_fq, n).view(fqc.shape))
+            dpk = mm(da.transpose(-1, -2), fqc, low, out=rows(d_pk, n).view(pkc.shape))
+            dvc = mm(mm(fqc, pkc.transpose(-1, -2), low).mul_(decay).transpose(-1, -2), dyc, low)
+            # queries read the state from earlier chunks; keys and values feed every later chunk
+            dfq += mm(dy_prev, before.transpose(-1, -2), low)
+            local = mm(fqc.transpose(-1, -2), dy_prev, low)  # (B, H, nc, m, D), referenced at each chunk's start
+            afters, after = scan_states(local, refs, after, reverse=True, mode=ctx.scan)
+            dpk += mm(vc * to_end, afters.transpose(-1, -2), low)
+            dvc += to_end * mm(pkc, afters, low)
+            dv[:, :, s:e] = dvc.view(b, h, n, -1)[:, :, : e - s, :-1]
+            dq[:, :, s:e] = feats.queries_backward_(rows(d_fq, n), fq)[:, :, : e - s]
+            dk[:, :, s:e] = feats.keys_backward_(rows(d_pk, n), pk, ks)[:, :, : e - s]
+        d_kv0 = after if ctx.needs_input_grad[6] else None
+        return dq, dk, dv, None, None, None, d_kv0, None, None, None, None, None
+
+
+def scan_states(x, refs, first, reverse, mode="loop"):
+    """The carried state at every chunk boundary, as (inner (B, H, nc, m, D), edge (B, H, m, D)).
+
+    x (B, H, nc, m, D): one term per chunk, referenced at refs[c + 1] (forward: its keys summed to its end) or
+    refs[c] (reverse: its queries' gradients summed to its start); first (B, H, m, D) or None: the state entering
+    at refs[0] (forward) or refs[nc] (reverse). Boundary r holds first + the terms of the chunks before r
+    (forward) or from r on (reverse), each moved to refs[r] by a factor exp(-|refs[r] - ref|) <= 1. Forward: inner
+    = boundaries 0 .. nc - 1 (before each chunk), edge = nc (after the last); reverse: inner = 1 .. nc (after
+    each chunk), edge = 0. mode "loop": one fused multiply-add per chunk; "matmul": the products with the
+    (nc + 1)^2 lower-triangular decay matrix (transposed for reverse), inner and edge rows apart so that inner
+    is contiguous for the products that read it.
+    """
+    b, h, nc, m, d = x.shape
+    if mode == "matmul":
+        decay = _decay(refs)  # (B, H, nc + 1, nc + 1): exp(refs[j] - refs[r]) for j <= r
+        if reverse:
+            decay = decay.transpose(-1, -2)
+        terms, entry = (decay[..., :-1], decay[..., -1:]) if reverse else (decay[..., 1:], decay[..., :1])
+        inner_rows, edge_row = (slice(1, None), slice(0, 1)) if reverse else (slice(None, -1), slice(nc, None))
+        inner, edge = terms[..., inner_rows, :] @ x.flatten(-2), terms[..., edge_row, :] @ x.flatten(-2)
+        if first is not None:
+            inner += entry[..., inner_rows, :] * first.flatten(-2)[:, :, None]
+            edge += entry[..., edge_row, :] * first.flatten(-2)[:, :, None]
+        return inner.view(b, h, nc, m, d), edge.view(b, h, m, d)
+    inner, edge = x.new_empty(b, h, nc, m, d), x.new_empty(b, h, m, d)
+    carry = torch.exp(refs[..., :-1] - refs[..., 1:])[..., None, None]  # (B, H, nc, 1, 1), <= 1
+    start = inner[:, :, -1] if reverse else inner[:, :, 0]
+    if first is None:
+        start.zero_()
+    else:
+        start.copy_(first)
+    for c in range(nc - 1, -1, -1) if reverse else range(nc):
+        nxt = c - 1 if reverse else c + 1
+        dst = inner[:, :, nxt] if 0 <= nxt < nc else edge
+        torch.addcmul(x[:, :, c], inner[:, :, c], carry[:, :, c], out=dst)
+    return inner, edge
+
+
+def _span_rows(x, s, e, pad, repeat_last=False):
+    """Rows s:e of x (B, H or 1, L, ...) and `pad` more: zeros (False for a mask) or the last row again (the
+    non-decreasing g). Padding rows come after every real row, so causality keeps them out of real outputs."""
+    if x is None:
+        return None
+    x = x[:, :, s:e]
+    if not pad:
+        return x
+    shape = (*x.shape[:2], pad, *x.shape[3:])
+    return torch.cat([x, x[:, :, -1:].expand(shape) if repeat_last else x.new_zeros(shape)], 2)
+
+
+def _span_real(real, s, e, pad, device):
+    """The key mask of rows s:e and `pad` False rows (B or 1, 1, n), or None when every row is a real key. Padding
+    rows then never raise the running maximum, so the final state's reference is the last real row's."""
+    if real is None:
+        if not pad:
+            return None
+        real = torch.ones(1, 1, e, dtype=torch.bool, device=device)
+    return _span_rows(real, s, e, pad)
+
+
+def _split(chunk, *tensors):
+    return [x.unflatten(2, (-1, chunk)) for x in tensors]  # (B, H, n, ...) -> (B, H, n / C, C, ...)
+
+
+def _references(gc, g_in):
+    """The maxima the chunk states of a span are referenced at (B, H, nc + 1): the state entering the span
+    (g_in, or the first g when there is none), then each chunk's end."""
+    start = gc[..., :1, 0] if g_in is None else g_in[..., None]
+    return torch.cat([start, gc[..., -1]], -1)
+
+
+def _decay(g):
+    """exp(g_j - g_i) for j <= i, else 0 (.., n, n), for non-decreasing g (.., n): every factor <= 1."""
+    return (g[..., None, :] - g[..., :, None]).masked_fill_(_above_diagonal(g.shape[-1], g.device), -torch.inf).exp_()
+
+
+@functools.lru_cache(maxsize=16)
+def _above_diagonal(n, device):
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
