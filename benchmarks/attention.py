@@ -187,8 +187,8 @@ def _summary(rows):
         if base:
             print(f"{mode} L={length}: {method} takes {seconds / base:.2f}x the time of {method}{BASELINE}")
     for mode in ("bidirectional", "causal"):
-        lengths = sorted(l for (mo, me, l) in t if mo == mode and me == "favor-softmax")
-        wins = [l for l in lengths if (mode, "exact", l) in t and t[(mode, "favor-softmax", l)] < t[(mode, "exact", l)]]
+        lengths = sorted(n for (mo, me, n) in t if mo == mode and me == "favor-softmax")
+        wins = [n for n in lengths if (mode, "exact", n) in t and t[(mode, "favor-softmax", n)] < t[(mode, "exact", n)]]
         if wins:
             print(f"{mode}: FAVOR softmax beats exact SDPA from L={wins[0]}")
     for length in sorted({r["length"] for r in rows}):

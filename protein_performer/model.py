@@ -17,8 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import vocab
-from .attention import ExactAttention, FavorAttention, attention_matrix
-from .attention import DEFAULT_CHUNK
+from .attention import DEFAULT_CHUNK, ExactAttention, FavorAttention, attention_matrix
 
 AttentionKind = Literal["exact", "favor-softmax", "favor-relu"]
 ATTENTION_KINDS: tuple[str, ...] = ("exact", "favor-softmax", "favor-relu")
