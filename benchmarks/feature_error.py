@@ -1,7 +1,7 @@
 """The paper's Fig. 4: error of the FAVOR attention OUTPUT against exact softmax attention, against m.
 
 Orthogonal vs IID projections, positive (softmax) vs trigonometric features; L = 4096, d = 16, 15 draws of
-normalised inputs (PAPER_NOTES section 4): every row of q and k has the same norm (one panel per --norms value,
+normalised inputs (docs/paper_notes.md section 4): every row of q and k has the same norm (one panel per --norms value,
 the norm before FAVOR's d^-1/4 scaling), v ~ N(0, I). The error of a draw is the mean squared difference of the
 two outputs; the figure shows the mean over draws and the band between the smallest and the largest draw.
 Writes DIR/feature_error.csv and DIR/feature_error.png, and prints whether the expected orderings

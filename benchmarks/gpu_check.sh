@@ -31,11 +31,7 @@ if ! "$PY" -c "import jsonargparse, docstring_parser, Bio, isal" 2>/dev/null; th
     exit 1
   fi
 fi
-"$PY" - <<'PY'
-import torch
-from benchmarks.results_io import machine_info
-print(machine_info())
-PY
+"$PY" -c "from protein_performer.machine import machine_line; print(machine_line())"
 
 if [ "$QUICK" = 1 ]; then STEPS=6; VAL=3; LENGTHS_ATT="1024 2048"; LENGTHS_MODEL="1024"; TIMEOUT=60
 else STEPS=60; VAL=30; LENGTHS_ATT="1024 4096 16384 65536"; LENGTHS_MODEL="1024 4096 8192 32768"; TIMEOUT=150; fi

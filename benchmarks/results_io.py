@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
-import platform
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from protein_performer.machine import machine_info, machine_line  # noqa: F401 (the benchmarks import them from here)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -25,41 +25,6 @@ def run_worker(cmd: list[str], timeout: float) -> dict:
         last = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1]
         return {"error": ("killed (out of memory?)" if res.returncode < 0 else last)[:120]}
     return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def machine_info() -> dict:
-    """The machine a benchmark ran on: CPU model, cores, the bf16 matmul instructions (AMX-BF16 makes bf16 products
-    fast on a CPU; AVX512-BF16 alone does not), torch version and threads, CUDA device."""
-    import torch
-
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    cpu = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    except OSError:  # not Linux: the flags stay unknown
-        pass
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "amx_bf16": "amx_bf16" in flags,
-        "avx512_bf16": "avx512_bf16" in flags,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
-
-
-def machine_line(info: dict | None = None) -> str:
-    info = info or machine_info()
-    yes = {True: "yes", False: "no"}
-    return (f"machine: {info['cpu']}, {info['cores']} cores, AMX-BF16 {yes[info['amx_bf16']]}, AVX512-BF16 "
-            f"{yes[info['avx512_bf16']]}; torch {info['torch']} ({info['torch_threads']} threads); "
-            f"CUDA {info['cuda'] or 'none'}")
 
 
 def performer_pytorch_installed() -> bool:

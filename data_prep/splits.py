@@ -21,7 +21,7 @@ from protein_performer.corpus import SPLITS
 from protein_performer.errors import UserError
 from protein_performer.fasta import open_text
 
-# PAPER_NOTES section 1 (App. C.1 of arXiv 2009.14794).
+# docs/paper_notes.md section 1 (App. C.1 of arXiv 2009.14794).
 # fmt: off
 PAPER_OOD_FAMILIES = (
     "PF18369", "PF04680", "PF17988", "PF12325", "PF03272", "PF03938", "PF17724", "PF10696", "PF11968", "PF04153",

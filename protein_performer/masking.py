@@ -25,7 +25,7 @@ Objective = Literal["masked", "causal"]
 # Replacement of a selected token: (MASK, random amino acid, unchanged) probabilities.
 MASK_SPLITS: dict[str, tuple[float, float, float]] = {
     "bert": (0.8, 0.1, 0.1),  # Devlin et al.
-    "authors": (0.1, 0.8, 0.1),  # the default of the authors' protein_lm code (PAPER_NOTES section 1)
+    "authors": (0.1, 0.8, 0.1),  # the default of the authors' protein_lm code (docs/paper_notes.md section 1)
 }
 # Tokens that may be selected: the 20 standard and 5 non-standard letters; BOS/EOS/PAD/MASK never.
 _SELECTABLE = np.zeros(vocab.VOCAB_SIZE, dtype=bool)

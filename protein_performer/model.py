@@ -1,6 +1,6 @@
 """The protein language model: a pre-LayerNorm Transformer whose attention is exact or FAVOR+.
 
-Architecture of the paper's protein models (PAPER_NOTES section 2): learned position embeddings
+Architecture of the paper's protein models (docs/paper_notes.md section 2): learned position embeddings
 initialised sinusoidal, pre-LN blocks, GELU MLP, no bias on the q/k/v/output projections, a final
 LayerNorm and an untied output layer. Knows nothing of Lightning: plain nn.Modules, readable top to bottom.
 """

@@ -1,4 +1,4 @@
-"""The 29-token protein alphabet of the Performer paper (PAPER_NOTES section 1).
+"""The 29-token protein alphabet of the Performer paper (docs/paper_notes.md section 1).
 
 Ids 0-19 are the 20 standard amino acids, 20-24 the non-standard letters B O U X Z, then
 BOS 25, EOS 26, PAD 27, MASK 28. Encoding is one table lookup over the bytes of the sequence

@@ -1,4 +1,4 @@
-"""Golden-token tests of the 29-token alphabet (PAPER_NOTES section 1)."""
+"""Golden-token tests of the 29-token alphabet (docs/paper_notes.md section 1)."""
 
 import numpy as np
 import pytest

@@ -2,7 +2,7 @@
 
 Every feature phi(x) factors as f * exp(r): f (.., F) bounded, r a per-row log-scale. Query log-scales
 cancel in the normaliser D^-1, so queries use f alone; keys are scaled by exp(-g), g a maximum of r, so no
-exponent is ever positive and no epsilon is needed (the performer-pytorch defect, PAPER_NOTES section 5).
+exponent is ever positive and no epsilon is needed (the performer-pytorch defect, docs/paper_notes.md section 5).
 """
 
 from __future__ import annotations

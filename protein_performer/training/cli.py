@@ -12,18 +12,10 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..checkpoints import read_checkpoint, upgrade_hparams
+from ..machine import has_amx_bf16
 from .callbacks import BestAndLastCheckpoint
 from .datamodule import ProteinDataModule
 from .module import ProteinLMModule
-
-
-def cpu_has_amx_bf16() -> bool:
-    """True when the CPU advertises AMX-BF16 (Linux /proc/cpuinfo flags)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
-    except OSError:
-        return False
 
 
 def auto_precision(accelerator: str) -> tuple[str, str]:
@@ -36,7 +28,7 @@ def auto_precision(accelerator: str) -> tuple[str, str]:
         if torch.cuda.is_bf16_supported():
             return "bf16-mixed", f"GPU {torch.cuda.get_device_name()} supports bf16"
         return "32-true", f"GPU {torch.cuda.get_device_name()} has no bf16"
-    if cpu_has_amx_bf16():
+    if has_amx_bf16():
         return "bf16-mixed", "CPU with AMX-BF16 matrix units"
     return "32-true", "CPU without AMX-BF16, where bf16 runs slower than fp32"
 

@@ -1,5 +1,5 @@
 """Loss, accuracy and perplexity of a language model over the positions that carry a target, beside the
-unigram baseline (PAPER_NOTES: Laplace-smoothed frequencies of the training split)."""
+unigram baseline (docs/paper_notes.md section 1: Laplace-smoothed frequencies of the training split)."""
 
 from __future__ import annotations
 
