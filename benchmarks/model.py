@@ -28,7 +28,7 @@ from results_io import (
     RESULTS,
     default_device,
     fastest_of_rounds,
-    machine_info,
+    machine_line,
     performer_pytorch_installed,
     run_worker,
     time_memory_plot,
@@ -169,7 +169,7 @@ def main(argv=None):
     if args.activation_checkpointing and "performer-pytorch" in systems:
         systems.remove("performer-pytorch")  # it has no such option
     rate = matmul_rate(args.device, args.precision)
-    print(machine_info())
+    print(machine_line())
     print(f"device={args.device}, precision={args.precision}, size={args.size}, {args.rounds} round(s) per length")
     print(f"{'mode':<8}{'system':<19}{'L':>7}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'floor s':>9}{'of floor':>9}"
           f"{'roof GFLOP/s':>14}")
