@@ -28,6 +28,34 @@ FASTA = SAMPLE / "mmseqs2_DB_first3000.fasta.gz"
 SWISS = [SAMPLE / "emboss_swiss_seq.dat.gz", SAMPLE / "emboss_swnew_trembl.dat"]
 
 
+
+TRICKY_TITLES = [
+    b"sp|P2|N d",
+    b"tr|Q9|",
+    b"sp|",
+    b"x y",
+    b"",
+    b" sp|P3|",
+    b"sp|P4 |x",
+    b"tr|Q5\t|y",
+    b"sp|Q\x85|a",
+    b"sp|ABCDEFGHIJKLMNOP|x",
+    b"sp|ABCDEFGHIJKLMNOPQ|x",
+    b"a>b",
+    b"sp|P6",
+    b"tr|\xc5\xc4|x",
+    b"sp|P7|\r",
+    b"sp||x",
+    b"SP|P8|x",
+    b"tr|Q1|x|y",
+    b"sp|P9\xa0|x",
+    b"sp|A\x1cB|x",
+    b"gi|123|ref|x",
+    b"sp|P1\x0b|y",
+    b"trx|P1|y",
+    b"sp|P0974|BPT1_BOVIN Pancreatic trypsin inhibitor OS=Bos taurus",
+]
+
 def text(path: Path) -> str:
     """The text of a plain or gzipped file."""
     data = path.read_bytes()
@@ -360,23 +388,7 @@ def test_block_path_equals_record_path(monkeypatch):
     assert fast is not None and fast.n_records == 3000
     _assert_same(fast, records)
     _assert_same(fast, bio)
-    odd_titles = [
-        b"sp|P2|N d",
-        b"tr|Q9|",
-        b"sp|",
-        b"x y",
-        b"",
-        b" sp|P3|",
-        b"sp|P4 |x",
-        b"tr|Q5\t|y",
-        b"sp|Q\x85|a",
-        b"sp|ABCDEFGHIJKLMNOP|x",
-        b"sp|ABCDEFGHIJKLMNOPQ|x",
-        b"a>b",
-        b"sp|P6",
-        b"tr|\xc5\xc4|x",
-        b"sp|P7|\r",
-    ]
+    odd_titles = TRICKY_TITLES
     rng = random.Random(0)
     n_fast = 0
     for _ in range(400):
@@ -412,32 +424,6 @@ def test_duplicate_accession_across_block_paths(tmp_path):
     assert records["read"] == 6 and records["kept"] == 3 and records["rejected"]["duplicate_accession"] == 3
 
 
-TRICKY_TITLES = [
-    b"sp|P2|N d",
-    b"tr|Q9|",
-    b"sp|",
-    b"x y",
-    b"",
-    b" sp|P3|",
-    b"sp|P4 |x",
-    b"tr|Q5\t|y",
-    b"sp|Q\x85|a",
-    b"sp|ABCDEFGHIJKLMNOP|x",
-    b"sp|ABCDEFGHIJKLMNOPQ|x",
-    b"a>b",
-    b"sp|P6",
-    b"tr|\xc5\xc4|x",
-    b"sp|P7|\r",
-    b"sp||x",
-    b"SP|P8|x",
-    b"tr|Q1|x|y",
-    b"sp|P9\xa0|x",
-    b"sp|A\x1cB|x",
-    b"gi|123|ref|x",
-    b"sp|P1\x0b|y",
-    b"trx|P1|y",
-    b"sp|P0974|BPT1_BOVIN Pancreatic trypsin inhibitor OS=Bos taurus",
-]
 
 
 def test_vectorised_accessions_equal_parse_title():
