@@ -28,13 +28,15 @@ class LoadedModel:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or the newest last.ckpt (else the newest *.ckpt) under a run directory."""
+    """A checkpoint file, or under a run directory the newest last checkpoint (last.ckpt, or last-v1.ckpt when
+    another run wrote into the same folder: newest by time, as Lightning's `--ckpt_path last` picks), else the
+    newest *.ckpt."""
     path = Path(path)
     if path.is_file():
         return path
     if not path.is_dir():
         raise UserError(f"{path}: no such checkpoint file or run directory")
-    for pattern in ("last.ckpt", "*.ckpt"):
+    for pattern in ("last*.ckpt", "*.ckpt"):
         found = sorted(path.rglob(pattern), key=lambda p: p.stat().st_mtime)
         if found:
             return found[-1]
@@ -58,9 +60,10 @@ def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint's contents (on the CPU), loaded with weights_only=True."""
     path = check_readable(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors read when used
     except Exception as e:  # truncated inside, or pickled objects beyond plain types
-        raise UserError(f"{path}: cannot be read as a torch checkpoint ({str(e).splitlines()[0]})") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: cannot be read as a torch checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise UserError(f"{path}: not a Lightning checkpoint (no state_dict)")
     return ckpt
@@ -87,6 +90,7 @@ def check_finite(state_dict: dict, path: str | Path) -> None:
 
 def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """The model of a checkpoint file or run directory (see find_checkpoint), in eval mode on `device`."""
+    device = check_device(device)
     path = find_checkpoint(ckpt_path)
     ckpt = read_checkpoint(path)
     meta = ckpt.get("protein_performer")
@@ -108,6 +112,19 @@ def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> Loa
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not match the model its configuration describes: {e}") from None
     return LoadedModel(model.eval().to(device), config, meta["objective"], ckpt.get("global_step"), path)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device that this machine has; a UserError otherwise."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"--device {device}: not a torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _release(version) -> tuple[int, ...]:

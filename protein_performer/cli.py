@@ -36,7 +36,7 @@ def report(reports: list[str]) -> None:
     """
     from .evaluate import combine, read_report
 
-    print(combine([read_report(p) for p in reports]))
+    print(combine([read_report(p) for p in reports], names=list(reports)))
 
 
 def analyze(ckpt: str, input: str, out: str, num_sequences: PositiveInt = 800, max_length: PositiveInt = 512,
@@ -78,8 +78,8 @@ def analyze(ckpt: str, input: str, out: str, num_sequences: PositiveInt = 800, m
     proteins, featured = read_proteins(input, num_sequences, split, also=accession)
     result = analyze_attention(loaded, proteins, featured or proteins[0], max_length=max_length, threshold=threshold,
                                min_kept=min_kept, head=head, permutations=permutations, seed=seed, progress=progress)
-    summary = write_analysis(result, fresh_output_dir(out_path, ANALYSIS_FILES), input=str(input),
-                             split=split if is_prepared_dir(input) else None)
+    with fresh_output_dir(out_path, ANALYSIS_FILES):  # summary.json, the marker, is written last
+        summary = write_analysis(result, out_path, input=str(input), split=split if is_prepared_dir(input) else None)
     print(headline(summary, out_path))
 
 
@@ -117,7 +117,8 @@ def agreement(ckpts: list[str], input: str, out: str, num_sequences: PositiveInt
     proteins, _ = read_proteins(input, num_sequences, split)
     table = agreement_over_training(ckpts, proteins, max_length=max_length, threshold=threshold, min_kept=min_kept,
                                     permutations=permutations, seed=seed, device=device, progress=progress)
-    print(write_agreement_over_training(table, fresh_output_dir(out_path, ("agreement_over_training.*",))))
+    with fresh_output_dir(out_path, ("agreement_over_training.*",)):
+        print(write_agreement_over_training(table, out_path))
 
 
 def embed(ckpt: str, fasta: str, out: str, layers: list[int] | None = None, pool: Pool = "mean",
@@ -151,19 +152,19 @@ def embed(ckpt: str, fasta: str, out: str, layers: list[int] | None = None, pool
     proteins, _ = read_proteins(fasta, unknown=unknown)
     layers = layers or [loaded.config.n_layers]
     reps = embed_proteins(loaded.model, proteins, layers, pool, tokens_per_batch, progress)
-    fresh_output_dir(out_path, ("index.tsv", "layer*_*.npy", "layer*_per_residue.npz"))
-    for layer in layers:
-        if pool == "per-residue":  # ragged: one array per protein, keyed by its row in index.tsv
-            with atomic_write(out_path / f"layer{layer}_per_residue.npz", "wb") as f:
-                np.savez(f, **{str(i): r for i, r in enumerate(reps[layer])})
-        else:
-            with atomic_write(out_path / f"layer{layer}_{pool}.npy", "wb") as f:
-                np.save(f, np.stack(reps[layer]))
-    with atomic_write(out_path / "index.tsv", newline="") as f:  # last: its presence marks a complete output
-        w = csv.writer(f, delimiter="\t")
-        w.writerow(["row", "id", "length", "cropped_to"])
-        for i, prot in enumerate(proteins):
-            w.writerow([i, prot.name, len(prot.tokens), min(len(prot.tokens), loaded.config.max_len - 1)])
+    with fresh_output_dir(out_path, ("index.tsv", "layer*_*.npy", "layer*_per_residue.npz")):
+        for layer in layers:
+            if pool == "per-residue":  # ragged: one array per protein, keyed by its row in index.tsv
+                with atomic_write(out_path / f"layer{layer}_per_residue.npz", "wb") as f:
+                    np.savez(f, **{str(i): r for i, r in enumerate(reps[layer])})
+            else:
+                with atomic_write(out_path / f"layer{layer}_{pool}.npy", "wb") as f:
+                    np.save(f, np.stack(reps[layer]))
+        with atomic_write(out_path / "index.tsv", newline="") as f:  # last: its presence marks a complete output
+            w = csv.writer(f, delimiter="\t")
+            w.writerow(["row", "id", "length", "cropped_to"])
+            for i, prot in enumerate(proteins):
+                w.writerow([i, prot.name, len(prot.tokens), min(len(prot.tokens), loaded.config.max_len - 1)])
     print(f"wrote {len(proteins)} {pool} embeddings of layers {layers} to {out_path} (index.tsv lists the rows)")
 
 

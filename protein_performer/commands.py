@@ -48,12 +48,8 @@ def build_parser(fn: Callable, prog: str) -> ArgumentParser:
 
 def _argparse_style(hint, default) -> dict | None:
     """argparse keywords for the parameters that read better the Unix way than as jsonargparse values."""
+    hint = _strip_optional(hint)
     args = typing.get_args(hint)
-    optional = type(None) in args
-    if optional:  # X | None
-        rest = [a for a in args if a is not type(None)]
-        hint = rest[0] if len(rest) == 1 else hint
-        args = typing.get_args(hint)
     origin = typing.get_origin(hint)
     if hint is bool:
         return {"action": ActionYesNo(no_prefix="no_")}
@@ -115,5 +111,6 @@ def run(fn: Callable, argv: Sequence[str], prog: str) -> None:
 
 
 def _strip_optional(hint):
+    """X for X | None, else the hint itself."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if type(None) in typing.get_args(hint) and len(args) == 1 else hint

@@ -89,7 +89,7 @@ class Split:
                             f"says {stats['tokens']} / {stats['count']}: files changed or truncated")
         self._check_offsets(offsets)
         self._tokens: np.ndarray | None = None
-        self._offsets: np.ndarray | None = None
+        self._offsets: np.ndarray | None = offsets
         self._lengths: np.ndarray | None = None
 
     def _load_offsets(self) -> np.ndarray:
@@ -157,7 +157,8 @@ class Split:
         outside = np.flatnonzero(counts[vocab.VOCAB_SIZE :])
         if outside.size:
             byte = int(outside[0]) + vocab.VOCAB_SIZE
-            where = int(np.flatnonzero(np.asarray(self.tokens) == byte)[0])
+            where = next(s + int(np.argmax(part == byte)) for s in range(0, self.n_tokens, _SCAN)
+                         if ((part := self.tokens[s : s + _SCAN]) == byte).any())
             raise UserError(f"{self.dir / 'tokens.bin'}: byte {byte} at offset {where} is not a token id "
                             f"(vocabulary 0-{vocab.VOCAB_SIZE - 1}): file corrupt")
         if counts[vocab.EOS] != self.n_sequences:

@@ -51,20 +51,29 @@ def write_report(out_dir: str | Path, results: dict[str, dict[str, float]], meta
     return out
 
 
-def combine(reports: list[dict]) -> str:
-    """One Table-2-shaped markdown table from several report.json contents (objective x split rows)."""
+def combine(reports: list[dict], names: list[str] | None = None) -> str:
+    """One Table-2-shaped markdown table from several report.json contents: a row per (objective, task, split),
+    a column per attention kind; two reports for the same cell are an error (`names` name them in it)."""
+    names = names or [f"report {i + 1}" for i in range(len(reports))]
     kinds = [k for k in COLUMN if any(r["meta"]["attention"] == k for r in reports)]
-    rows: dict[tuple[str, str], dict[str, str]] = {}
-    for report in reports:
+    rows: dict[tuple[str, str, str], dict[str, str]] = {}
+    filled: dict[tuple[str, str, str, str], str] = {}
+    for name, report in zip(names, reports):
+        meta = report["meta"]
         for split, r in report["results"].items():
-            row = rows.setdefault((report["meta"]["objective"], split), {})
-            row[report["meta"]["attention"]] = cell(r)
+            key = (meta["objective"], meta.get("task", "single, L = 1024"), split)  # 0.1 reports: no task
+            if (*key, meta["attention"]) in filled:
+                raise UserError(f"{name} and {filled[(*key, meta['attention'])]} both report {meta['attention']} "
+                                f"attention on {' / '.join(key)}: one cell, two numbers")
+            filled[(*key, meta["attention"])] = name
+            row = rows.setdefault(key, {})
+            row[meta["attention"]] = cell(r)
             row["baseline"] = cell({"acc": r["baseline_acc"], "ppl": r["baseline_ppl"]})
-    lines = ["| objective | set | " + " | ".join(COLUMN[k] for k in kinds) + " | unigram baseline |",
-             "| --- | --- |" + " --- |" * (len(kinds) + 1)]
-    for (objective, split), row in sorted(rows.items()):
+    lines = ["| objective | task | set | " + " | ".join(COLUMN[k] for k in kinds) + " | unigram baseline |",
+             "| --- | --- | --- |" + " --- |" * (len(kinds) + 1)]
+    for (objective, task, split), row in sorted(rows.items()):
         cells = " | ".join(row.get(k, "-") for k in kinds)
-        lines.append(f"| {objective} | {split} | {cells} | {row['baseline']} |")
+        lines.append(f"| {objective} | {task} | {split} | {cells} | {row['baseline']} |")
     return "\n".join(lines)
 
 

@@ -37,9 +37,9 @@ def pad(seqs: Sequence[np.ndarray], device: torch.device | str = "cpu") -> tuple
     return tokens, tokens != vocab.PAD
 
 
-def _bar(total: int, desc: str, progress: bool | None) -> tqdm:
-    """A progress bar over sequences; progress None: shown on a terminal only."""
-    return tqdm(total=total, desc=desc, unit="seq", disable=not progress if progress is not None else None)
+def progress_bar(items=None, desc: str = "", unit: str = "seq", progress: bool | None = None, total=None) -> tqdm:
+    """A tqdm bar (over `items`, or updated by hand up to `total`); progress None: shown on a terminal only."""
+    return tqdm(items, total=total, desc=desc, unit=unit, disable=None if progress is None else not progress)
 
 
 def _device(model: ProteinLM) -> torch.device:
@@ -49,7 +49,7 @@ def _device(model: ProteinLM) -> torch.device:
 def _batched(seqs: list[np.ndarray], tokens_per_batch: int, desc: str, progress: bool | None, device):
     """(indices, tokens, mask) of each token-budget batch on `device`, with a progress bar over sequences."""
     lengths = np.array([len(s) for s in seqs])
-    bar = _bar(len(seqs), desc, progress)
+    bar = progress_bar(desc=desc, progress=progress, total=len(seqs))
     for idx in token_budget_batches(lengths, tokens_per_batch):
         yield idx, *pad([seqs[i] for i in idx], device)
         bar.update(len(idx))
@@ -117,7 +117,7 @@ def score_masked(model: ProteinLM, proteins: list[Protein], tokens_per_batch: in
     """Pseudo-log-likelihood terms log p(x_i | x without i), i masked: one masked copy per residue, batched."""
     seqs = _inputs(model, proteins)
     out: list = []
-    bar = _bar(len(seqs), "score (pseudo-likelihood)", progress)
+    bar = progress_bar(desc="score (pseudo-likelihood)", progress=progress, total=len(seqs))
     for s in seqs:
         n = len(s) - 1
         positions = np.arange(1, len(s))

@@ -31,13 +31,23 @@ def check_output_dir(path: str | Path, overwrite: bool, marker: str) -> Path:
     return path
 
 
-def fresh_output_dir(path: Path, patterns: tuple[str, ...]) -> Path:
-    """`path` (checked by check_output_dir) created, or cleared of the command's earlier files, just before writing."""
+@contextmanager
+def fresh_output_dir(path: Path, patterns: tuple[str, ...]) -> Iterator[Path]:
+    """`path` (checked by check_output_dir) created; when the block ends without error, the files of `patterns`
+    it did not (re)write are removed, so no stale output of an earlier run stays beside the new ones. The block
+    writes the command's marker file last; an interrupted block leaves the earlier run's files, marker included,
+    so a later --overwrite is still accepted."""
     path.mkdir(parents=True, exist_ok=True)
-    for pattern in patterns:
-        for stale in path.glob(pattern):
-            stale.unlink()
-    return path
+    before = {f: _identity(f) for pattern in patterns for f in path.glob(pattern)}
+    yield path
+    for f, identity in before.items():
+        if f.exists() and _identity(f) == identity:  # neither replaced nor rewritten by this run
+            f.unlink()
+
+
+def _identity(f: Path) -> tuple[int, int]:
+    st = f.stat()
+    return st.st_ino, st.st_mtime_ns
 
 
 def output_file(path: str | Path, overwrite: bool) -> Path:
@@ -59,7 +69,14 @@ def atomic_write(path: str | Path, mode: str = "w", **kwargs) -> Iterator:
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; an output is as readable as any new file
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

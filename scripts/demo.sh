@@ -8,8 +8,8 @@
 # Usage: scripts/demo.sh [OUT_DIR] [extra `protein-performer fit` overrides, e.g. --trainer.max_time 00:00:01:00]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-demo_out}
-shift || true
+OUT=demo_out
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then OUT=$1; shift; fi  # a first argument that is not a flag: OUT_DIR
 export WANDB_MODE=${WANDB_MODE:-offline}
 COMMON=(--config configs/cpu/demo.yaml --data.data_dir "$OUT/prepared" --trainer.default_root_dir "$OUT"
         --trainer.logger.init_args.save_dir "$OUT")
@@ -19,14 +19,15 @@ protein-performer-prep data/sample/mmseqs2_DB_first3000.fasta.gz data/sample/emb
   --out "$OUT/prepared" --overwrite --ood_families PF00258 PF00001 PF00022
 
 echo "== 2/4 train (configs/cpu/demo.yaml)"
+rm -rf "$OUT/checkpoints" "$OUT/demo/train"  # the demo's own outputs of an earlier run: this run starts afresh
 protein-performer fit "${COMMON[@]}" --trainer.logger.init_args.version train "$@"
 
 echo "== 3/4 evaluate the best checkpoint on test and OOD"
-BEST=$(ls -t "$OUT"/checkpoints/best-*.ckpt | head -n 1)
+BEST=$(ls "$OUT"/checkpoints/best-*.ckpt)  # one file: the checkpoint callback keeps the best only
 protein-performer test "${COMMON[@]}" --trainer.logger.init_args.version test --ckpt_path "$BEST"
 
 echo "== 4/4 attention analysis of the best checkpoint -> $OUT/analysis"
-protein-performer analyze --ckpt "$BEST" --input "$OUT/prepared" --out "$OUT/analysis" --num_sequences 100
+protein-performer analyze --ckpt "$BEST" --input "$OUT/prepared" --out "$OUT/analysis" --num_sequences 100 --overwrite
 
 python - "$OUT" <<'PY'
 import csv, json, sys

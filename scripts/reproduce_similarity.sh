@@ -10,8 +10,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: scripts/reproduce_similarity.sh PROTEOMES_DIR [OUT_DIR] [fit overrides]}
-OUT=${2:-runs/similarity}
-shift $(( $# >= 2 ? 2 : 1 ))
+shift
+OUT=runs/similarity
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then OUT=$1; shift; fi  # a second argument that is not a flag: OUT_DIR
+for kind in favor-relu favor-softmax exact; do
+  if [ -e "$OUT/$kind" ]; then echo "$OUT/$kind exists (an earlier run): remove it or choose another OUT_DIR" >&2; exit 2; fi
+done
 export WANDB_MODE=${WANDB_MODE:-offline}
 
 echo "== prepare E. coli + S. cerevisiae + P. falciparum -> $OUT/prepared"

@@ -305,3 +305,52 @@ def test_embedding_similarity_is_the_row_correlation():
     assert sim.shape == (20, 20) and sim[3, 7] == pytest.approx(np.corrcoef(rows[3], rows[7])[0, 1])
     planted = embedding_similarity(blosum62() + np.random.default_rng(1).normal(0, 0.5, (20, 20)))
     assert agreement(planted, permutations=500)["pearson"] > 0.5  # rows that encode BLOSUM62 agree with it
+
+
+def test_agreement_over_training_cli(tiny_run, tmp_path, cli):
+    out = tmp_path / "agreement"
+    args = ["agreement", tiny_run["run"], "--input", tiny_run["fasta"], "--out", out, "--num_sequences", "3",
+            "--max_length", "32", "--permutations", "50"]
+    code, err = cli(args)
+    assert code == 0, err
+    import pandas as pd
+
+    table = pd.read_csv(out / "agreement_over_training.csv")
+    steps = sorted(torch.load(p, weights_only=True)["global_step"] for p in tiny_run["run"].rglob("*.ckpt"))
+    assert table["step"].tolist() == sorted(set(steps))  # one row per step: last.ckpt repeats one
+    assert {"weighted_r", "weighted_p", "threshold_heads", "embedding_r", "output_r", "entropy"} <= set(table)
+    assert (table["attention"] == "favor-softmax").all() and (out / "agreement_over_training.png").exists()
+    code, err = cli(args)
+    assert code == 2 and "--overwrite" in err
+
+
+def test_attention_entropy_by_hand():
+    """Uniform rows have relative entropy 1, one-hot rows 0; a causal model's uniform row spreads over its
+    prefix only (row i over i + 1 keys), which must count as uniform too."""
+    length = 6
+    tokens = torch.tensor([vocab.BOS, 0, 1, 2, 3, 4])
+    uniform = torch.full((1, 1, length, length), 1 / length)
+    causal = torch.ones(length, length).tril()
+    causal = (causal / causal.sum(-1, keepdim=True))[None, None]
+    onehot = torch.zeros(1, 1, length, length)
+    onehot[..., 0] = 1.0
+    for maps, is_causal, expected in ((uniform, False, 1.0), (causal, True, 1.0), (onehot, False, 0.0)):
+        stats = AttentionToAminoAcids(1, 1, threshold=0.3, causal=is_causal)
+        stats.update(maps, tokens)
+        assert stats.mean_entropy()[0, 0] == pytest.approx(expected, abs=1e-6)  # float32 maps: terms to ~1e-7
+
+
+def test_a_run_directory_resolves_to_its_newest_last_checkpoint(tmp_path, ckpt):
+    """A second run into the same folder writes last-v1.ckpt beside the first run's last.ckpt (Lightning's
+    numbering); the newer one is the run's."""
+    import os
+    import shutil
+
+    from protein_performer.checkpoints import find_checkpoint
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    shutil.copy(ckpt, folder / "last.ckpt")
+    shutil.copy(ckpt, folder / "last-v1.ckpt")
+    os.utime(folder / "last.ckpt", (1, 1))  # the older run's
+    assert find_checkpoint(tmp_path / "run") == folder / "last-v1.ckpt"

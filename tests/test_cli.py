@@ -142,8 +142,16 @@ def test_report_joins_runs_into_table_2(tmp_path, cli, capsys):
     assert "| causal | test | 31.58 / 9.17 | 9.92 / 17.80 | 1,000 |" in md
     assert cli(["report", tmp_path / "favor-relu" / "report.json", tmp_path / "softmax" / "report.json"])[0] == 0
     out = capsys.readouterr().out
-    assert "| objective | set | Transformer | Performer (ReLU) | unigram baseline |" in out
-    assert "| causal | test | 31.58 / 9.17 | 31.58 / 9.17 | 9.92 / 17.80 |" in out
+    assert "| objective | task | set | Transformer | Performer (ReLU) | unigram baseline |" in out
+    assert "| causal | single, L = 1024 | test | 31.58 / 9.17 | 31.58 / 9.17 | 9.92 / 17.80 |" in out
+    # the concatenated task has rows of its own; two reports for one cell are refused, naming both
+    write_report(tmp_path / "concat", {"test": r}, {"attention": "favor-relu", "objective": "causal",
+                                                    "task": "concatenated, L = 8192"})
+    paths = [tmp_path / d / "report.json" for d in ("favor-relu", "concat")]
+    assert cli(["report", *paths])[0] == 0
+    assert "| causal | concatenated, L = 8192 | test | 31.58 / 9.17 | 9.92 / 17.80 |" in capsys.readouterr().out
+    code, err = cli(["report", paths[0], paths[0]])
+    assert code == 2 and "one cell, two numbers" in err and str(paths[0]) in err
 
 
 def test_report_errors_name_the_file(tmp_path, cli):

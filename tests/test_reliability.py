@@ -158,3 +158,46 @@ def test_damaged_data_is_one_clear_line(tmp_path, cli, prepared_from, damage):
     code, err = cli(fit_args(data, tmp_path))
     assert code == 2 and str(tokens.parent) in err
     assert len([line for line in err.splitlines() if "error:" in line]) == 1 and "Traceback" not in err
+
+
+def small_fit(prepared, tmp_path, callbacks=(), **trainer_kw):
+    from protein_performer.training import BestAndLastCheckpoint
+
+    module = ProteinLMModule("tiny", attention="favor-relu", dropout=0.0, redraw_every=0)
+    dm = ProteinDataModule(str(prepared), max_len=64, batch_size=16, num_workers=0)
+    every = trainer_kw.pop("every_n_train_steps", None)  # a series of step checkpoints, as for `agreement`
+    ckpt = BestAndLastCheckpoint(dirpath=tmp_path / "checkpoints", monitor=None if every else "val/ppl", mode="min",
+                                 save_last=True, save_top_k=-1 if every else 1, filename="best-step{step}",
+                                 auto_insert_metric_name=False, every_n_train_steps=every)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, callbacks=[*callbacks, ckpt], default_root_dir=tmp_path,
+                        **trainer_kw)
+    trainer.fit(module, dm)
+    return trainer
+
+
+def test_no_checkpoint_from_non_finite_weights(prepared, tmp_path):
+    """Weights that turned NaN between checks (as on a GPU, where the guard reads its flag at logging steps):
+    the step checkpoint due then is not written and the run stops, naming the parameters."""
+
+    class Poison(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 10:  # runs before the checkpoint callback, which Lightning calls last
+                with torch.no_grad():
+                    pl_module.model.head.weight[0, 0] = float("nan")
+
+    from protein_performer.training import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="model.head.weight"):
+        small_fit(prepared, tmp_path, [Poison()], max_steps=20, every_n_train_steps=5, limit_val_batches=0)
+    written = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
+    assert written and not any("step10" in name for name in written)
+    assert all(finite(tmp_path / "checkpoints" / name) for name in written)
+
+
+def test_validation_once_per_epoch_keeps_best_and_last(prepared, tmp_path):
+    """Lightning's default schedule (validation at each epoch's end, where it saves top-k): both files appear."""
+    trainer = small_fit(prepared, tmp_path, max_epochs=2, limit_val_batches=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in names and any(n.startswith("best-step") for n in names), names
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == trainer.global_step

@@ -108,10 +108,10 @@ def test_token_counts_and_unigram_baseline(tmp_path, prepared_from):
     counts = PreparedDir(tmp_path).split("train").token_counts()
     stream = np.array([0, 0, 1, vocab.EOS, 2, vocab.EOS], dtype=np.uint8)
     assert counts.tolist() == np.bincount(stream, minlength=vocab.VOCAB_SIZE).tolist()
-    logp = unigram_log_probs(torch.from_numpy(counts), "masked").exp()
+    logp = unigram_log_probs(torch.from_numpy(counts)).exp()
     # Laplace over the 25 letters: (count + 1) / (4 + 25)
     assert logp[0] == pytest.approx(3 / 29) and logp[3] == pytest.approx(1 / 29) and logp[vocab.EOS] == 0
-    causal = unigram_log_probs(torch.from_numpy(counts), "causal").exp()
+    causal = unigram_log_probs(torch.from_numpy(counts), eos=True).exp()
     assert causal[vocab.EOS] == pytest.approx(3 / 32) and causal.sum() == pytest.approx(1.0)
 
 
@@ -119,7 +119,7 @@ def test_metrics_by_hand():
     """Uniform logits: every target costs log(29) (perplexity 29) and argmax is id 0, so targets 0 are correct.
     Equal counts give a uniform Laplace baseline over the 25 letters (perplexity 25), whose argmax is id 0 too."""
     m = LMMetrics()
-    baseline = unigram_log_probs(torch.ones(vocab.VOCAB_SIZE, dtype=torch.int64), "masked")
+    baseline = unigram_log_probs(torch.ones(vocab.VOCAB_SIZE, dtype=torch.int64))
     m.update(torch.zeros(1, 3, vocab.VOCAB_SIZE), torch.tensor([[0, IGNORE, 3]]), baseline)
     m.update(torch.zeros(1, 3, vocab.VOCAB_SIZE), torch.tensor([[IGNORE, 0, 0]]), baseline)
     r = m.compute_and_reset()
@@ -133,7 +133,7 @@ def test_metrics_never_drop_nan():
     """A diverged model's NaN logits give NaN perplexity; torchmetrics' default would drop the NaN sums and
     report loss 0 / perplexity 1."""
     m = LMMetrics()
-    baseline = unigram_log_probs(torch.ones(vocab.VOCAB_SIZE, dtype=torch.int64), "masked")
+    baseline = unigram_log_probs(torch.ones(vocab.VOCAB_SIZE, dtype=torch.int64))
     m.update(torch.zeros(1, 2, vocab.VOCAB_SIZE), torch.tensor([[0, 1]]), baseline)
     m.update(torch.full((1, 2, vocab.VOCAB_SIZE), float("nan")), torch.tensor([[0, 1]]), baseline)
     r = m.compute_and_reset()
@@ -222,16 +222,16 @@ def test_redraw_is_a_function_of_step(prepared, tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_as_if_uninterrupted(prepared, tmp_path):
-    """Losses after resuming from last.ckpt equal the uninterrupted run's to 1e-5 (relative), for a
-    checkpoint in the middle of an epoch (step 11) and one at the end of the first epoch (15 batches). Batches,
-    masking, dropout and redraws are functions of (seed, step), so on this CPU they are
-    in fact bit-identical; the tolerance leaves room for nondeterministic kernels elsewhere."""
+    """Losses after resuming from last.ckpt equal the uninterrupted run's to 1e-5 (relative), for a checkpoint
+    in the middle of the first epoch (step 11), one at its end, and one inside the second epoch (whose token-budget
+    packing differs from the first's). Batches, masking, dropout and redraws are functions of (seed, step), so on
+    this CPU they are in fact bit-identical; the tolerance leaves room for nondeterministic kernels elsewhere."""
 
     def run(max_steps, root, val_every, ckpt_path=None):
         torch.manual_seed(0)  # the initial weights (the CLI calls seed_everything)
         dm = ProteinDataModule(str(prepared), max_len=256, max_tokens=1200, num_workers=1, seed=3)
         module = ProteinLMModule("tiny", attention="favor-softmax", redraw_every=4, seed=3, warmup_steps=5,
-                                 decay="cosine", decay_steps=40)
+                                 decay="cosine", decay_steps=50)
         rec = LossRecorder()
         ckpt = BestAndLastCheckpoint(dirpath=root, save_last=True, monitor="val/ppl", mode="min")
         t = trainer(root, max_steps, callbacks=[rec, ckpt], enable_checkpointing=True, val_check_interval=val_every,
@@ -239,14 +239,15 @@ def test_resume_continues_as_if_uninterrupted(prepared, tmp_path):
         t.fit(module, dm, ckpt_path=ckpt_path, weights_only=True)
         return rec, module, t
 
-    full, full_module, t = run(24, tmp_path / "full", 100)
+    total = 36
+    full, full_module, t = run(total, tmp_path / "full", 100)
     per_epoch = t.num_training_batches
-    assert 11 < per_epoch < 24
-    for stop in (11, per_epoch):
+    assert per_epoch > 11 and per_epoch + 4 < total
+    for stop in (11, per_epoch, per_epoch + 4):
         part = tmp_path / f"part{stop}"
         run(stop, part, stop)
-        resumed, resumed_module, _ = run(24, part, stop, ckpt_path=str(part / "last.ckpt"))
-        assert sorted(resumed.loss) == list(range(stop, 24))
+        resumed, resumed_module, _ = run(total, part, stop, ckpt_path=str(part / "last.ckpt"))
+        assert sorted(resumed.loss) == list(range(stop, total))
         for step in resumed.loss:
             assert resumed.loss[step] == pytest.approx(full.loss[step], rel=1e-5), (stop, step)
             assert torch.equal(resumed.projection[step], full.projection[step])
@@ -270,3 +271,15 @@ def test_model_fields_on_the_command_line_match_config():
         (hint,) = set(typing.get_args(hints[name])) - {type(None)}  # X | None
         same = hint == config_hints[name] or (isinstance(hint, type) and issubclass(hint, config_hints[name]))
         assert same, (name, hint, config_hints[name])  # PositiveInt narrows int
+
+
+@pytest.mark.parametrize("mode, eos", [("single", False), ("concatenated", True)])
+def test_causal_baseline_counts_eos_only_where_it_is_a_target(prepared, tmp_path, mode, eos):
+    """Single sequences end without EOS, so its probability would only dilute the letters' in the baseline."""
+    dm = ProteinDataModule(str(prepared), objective="causal", mode=mode, max_len=64, window=64, batch_size=16,
+                           num_workers=0)
+    module = ProteinLMModule("tiny", objective="causal", attention="favor-relu", max_len=64)
+    trainer(tmp_path, 1, limit_val_batches=0).fit(module, dm)
+    assert module.eos_is_target == eos
+    targets = torch.cat([b["targets"].flatten() for b in dm.val_dataloader()])
+    assert (targets == vocab.EOS).any() == eos

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from .. import vocab
 from ..checkpoints import LoadedModel
 from ..errors import UserError
+from ..inference import progress_bar
 from ..proteins import Protein
 from .maps import identity_value_maps, model_input
 from .similarity import AMINO_ACIDS, AttentionToAminoAcids, agreement, embedding_similarity, similarity_matrix
@@ -63,8 +63,9 @@ def most_focused_head(maps: torch.Tensor) -> tuple[int, int]:
 def analyze_attention(loaded: LoadedModel, proteins: list[Protein], featured: Protein | None = None, *,
                       max_length: int = 512, threshold: float = 0.3, min_kept: int = 100,
                       head: tuple[int, int] | None = None, permutations: int = 10_000, seed: int = 0,
-                      progress: bool | None = None) -> AnalysisResult:
-    """Analyse the attention of `loaded`'s model on `proteins` (and draw `featured`, if given).
+                      per_layer: bool = True, progress: bool | None = None) -> AnalysisResult:
+    """Analyse the attention of `loaded`'s model on `proteins` (and draw `featured`, if given); per_layer=False
+    leaves out the agreement of each layer and the shares of each head (by_layer and head_shares stay empty).
 
     Proteins are cropped to `max_length` tokens ([BOS] + residues; also capped by the model's max_len) and
     processed one at a time: memory is one protein's (n_layers, H, L, L) maps.
@@ -75,11 +76,14 @@ def analyze_attention(loaded: LoadedModel, proteins: list[Protein], featured: Pr
     length = min(max_length, cfg.max_len)
     if length < 2:
         raise UserError(f"max_length {max_length}: need at least 2 tokens ([BOS] + one residue)")
+    if head is not None and not (0 <= head[0] < cfg.n_layers and 0 <= head[1] < cfg.n_heads):
+        raise UserError(f"head {head} does not exist: the model has {cfg.n_layers} layers x {cfg.n_heads} heads "
+                        "(0-based)")
 
     # 1. Attention per amino acid over all proteins, one protein at a time.
     stats = AttentionToAminoAcids(cfg.n_layers, cfg.n_heads, threshold, causal=cfg.causal)
     residues = cropped = 0
-    for protein in tqdm(proteins, desc="attention", unit="protein", disable=None if progress is None else not progress):
+    for protein in progress_bar(proteins, "attention", "protein", progress):
         tokens = model_input(protein.tokens, length).to(device)
         stats.update(model.attention_maps(tokens)[:, 0], tokens[0])
         residues += tokens.shape[1] - 1
@@ -94,7 +98,7 @@ def analyze_attention(loaded: LoadedModel, proteins: list[Protein], featured: Pr
         similarity[variant] = similarity_matrix(shares[used])
         results[variant] = agreement(similarity[variant], permutations=permutations, seed=seed)
         results[variant].update(heads_used=int(used.sum()), heads_total=int(used.size))
-        for layer in range(cfg.n_layers):
+        for layer in range(cfg.n_layers if per_layer else 0):
             g = agreement(similarity_matrix(shares[layer][used[layer]]), permutations=permutations, seed=seed)
             by_layer.append({"variant": variant, "layer": layer, "heads_used": int(used[layer].sum()), **g})
             for h in range(cfg.n_heads):
@@ -114,9 +118,6 @@ def analyze_attention(loaded: LoadedModel, proteins: list[Protein], featured: Pr
         trick = float((identity_value_maps(model, tokens)[:, 0] - maps).abs().max())
         if head is None:
             head = most_focused_head(maps)
-        elif not (0 <= head[0] < cfg.n_layers and 0 <= head[1] < cfg.n_heads):
-            raise UserError(f"head {head} does not exist: the model has {cfg.n_layers} layers x {cfg.n_heads} heads "
-                            "(0-based)")
         drawn = Featured(featured.name, featured.entry, vocab.decode(tokens[0].cpu()), maps.cpu().numpy(),
                          tuple(head), trick)
 

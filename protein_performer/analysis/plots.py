@@ -70,8 +70,9 @@ def attention_head(a: np.ndarray, letters: str, title: str) -> Figure:
     return fig
 
 
-def _fmt(x: float | None, spec: str = ".2f") -> str:
-    return "n/a" if x is None else format(x, spec)
+def fmt(x: float | None, spec: str = ".2f") -> str:
+    """A number for a title or a line of text; "n/a" when undefined (None or NaN)."""
+    return "n/a" if x is None or x != x else format(x, spec)
 
 
 def similarity_heatmaps(matrices: dict[str, np.ndarray], agreements: dict[str, dict], columns: int = 3) -> Figure:
@@ -92,8 +93,8 @@ def similarity_heatmaps(matrices: dict[str, np.ndarray], agreements: dict[str, d
         title = name
         if name in agreements:
             g = agreements[name]
-            title += (f"\nvs BLOSUM62: Pearson {_fmt(g['pearson'])} (p={_fmt(g['pearson_p'], '.2g')}), "
-                      f"Spearman {_fmt(g['spearman'])} (p={_fmt(g['spearman_p'], '.2g')})")
+            title += (f"\nvs BLOSUM62: Pearson {fmt(g['pearson'])} (p={fmt(g['pearson_p'], '.2g')}), "
+                      f"Spearman {fmt(g['spearman'])} (p={fmt(g['spearman_p'], '.2g')})")
         ax.set_title(title, fontsize=9)
     return fig
 

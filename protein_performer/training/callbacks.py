@@ -72,56 +72,61 @@ class TrainingDiverged(UserError):
 class NonFiniteGuard(Callback):
     """Watches the gradients of every optimiser step (after DDP's all-reduce, so every rank decides alike).
 
-    mode "stop": the run stops with TrainingDiverged naming the first bad step. On a CUDA device the flag of
-    step N is read at step N + 1 (reading it at once would stall the device every step), so the bad step is
-    applied before the run stops; no checkpoint holds its weights (BestAndLastCheckpoint refuses non-finite
-    weights). On the CPU the run stops before the bad step is applied.
+    mode "stop": the first step with NaN or infinite gradients stops the run with TrainingDiverged naming it.
+    The check stays on the device: the first bad step is kept in a device tensor, read after every step on the
+    CPU (where reading costs nothing: the run stops before the bad step is applied) and, on a GPU, at logging
+    steps, before validation and at the end of fit, where Lightning reads values anyway. A checkpoint is never
+    written from non-finite weights (BestAndLastCheckpoint stops the run instead).
     mode "skip": the bad step's gradients are dropped (AdamW then leaves every parameter as it is), counted in
-    train/skipped_steps; MAX_SKIPS steps in a row stop the run.
+    train/skipped_steps; MAX_SKIPS steps in a row stop the run. Deciding before the step reads the flag every step.
+    Under fp16 the gradient scaler already skips overflowing steps; the guard leaves them to it.
     """
 
     MAX_SKIPS = 20
 
     def __init__(self, mode: str = "stop"):
         self.mode = mode
-        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, non-finite flag on the device)
+        self.first_bad: torch.Tensor | None = None  # the first step with non-finite gradients, -1 while none
         self.skipped = self.in_a_row = 0
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
+        if not grads or getattr(trainer.precision_plugin, "scaler", None) is not None:
             return
         bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
         step = trainer.global_step
         if self.mode == "skip":
-            if bool(bad):  # a host sync, the price of deciding before the step
-                for g in optimizer.param_groups:
-                    for p in g["params"]:
-                        p.grad = None
-                self.skipped += 1
-                self.in_a_row += 1
-                rank_zero_warn(f"step {step}: non-finite gradients; step skipped ({self.skipped} so far)")
-                if self.in_a_row >= self.MAX_SKIPS:
-                    raise TrainingDiverged(f"training diverged: {self.in_a_row} steps in a row up to step {step} had "
-                                           "non-finite gradients; lower the learning rate or check the data")
-            else:
-                self.in_a_row = 0
+            self._skip_if(bool(bad), optimizer, step)
             pl_module.log("train/skipped_steps", float(self.skipped))
             return
-        self.pending.append((step, bad))
-        self.check(keep_last=pl_module.device.type == "cuda")
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=bad.device)
+        first = torch.full_like(self.first_bad, step)  # a fill kernel: no host-to-device copy
+        self.first_bad = torch.where(bad & (self.first_bad < 0), first, self.first_bad)
+        if bad.device.type == "cpu" or (step + 1) % trainer.log_every_n_steps == 0:
+            self.check()
 
-    def check(self, keep_last: bool = False) -> None:
-        """Raise for the first pending step that was bad; keep the newest flag unread if asked (see above)."""
-        ready = self.pending[:-1] if keep_last else self.pending
-        for step, bad in ready:
-            if bool(bad):
-                self.pending = []
-                raise TrainingDiverged(
-                    f"training diverged at step {step}: the loss or gradients are NaN or infinite; lower the "
-                    "learning rate (--model.lr), add warm-up (--model.warmup_steps), or skip such steps with "
-                    "--model.on_nonfinite skip")
-        self.pending = self.pending[len(ready):]
+    def _skip_if(self, bad: bool, optimizer, step: int) -> None:
+        if not bad:
+            self.in_a_row = 0
+            return
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                p.grad = None
+        self.skipped += 1
+        self.in_a_row += 1
+        rank_zero_warn(f"step {step}: non-finite gradients; step skipped ({self.skipped} so far)")
+        if self.in_a_row >= self.MAX_SKIPS:
+            raise TrainingDiverged(f"training diverged: {self.in_a_row} steps in a row up to step {step} had "
+                                   "non-finite gradients; lower the learning rate or check the data")
+
+    def check(self) -> None:
+        """Raise TrainingDiverged if a step so far had non-finite gradients (reads one number from the device)."""
+        if self.first_bad is not None and (step := int(self.first_bad)) >= 0:
+            raise TrainingDiverged(
+                f"training diverged at step {step}: the loss or gradients are NaN or infinite; lower the learning "
+                "rate (--model.lr), add warm-up (--model.warmup_steps), or skip such steps with "
+                "--model.on_nonfinite skip")
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self.check()
@@ -132,32 +137,43 @@ class NonFiniteGuard(Callback):
 
 class BestAndLastCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that writes last.ckpt after every validation and at the end of fit (Lightning's own
-    rewrites it only when the monitored metric improves), and never writes non-finite weights: a NaN or
-    infinite model is neither best nor last."""
+    rewrites it only when the monitored metric improves), and never from non-finite weights: a NaN or infinite
+    model is neither best nor last, and trying to save one stops the run (the guard's message names the step)."""
 
     _last_step: int | None = None  # global step of the last last.ckpt written
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.state.fn != "fit" or trainer.sanity_checking or not _finite(pl_module, "validation"):
-            return
         super().on_validation_end(trainer, pl_module)
-        if self.save_last and self._last_step != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if not self._should_save_on_train_epoch_end(trainer):  # else the epoch's end saves top-k, then last
+            self._save_last_if_new(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_new(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.save_last and self._last_step != trainer.global_step and _finite(pl_module, "end of fit"):
+        self._save_last_if_new(trainer)
+
+    def _save_last_if_new(self, trainer) -> None:
+        if (self.save_last and trainer.state.fn == "fit" and not trainer.sanity_checking
+                and self._last_step != trainer.global_step):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         self._last_step = trainer.global_step
 
-
-def _finite(pl_module, when: str) -> bool:
-    bad = [n for n, p in pl_module.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        rank_zero_warn(f"{when}: no checkpoint written: parameters {bad[:3]} hold NaN or inf")
-    return not bad
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        """Every save passes here: refuse non-finite weights."""
+        for guard in trainer.callbacks:
+            if isinstance(guard, NonFiniteGuard):
+                guard.check()  # the usual case: the guard names the first bad step
+        bad = [n for n, p in trainer.lightning_module.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingDiverged(f"training diverged by step {trainer.global_step}: parameters {bad[:3]} hold NaN "
+                                   f"or inf; {filepath} was not written")
+        super()._save_checkpoint(trainer, filepath)
 
 
 class ResumeCSVLogs(Callback):

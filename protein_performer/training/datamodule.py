@@ -130,6 +130,9 @@ class ProteinDataModule(L.LightningDataModule):
             lengths = np.full(len(dataset), self.example_length)
         multiple = self.collator.pad_to_multiple  # budget the padded size the collator will produce
         lengths = -(-lengths // multiple) * multiple
+        if self.max_tokens is not None and len(lengths) and self.max_tokens < lengths.max():
+            raise UserError(f"--data.max_tokens {self.max_tokens} is below the longest example, {lengths.max()} "
+                            f"tokens once padded to a multiple of {multiple}: raise it or lower --data.max_len")
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = ShardedBatchSampler(
@@ -140,6 +143,10 @@ class ProteinDataModule(L.LightningDataModule):
         if train and self._resume is not None:  # a resumed epoch starts after the batches already done
             sampler.resume = self._resume
             sampler.sampler.set_epoch(self._resume[0])
+        try:
+            len(sampler)
+        except ValueError as e:  # fewer training batches than ranks
+            raise UserError(f"{self.data_dir}: {e}") from None
         return DataLoader(
             Keyed(dataset), batch_sampler=sampler, collate_fn=self.collator, num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,

@@ -11,7 +11,7 @@ from torch import nn
 from torchmetrics import SumMetric
 
 from .. import vocab
-from ..masking import IGNORE, Objective
+from ..masking import IGNORE
 
 
 def target_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -23,15 +23,15 @@ def target_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     return ce.view_as(targets), correct, selected
 
 
-def unigram_log_probs(counts: torch.Tensor, objective: Objective) -> torch.Tensor:
-    """Laplace (alpha = 1) unigram log-probabilities over the ids that can be targets of `objective`.
+def unigram_log_probs(counts: torch.Tensor, eos: bool = False) -> torch.Tensor:
+    """Laplace (alpha = 1) unigram log-probabilities over the ids that can be targets.
 
-    Targets are the 25 letters, plus EOS for the causal objective (the concatenated stream predicts the
-    end of each protein); other ids get probability 0 (log-prob -inf).
+    Targets are the 25 letters, plus EOS when it is one (causal training on the concatenated stream predicts
+    the end of each protein); other ids get probability 0 (log-prob -inf).
     """
     support = torch.zeros(vocab.VOCAB_SIZE, dtype=torch.bool, device=counts.device)
     support[: len(vocab.LETTERS)] = True
-    support[vocab.EOS] = objective == "causal"
+    support[vocab.EOS] = eos
     smoothed = torch.where(support, counts.double() + 1.0, torch.zeros((), dtype=torch.float64, device=counts.device))
     return (smoothed / smoothed.sum()).log()
 

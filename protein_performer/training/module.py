@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import __version__, vocab
 from ..checkpoints import check_finite
+from ..errors import UserError
 from ..evaluate import format_table, write_report
 from ..masking import Objective
 from ..model import AttentionKind, Config, PresetName, ProteinLM
@@ -126,6 +127,7 @@ class ProteinLMModule(L.LightningModule):
         self.val_metrics = LMMetrics()
         self.test_metrics = nn.ModuleList()
         self.test_results: dict[str, dict[str, float]] = {}
+        self.eos_is_target = False  # set by setup() from the data module's mode
 
     # -- wiring to the data module
     def setup(self, stage: str) -> None:
@@ -133,12 +135,15 @@ class ProteinLMModule(L.LightningModule):
         if not isinstance(dm, ProteinDataModule):
             return
         if dm.objective != self.hparams.objective:
-            raise ValueError(f"data objective {dm.objective!r} differs from the model's {self.hparams.objective!r}")
+            raise UserError(f"--data.objective {dm.objective} differs from --model.objective "
+                            f"{self.hparams.objective}")
         if dm.example_length > self.config.max_len:
-            raise ValueError(f"data examples of {dm.example_length} tokens exceed the model's max_len "
-                             f"{self.config.max_len}")
-        if stage == "fit":  # the baseline belongs to the data the model is trained on
-            self.unigram_counts.copy_(torch.from_numpy(dm.train_token_counts()))
+            raise UserError(f"data examples of {dm.example_length} tokens (--data.max_len or --data.window) exceed "
+                            f"the model's max_len {self.config.max_len} (--model.max_len)")
+        # EOS is a target only in the concatenated stream; single sequences end without one
+        self.eos_is_target = self.hparams.objective == "causal" and dm.mode == "concatenated"
+        if stage == "fit" and self.trainer.ckpt_path is None:  # the baseline belongs to the training data;
+            self.unigram_counts.copy_(torch.from_numpy(dm.train_token_counts()))  # a resumed run restores it
         if stage == "test":
             self.test_metrics = nn.ModuleList(LMMetrics() for _ in dm.test_split_names).to(self.device)
 
@@ -183,8 +188,9 @@ class ProteinLMModule(L.LightningModule):
         n = n.clamp(min=1)
         mean_ce = ce.detach().sum() / n
         self.log("train/loss", mean_ce, prog_bar=True)
-        self.log_dict({"train/ppl": mean_ce.exp(), "train/acc": correct.sum() / n,
-                       "train/lr": self.optimizers().param_groups[0]["lr"]})
+        self.log_dict({"train/ppl": mean_ce.exp(), "train/acc": correct.sum() / n})
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # a float becomes a device tensor: a
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"])  # copy that waits, so not every step
         return loss
 
     def on_validation_start(self) -> None:
@@ -206,7 +212,7 @@ class ProteinLMModule(L.LightningModule):
         self.test_metrics[dataloader_idx].update(logits, batch["targets"], self._baseline())
 
     def _baseline(self) -> torch.Tensor:
-        return unigram_log_probs(self.unigram_counts, self.hparams.objective)
+        return unigram_log_probs(self.unigram_counts, eos=self.eos_is_target)
 
     def on_test_epoch_end(self) -> None:
         names = self.trainer.datamodule.test_split_names
@@ -215,7 +221,9 @@ class ProteinLMModule(L.LightningModule):
             self.log_dict({f"test/{split}/{k}": v for k, v in results.items()}, add_dataloader_idx=False)
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
         if self.trainer.is_global_zero:
-            meta = {"attention": self.config.attention, "objective": self.hparams.objective,
+            dm = self.trainer.datamodule
+            task = f"{dm.mode}, L = {dm.example_length}"
+            meta = {"attention": self.config.attention, "objective": self.hparams.objective, "task": task,
                     "preset": self.hparams.preset, "checkpoint": self.trainer.ckpt_path,
                     "parameters": self.model.num_parameters()}
             out = write_report(log_dir / "report", self.test_results, meta)
@@ -234,7 +242,7 @@ class ProteinLMModule(L.LightningModule):
         )
         total = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else None)
         if hp.decay != "none" and total is None:
-            raise ValueError("decay needs model.decay_steps or trainer.max_steps")
+            raise UserError("--model.decay needs --model.decay_steps or --trainer.max_steps")
         schedule = partial(lr_factor, warmup=hp.warmup_steps, total=total, decay=hp.decay, min_ratio=hp.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -25,13 +25,17 @@ class EpochOrder(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def rng(self) -> np.random.Generator:
-        return np.random.default_rng((self.seed, self.epoch))
+    def rng(self, epoch: int | None = None) -> np.random.Generator:
+        return np.random.default_rng((self.seed, self.epoch if epoch is None else epoch))
+
+    def order(self, epoch: int | None = None) -> np.ndarray:
+        """The indices of `epoch` (default: the current one) in order."""
+        if self.shuffle:
+            return self.rng(epoch).permutation(len(self.lengths))
+        return np.argsort(-self.lengths, kind="stable")
 
     def __iter__(self):
-        if self.shuffle:
-            return iter(self.rng().permutation(len(self.lengths)))
-        return iter(np.argsort(-self.lengths, kind="stable"))
+        return iter(self.order())
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -41,7 +45,10 @@ class ShardedBatchSampler:
     """This rank's batches of one epoch: fixed-size or token-budget (length-bucketed), sharded over ranks.
 
     All ranks build the same global list of batches, then rank r takes batches r, r + W, r + 2W, ...
-    Training (even=True) drops the last len % W batches so every rank steps the same number of times.
+    Training (even=True) gives every rank the same number of batches in every epoch, the number of epoch 0
+    (token-budget packing makes it vary by a few from epoch to epoch): an epoch with more drops its last
+    batches, one with fewer starts over from its first. Lightning measures an epoch once, so this keeps every
+    epoch, and a run resumed in any epoch, in step with an uninterrupted one.
     Evaluation (even=False) keeps them, so every sequence is evaluated exactly once (DistributedSampler would
     pad by repeating sequences instead); a rank left without a batch gets one filler batch that counts zero
     (Lightning skips the loop of a rank with no batches, and the others would wait for it at the metric sync).
@@ -63,15 +70,14 @@ class ShardedBatchSampler:
     ):
         if (batch_size is None) == (max_tokens is None):
             raise ValueError("give exactly one of batch_size and max_tokens")
-        if max_tokens is not None and len(sampler) and max_tokens < sampler.lengths.max():
-            raise ValueError(f"max_tokens={max_tokens} is below the longest example ({sampler.lengths.max()} tokens)")
         self.sampler, self.batch_size, self.max_tokens = sampler, batch_size, max_tokens
         self.rank, self.world_size, self.even, self.stream, self.bucket = rank, world_size, even, stream, bucket
         self.resume: tuple[int, int] | None = None  # (epoch, batches already done in it)
         self._cache: tuple[int, list[np.ndarray], bool] | None = None  # (epoch, batches, filler)
+        self._length: int | None = None  # training batches per rank and epoch
 
-    def _global_batches(self) -> list[np.ndarray]:
-        order = np.fromiter(iter(self.sampler), dtype=np.int64, count=len(self.sampler))
+    def _global_batches(self, epoch: int) -> list[np.ndarray]:
+        order = self.sampler.order(epoch)
         if self.batch_size is not None:
             return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         # Token budget: sort each bucket of the (shuffled) order by length so that a batch holds sequences
@@ -82,19 +88,29 @@ class ShardedBatchSampler:
             chunk = order[start : start + self.bucket]
             batches += [chunk[b] for b in token_budget_batches(lengths[chunk], self.max_tokens)]
         if self.sampler.shuffle:
-            batches = [batches[i] for i in self.sampler.rng().permutation(len(batches))]
+            batches = [batches[i] for i in self.sampler.rng(epoch).permutation(len(batches))]
         return batches
+
+    def _per_rank(self) -> int:
+        """Training batches of every rank in every epoch: those of epoch 0."""
+        if self._length is None:
+            batches = len(self._global_batches(0))
+            if batches < self.world_size:
+                raise ValueError(f"{batches} training batches cannot be shared by {self.world_size} ranks: "
+                                 "use smaller batches or fewer ranks")
+            self._length = batches // self.world_size
+        return self._length
 
     def batches(self) -> list[np.ndarray]:
         """This rank's batches for the sampler's current epoch (cached per epoch)."""
-        if self._cache is None or self._cache[0] != self.sampler.epoch:
-            batches = self._global_batches()
-            if self.even and len(batches) < self.world_size:
-                raise ValueError(f"{len(batches)} training batches cannot be shared by {self.world_size} ranks: "
-                                 "use smaller batches or fewer ranks")
-            stop = len(batches) // self.world_size * self.world_size if self.even else len(batches)
-            mine = batches[self.rank : stop : self.world_size]
-            self._cache = (self.sampler.epoch, mine or [batches[0][:1]], not mine)
+        epoch = self.sampler.epoch
+        if self._cache is None or self._cache[0] != epoch:
+            batches = self._global_batches(epoch)
+            mine = batches[self.rank :: self.world_size]
+            if self.even:
+                n = self._per_rank()
+                mine = (mine * -(-n // len(mine)))[:n]
+            self._cache = (epoch, mine or [batches[0][:1]], not mine)
         return self._cache[1]
 
     def __iter__(self):
