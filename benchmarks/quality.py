@@ -147,9 +147,11 @@ def main() -> None:
     p.add_argument("--val-every", type=int, default=200, help="steps between validations")
     p.add_argument("--val-batches", type=int, default=20, help="validation batches during training")
     p.add_argument("--redraw-every", type=int, default=100, help="favor-softmax feature redraw interval (steps)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="intra-op threads (1 on a machine shared with other work: waiting threads spin)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
 
     train_dir, fourth_dir, families = prepare(args.data, args.out / "prepared", args.eval_proteome)
     runs = []
