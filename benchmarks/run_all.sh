@@ -11,3 +11,4 @@ python benchmarks/model.py --lengths 32768 65536 --systems favor-softmax favor-r
 python benchmarks/decode.py                                      # sampling speed against prefix length
 python benchmarks/analysis.py                                    # attention-analysis throughput
 python benchmarks/prep.py                                        # data preparation against gzip -dc
+python benchmarks/feature_error.py --out benchmarks/results      # the paper's Fig. 4: FAVOR output error against m
