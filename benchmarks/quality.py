@@ -31,7 +31,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from results_io import RESULTS, machine_info, write_csv
+from results_io import RESULTS, machine_line, write_csv
 
 from protein_performer.training import ProteinDataModule, ProteinLMModule
 
@@ -163,7 +163,7 @@ def main() -> None:
                     runs.append(run_one(objective, attention, precision, seed, train_dir, fourth_dir, args))
                     (args.out / "runs.json").write_text(json.dumps(runs, indent=2))
     budget = f"{args.minutes} min" + (f" or {args.steps} steps, whichever came first," if args.steps > 0 else "")
-    md = (f"{table(runs)}\n\naccuracy % / perplexity. {budget} of training per model on {machine_info()}; model "
+    md = (f"{table(runs)}\n\naccuracy % / perplexity. {budget} of training per model on {machine_line()}; model "
           f"'small' (4 layers, 8 heads, d_model {args.d_model}, d_ff {args.d_ff}), L = {args.max_len}, "
           f"{args.max_tokens} tokens per batch, lr {args.lr}. OOD: held-out Pfam families {' '.join(families)}; "
           f"fourth: {args.eval_proteome}.")
