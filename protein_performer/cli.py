@@ -88,7 +88,7 @@ ANALYSIS_FILES = ("*.png", "*.csv", "attention_maps.npz", "summary.json")
 
 def agreement(ckpts: list[str], input: str, out: str, num_sequences: PositiveInt = 300, max_length: PositiveInt = 256,
               threshold: float = 0.3, min_kept: int = 100, split: str = DEFAULT_SPLIT,
-              permutations: PositiveInt = 2000, seed: int = 0, device: str = "cpu", overwrite: bool = False,
+              permutations: PositiveInt = 10_000, seed: int = 0, device: str = "cpu", overwrite: bool = False,
               progress: bool | None = None) -> None:
     """Agreement with BLOSUM62 along training: the analysis of every checkpoint given, against its step.
 

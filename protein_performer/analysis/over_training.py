@@ -60,5 +60,6 @@ def write_agreement_over_training(table: pd.DataFrame, out: str | Path) -> str:
     for _, r in last.iterrows():
         lines.append(f"  {r['run']} ({r['attention']}, step {r['step']}): weighted r = {fmt(r['weighted_r'])} "
                      f"(p = {fmt(r['weighted_p'], '.2g')}), threshold r = {fmt(r['threshold_r'])} "
-                     f"({r['threshold_heads']} heads), embedding r = {fmt(r['embedding_r'])}")
+                     f"({r['threshold_heads']} heads), embedding r = {fmt(r['embedding_r'])}, "
+                     f"output layer r = {fmt(r['output_r'])}")
     return "\n".join(lines)

@@ -100,24 +100,34 @@ def similarity_heatmaps(matrices: dict[str, np.ndarray], agreements: dict[str, d
 
 
 def agreement_over_training(table: pd.DataFrame) -> Figure:
-    """Pearson r with BLOSUM62 against the training step, one line per run and similarity; filled markers where
-    the permutation p-value is below 0.001 (the issue's significance bar)."""
+    """Against the training step, one line per run: Pearson r with BLOSUM62 of the attention variants (top) and
+    of the controls (bottom; filled markers where the permutation p-value is below 0.001, the issue's
+    significance bar), and the heads' mean attention entropy (1 = uniform rows)."""
     panels = [("weighted", "attention, weighted"), ("threshold", "attention, threshold"),
-              ("embedding", "token embeddings (control)")]
-    fig = new_figure(4.6 * len(panels), 3.8)
-    axes = fig.subplots(1, len(panels), sharey=True)
+              ("entropy", "attention entropy (1 = uniform)"),
+              ("embedding", "token embeddings (control)"), ("output", "output layer (control)")]
+    fig = new_figure(13, 7.2)
+    first = fig.add_subplot(2, 3, 1)
+    axes = [first] + [fig.add_subplot(2, 3, i, sharex=first, sharey=None if i == 3 else first)  # r on one scale
+                      for i in (2, 3, 4, 5)]
     for ax, (key, title) in zip(axes, panels):
+        column = key if key == "entropy" else f"{key}_r"
         for (run, kind), rows in table.groupby(["run", "attention"], sort=False):
-            rows = rows.dropna(subset=[f"{key}_r"])
-            line, = ax.plot(rows["step"], rows[f"{key}_r"], marker="o", mfc="none", ms=4,
+            rows = rows.dropna(subset=[column])
+            line, = ax.plot(rows["step"], rows[column], marker="o", mfc="none", ms=4,
                             label=f"{kind} ({Path(str(run)).name})")
-            strong = rows[rows[f"{key}_p"] < 1e-3]
-            ax.plot(strong["step"], strong[f"{key}_r"], "o", ms=4, color=line.get_color())
-        ax.axhline(0, color="grey", lw=0.8)
+            if key != "entropy":
+                strong = rows[rows[f"{key}_p"] < 1e-3]
+                ax.plot(strong["step"], strong[column], "o", ms=4, color=line.get_color())
+        if key != "entropy":
+            ax.axhline(0, color="grey", lw=0.8)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")
     axes[0].set_ylabel("Pearson r with BLOSUM62")
-    axes[-1].legend(fontsize=7)
+    axes[3].set_ylabel("Pearson r with BLOSUM62")
+    legend = fig.add_subplot(2, 3, 6)
+    legend.axis("off")
+    legend.legend(*first.get_legend_handles_labels(), loc="center", fontsize=8)
     fig.suptitle("Amino-acid similarity vs BLOSUM62 along training (filled: permutation p < 0.001)", fontsize=10)
     return fig
 
