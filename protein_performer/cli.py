@@ -18,7 +18,7 @@ import math
 import sys
 from collections.abc import Sequence
 
-from jsonargparse.typing import NonNegativeFloat, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from . import commands
 from .errors import UserError
@@ -40,7 +40,7 @@ def report(reports: list[str]) -> None:
 
 
 def analyze(ckpt: str, input: str, out: str, num_sequences: PositiveInt = 800, max_length: PositiveInt = 512,
-            threshold: float = 0.3, min_kept: int = 100, accession: str | None = None,
+            offset: NonNegativeInt = 0, threshold: float = 0.3, min_kept: int = 100, accession: str | None = None,
             head: tuple[int, int] | None = None, split: str = DEFAULT_SPLIT, permutations: PositiveInt = 10_000,
             seed: int = 0, device: str = "cpu", overwrite: bool = False, progress: bool | None = None) -> None:
     """Attention of a trained model against amino-acid similarity (BLOSUM62), after Vig et al. 2020.
@@ -55,6 +55,8 @@ def analyze(ckpt: str, input: str, out: str, num_sequences: PositiveInt = 800, m
         out: output directory.
         num_sequences: analyse the first N proteins (the paper used 800).
         max_length: crop each protein to this many tokens ([BOS] + residues; also capped by the model's max_len).
+        offset: skip this many residues at each protein's N-terminus (e.g. 50: the initiator methionine at
+            residue 1 draws attention in every protein, which swamps the similarity of untrained and causal models).
         threshold: attention weights >= this count in the threshold variant (Vig et al.).
         min_kept: threshold variant: drop heads with fewer kept weights over all proteins.
         accession: protein to draw (accession, entry name, or SPLIT/INDEX of a prepared directory); default the first.
@@ -76,8 +78,9 @@ def analyze(ckpt: str, input: str, out: str, num_sequences: PositiveInt = 800, m
     out_path = check_output_dir(out, overwrite, "summary.json")
     loaded = load_model(ckpt, device)
     proteins, featured = read_proteins(input, num_sequences, split, also=accession)
-    result = analyze_attention(loaded, proteins, featured or proteins[0], max_length=max_length, threshold=threshold,
-                               min_kept=min_kept, head=head, permutations=permutations, seed=seed, progress=progress)
+    result = analyze_attention(loaded, proteins, featured or proteins[0], max_length=max_length, offset=offset,
+                               threshold=threshold, min_kept=min_kept, head=head, permutations=permutations, seed=seed,
+                               progress=progress)
     with fresh_output_dir(out_path, ANALYSIS_FILES):  # summary.json, the marker, is written last
         summary = write_analysis(result, out_path, input=str(input), split=split if is_prepared_dir(input) else None)
     print(headline(summary, out_path))
@@ -87,7 +90,7 @@ ANALYSIS_FILES = ("*.png", "*.csv", "attention_maps.npz", "summary.json")
 
 
 def agreement(ckpts: list[str], input: str, out: str, num_sequences: PositiveInt = 300, max_length: PositiveInt = 256,
-              threshold: float = 0.3, min_kept: int = 100, split: str = DEFAULT_SPLIT,
+              offset: NonNegativeInt = 0, threshold: float = 0.3, min_kept: int = 100, split: str = DEFAULT_SPLIT,
               permutations: PositiveInt = 10_000, seed: int = 0, device: str = "cpu", overwrite: bool = False,
               progress: bool | None = None) -> None:
     """Agreement with BLOSUM62 along training: the analysis of every checkpoint given, against its step.
@@ -101,6 +104,7 @@ def agreement(ckpts: list[str], input: str, out: str, num_sequences: PositiveInt
         out: output directory.
         num_sequences: proteins analysed per checkpoint.
         max_length: crop each protein to this many tokens.
+        offset: skip this many residues at each protein's N-terminus (see `analyze`).
         threshold: threshold variant's weight cut-off.
         min_kept: threshold variant: drop heads with fewer kept weights.
         split: split of a prepared directory.
@@ -115,8 +119,9 @@ def agreement(ckpts: list[str], input: str, out: str, num_sequences: PositiveInt
 
     out_path = check_output_dir(out, overwrite, "agreement_over_training.csv")
     proteins, _ = read_proteins(input, num_sequences, split)
-    table = agreement_over_training(ckpts, proteins, max_length=max_length, threshold=threshold, min_kept=min_kept,
-                                    permutations=permutations, seed=seed, device=device, progress=progress)
+    table = agreement_over_training(ckpts, proteins, max_length=max_length, offset=offset, threshold=threshold,
+                                    min_kept=min_kept, permutations=permutations, seed=seed, device=device,
+                                    progress=progress)
     with fresh_output_dir(out_path, ("agreement_over_training.*",)):
         print(write_agreement_over_training(table, out_path))
 

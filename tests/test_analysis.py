@@ -14,6 +14,7 @@ from protein_performer import vocab
 from protein_performer.analysis import (
     AttentionToAminoAcids,
     agreement,
+    analyze_attention,
     blosum62,
     embedding_similarity,
     identity_value_maps,
@@ -22,7 +23,7 @@ from protein_performer.analysis import (
 from protein_performer.checkpoints import load_model
 from protein_performer.errors import UserError
 from protein_performer.model import ATTENTION_KINDS, Config, ProteinLM
-from protein_performer.proteins import read_proteins
+from protein_performer.proteins import Protein, read_proteins
 
 # ------------------------------------------------------------------------------- agreement statistics
 
@@ -166,6 +167,25 @@ def test_load_model_rebuilds_the_trained_network(ckpt):
     assert load_model(ckpt.parents[2]).path == ckpt  # a run directory resolves to its last.ckpt
 
 
+def test_offset_analyses_the_windows_after_it_and_counts_short_proteins(ckpt):
+    loaded = load_model(ckpt)
+    rng = np.random.default_rng(0)
+    proteins = [Protein(f"p{i}", rng.integers(0, 20, n).astype(np.uint8)) for i, n in enumerate([40, 25, 9, 60])]
+    shifted = analyze_attention(loaded, proteins, max_length=32, offset=10, threshold=0.05, min_kept=1,
+                                permutations=100)
+    # the same proteins cut by hand (the 9-residue one has nothing after residue 10): identical statistics
+    cut = [Protein(p.name, p.tokens[10:]) for p in proteins if len(p.tokens) > 10]
+    by_hand = analyze_attention(loaded, cut, max_length=32, threshold=0.05, min_kept=1, permutations=100)
+    assert (shifted.num_sequences, shifted.short_sequences, shifted.offset) == (3, 1, 10)
+    assert shifted.num_residues == by_hand.num_residues == 30 + 15 + 31
+    for name in ("threshold", "weighted"):
+        np.testing.assert_array_equal(shifted.similarity[name], by_hand.similarity[name])
+    with pytest.raises(UserError, match="offset 60: no protein is longer than that .*has 60 residues"):
+        analyze_attention(loaded, proteins, offset=60)
+    with pytest.raises(UserError, match="offset -1: must be >= 0"):
+        analyze_attention(loaded, proteins, offset=-1)
+
+
 def test_load_model_errors(tmp_path):
     with pytest.raises(UserError, match="nope.ckpt"):
         load_model(tmp_path / "nope.ckpt")
@@ -216,14 +236,16 @@ def check_outputs(out: Path) -> dict:
 def test_cli_end_to_end_prepared_dir(tiny_run, ckpt, tmp_path, cli, capsys):
     out = tmp_path / "out"
     code, err = cli(["analyze", "--ckpt", ckpt, "--input", tiny_run["prepared"], "--out", out, "--num_sequences", "6",
-                     "--max_length", "64", "--threshold", "0.05", "--min_kept", "1", "--permutations", "500"])
+                     "--max_length", "64", "--threshold", "0.05", "--min_kept", "1", "--permutations", "500",
+                     "--offset", "2"])
     assert code == 0, err
     summary = check_outputs(out)
     assert summary["split"] == "test" and summary["num_sequences"] == 6 and summary["max_length"] == 64
+    assert summary["offset"] == 2 and summary["short_sequences"] == 0
     assert summary["featured"]["name"] == "test/0" and summary["featured"]["length"] <= 63
     assert summary["weighted_similarity"]["pairs"] > 0 and summary["weighted_similarity"]["heads_used"] == 8
     printed = capsys.readouterr().out
-    assert str(out) in printed and "Pearson" in printed
+    assert str(out) in printed and "Pearson" in printed and "windows from residue 3" in printed
 
 
 def test_cli_end_to_end_fasta_with_accession(tiny_run, ckpt, tmp_path, cli):

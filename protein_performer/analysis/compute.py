@@ -41,6 +41,8 @@ class AnalysisResult:
     num_residues: int
     max_length: int
     cropped_sequences: int
+    offset: int  # residues skipped at each protein's N-terminus
+    short_sequences: int  # proteins left out: no residue after the offset
     threshold: float
     min_kept: int
     seed: int
@@ -61,14 +63,17 @@ def most_focused_head(maps: torch.Tensor) -> tuple[int, int]:
 
 
 def analyze_attention(loaded: LoadedModel, proteins: list[Protein], featured: Protein | None = None, *,
-                      max_length: int = 512, threshold: float = 0.3, min_kept: int = 100,
+                      max_length: int = 512, offset: int = 0, threshold: float = 0.3, min_kept: int = 100,
                       head: tuple[int, int] | None = None, permutations: int = 10_000, seed: int = 0,
                       per_layer: bool = True, progress: bool | None = None) -> AnalysisResult:
     """Analyse the attention of `loaded`'s model on `proteins` (and draw `featured`, if given); per_layer=False
     leaves out the agreement of each layer and the shares of each head (by_layer and head_shares stay empty).
 
-    Proteins are cropped to `max_length` tokens ([BOS] + residues; also capped by the model's max_len) and
-    processed one at a time: memory is one protein's (n_layers, H, L, L) maps.
+    Each protein's window is [BOS] + its residues from `offset` + 1 on, cropped to `max_length` tokens (also
+    capped by the model's max_len); proteins are processed one at a time: memory is one protein's
+    (n_layers, H, L, L) maps. An offset keeps residue 1, nearly always the initiator methionine, out of the
+    windows: heads of untrained and of causal models attend to it in every protein, which swamps the similarity.
+    The featured protein is drawn from its N-terminus.
     """
     start = time.perf_counter()
     model, cfg = loaded.model, loaded.config
@@ -76,6 +81,12 @@ def analyze_attention(loaded: LoadedModel, proteins: list[Protein], featured: Pr
     length = min(max_length, cfg.max_len)
     if length < 2:
         raise UserError(f"max_length {max_length}: need at least 2 tokens ([BOS] + one residue)")
+    if offset < 0:
+        raise UserError(f"offset {offset}: must be >= 0")
+    windows = [p.tokens[offset:] for p in proteins if len(p.tokens) > offset]
+    if not windows:
+        raise UserError(f"offset {offset}: no protein is longer than that "
+                        f"(the longest of {len(proteins)} has {max(len(p.tokens) for p in proteins)} residues)")
     if head is not None and not (0 <= head[0] < cfg.n_layers and 0 <= head[1] < cfg.n_heads):
         raise UserError(f"head {head} does not exist: the model has {cfg.n_layers} layers x {cfg.n_heads} heads "
                         "(0-based)")
@@ -83,11 +94,11 @@ def analyze_attention(loaded: LoadedModel, proteins: list[Protein], featured: Pr
     # 1. Attention per amino acid over all proteins, one protein at a time.
     stats = AttentionToAminoAcids(cfg.n_layers, cfg.n_heads, threshold, causal=cfg.causal)
     residues = cropped = 0
-    for protein in progress_bar(proteins, "attention", "protein", progress):
-        tokens = model_input(protein.tokens, length).to(device)
+    for window in progress_bar(windows, "attention", "protein", progress):
+        tokens = model_input(window, length).to(device)
         stats.update(model.attention_maps(tokens)[:, 0], tokens[0])
         residues += tokens.shape[1] - 1
-        cropped += len(protein.tokens) > length - 1
+        cropped += len(window) > length - 1
     elapsed_maps = time.perf_counter() - start
 
     # 2. Similarity of amino acids implied by attention (overall and per layer) and by the embeddings.
@@ -127,9 +138,10 @@ def analyze_attention(loaded: LoadedModel, proteins: list[Protein], featured: Pr
                   "parameters": model.num_parameters()}
     elapsed = time.perf_counter() - start
     return AnalysisResult(
-        model=model_info, num_sequences=len(proteins), num_residues=residues, max_length=length,
-        cropped_sequences=cropped, threshold=threshold, min_kept=min_kept, seed=seed, similarity=similarity,
+        model=model_info, num_sequences=len(windows), num_residues=residues, max_length=length,
+        cropped_sequences=cropped, offset=offset, short_sequences=len(proteins) - len(windows), threshold=threshold,
+        min_kept=min_kept, seed=seed, similarity=similarity,
         agreement=results, by_layer=pd.DataFrame(by_layer), head_shares=pd.DataFrame(head_rows),
         entropy=stats.mean_entropy(), featured=drawn,
-        timing={"elapsed_s": elapsed, "sequences_per_s": len(proteins) / max(elapsed_maps, 1e-9)},
+        timing={"elapsed_s": elapsed, "sequences_per_s": len(windows) / max(elapsed_maps, 1e-9)},
     )

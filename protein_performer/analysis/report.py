@@ -60,6 +60,8 @@ def write_analysis(result: AnalysisResult, out: str | Path, **about) -> dict:
         "num_residues": result.num_residues,
         "max_length": result.max_length,
         "cropped_sequences": result.cropped_sequences,
+        "offset": result.offset,
+        "short_sequences": result.short_sequences,
         "threshold": result.threshold,
         "min_kept": result.min_kept,
         "seed": result.seed,
@@ -93,9 +95,11 @@ def headline(summary: dict, out: str | Path) -> str:
         return (f"  {name}: Pearson {g['pearson']:.3f} (p={g['pearson_p']:.2g}), Spearman {g['spearman']:.3f} "
                 f"(p={g['spearman_p']:.2g}){used}")
 
+    skipped = (f"; windows from residue {summary['offset'] + 1}, {summary['short_sequences']} proteins no longer "
+               "than that left out") if summary["offset"] else ""
     return "\n".join([
         f"attention analysis of {summary['num_sequences']} proteins ({summary['num_residues']:,} residues, "
-        f"cropped to {summary['max_length']} tokens: {summary['cropped_sequences']}) written to {Path(out)}",
+        f"cropped to {summary['max_length']} tokens: {summary['cropped_sequences']}{skipped}) written to {Path(out)}",
         "amino-acid similarity vs BLOSUM62 (one-sided permutation p-values):",
         line(f"attention, threshold {summary['threshold']:g} (Vig et al.)", summary["threshold_similarity"]),
         line("attention, weighted", summary["weighted_similarity"]),
