@@ -88,6 +88,23 @@ def test_attention_to_amino_acids_counts_by_hand():
     assert stats.head_mask("threshold", min_kept=6).sum() == 0 and stats.head_mask("threshold", min_kept=5).all()
 
 
+def test_causal_first_rows_are_left_out_of_the_threshold_variant():
+    # Uniform causal rows: row of n keys (BOS included) = 1/n each. Rows with n = 2, 3 reach 0.5 and 0.33 >= 0.3
+    # whatever the head does; from n = 4 on uniform weights are <= 0.25. One chosen weight of 0.9 (residue 5 on
+    # residue 2) must be the only one kept; the weighted variant still counts every row.
+    length = 8  # BOS + 7 residues
+    maps = torch.tril(torch.ones(length, length))
+    maps = maps / maps.sum(-1, keepdim=True)
+    maps[5] = torch.tensor([0.02, 0.02, 0.9, 0.02, 0.02, 0.02, 0.0, 0.0])
+    tokens = torch.tensor([vocab.BOS, 0, 1, 2, 3, 4, 5, 6])
+    stats = AttentionToAminoAcids(1, 1, threshold=0.3, causal=True)
+    stats.update(maps.expand(1, 1, length, length), tokens)
+    p, totals = stats.shares("threshold")
+    assert totals[0, 0] == 1 and p[0, 0, 1] == 1  # residue 2 is amino acid id 1
+    _, weight_totals = stats.shares("weighted")
+    assert weight_totals[0, 0] == pytest.approx(float(maps[1:, 1:].sum()))
+
+
 def planted_stats(planted: bool, n_layers=4, n_heads=16, proteins=40, length=80, seed=0) -> AttentionToAminoAcids:
     """Attention of synthetic proteins. planted: head h prefers residues similar to its own amino acid c_h
     (every amino acid is some head's), logit(i -> j) = 0.3 BLOSUM62[c_h, residue_j] + noise; otherwise the

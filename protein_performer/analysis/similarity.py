@@ -7,6 +7,8 @@ leave out [CLS]/[SEP]). Two variants:
 - threshold (Vig et al., Eq. 1 and their code): count the attention weights >= threshold;
   p_h(a) = kept weights landing on a / all kept weights. Heads with fewer than `min_kept` kept weights
   over the whole run are dropped (Vig et al.'s code uses 100): their shares are too noisy to correlate.
+  Query rows with at most 1/threshold keys (a causal model's first rows) are left out: one of their
+  weights is >= threshold whatever the head does, so they would keep every head of a causal model.
 - weighted (threshold-free): p_h(a) = sum of the weights landing on a / sum of all weights.
 
 similarity(a, b) = Pearson correlation of p(a) and p(b) across the kept heads. Agreement with BLOSUM62 is
@@ -63,17 +65,20 @@ class AttentionToAminoAcids:
         onehot = torch.zeros(residues.numel(), vocab.NUM_AMINO_ACIDS, dtype=torch.float64, device=a.device)
         standard = residues < vocab.NUM_AMINO_ACIDS
         onehot[standard.nonzero()[:, 0], residues[standard]] = 1.0
-        kept = (a >= self.threshold).sum(-2, dtype=torch.float64)  # (n_layers, H, R): kept weights per key
+        # Keys each residue row may attend to (BOS included): all L, or for a causal model its prefix (2 .. L for
+        # rows 1 .. L - 1). A row of n keys holds a weight >= 1/n, so rows with n <= 1/threshold (a causal
+        # model's first rows) keep a weight whatever the head does: the threshold variant leaves them out.
+        length = maps.shape[-1]
+        n_keys = np.arange(2, length + 1) if self.causal else np.full(length - 1, length)
+        forced = int((n_keys * self.threshold <= 1).sum())  # a prefix of the rows
+        kept = (a[..., forced:, :] >= self.threshold).sum(-2, dtype=torch.float64)  # (n_layers, H, R) per key
         weight = a.sum(-2, dtype=torch.float64)
         self.kept += (kept @ onehot).cpu().numpy()
         self.kept_total += kept.sum(-1).cpu().numpy()
         self.weight += (weight @ onehot).cpu().numpy()
         self.weight_total += weight.sum(-1).cpu().numpy()
-        # Entropy of each residue's row over all keys (BOS included), beside that of a uniform row over the keys
-        # it may see: all L of them, or for a causal model its prefix (2 .. L keys for residue rows 1 .. L - 1).
-        length = maps.shape[-1]
+        # Entropy of each residue's row over all keys (BOS included), beside that of a uniform row over its keys.
         self.entropy += torch.special.entr(maps[..., 1:, :]).sum(-1, dtype=torch.float64).sum(-1).cpu().numpy()
-        n_keys = np.arange(2, length + 1) if self.causal else np.full(length - 1, length)
         self.uniform_entropy += float(np.log(n_keys).sum())
 
     def mean_entropy(self) -> np.ndarray:
