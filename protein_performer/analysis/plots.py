@@ -101,8 +101,8 @@ def similarity_heatmaps(matrices: dict[str, np.ndarray], agreements: dict[str, d
 
 def agreement_over_training(table: pd.DataFrame) -> Figure:
     """Against the training step, one line per run: Pearson r with BLOSUM62 of the attention variants (top) and
-    of the controls (bottom; filled markers where the permutation p-value is below 0.001, the issue's
-    significance bar), and the heads' mean attention entropy (1 = uniform rows)."""
+    of the controls (bottom), filled where the permutation p-value is below 0.001, and the heads' mean attention
+    entropy (1 = uniform rows)."""
     panels = [("weighted", "attention, weighted"), ("threshold", "attention, threshold"),
               ("entropy", "attention entropy (1 = uniform)"),
               ("embedding", "token embeddings (control)"), ("output", "output layer (control)")]
