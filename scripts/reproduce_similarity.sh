@@ -6,7 +6,7 @@
 # Usage: scripts/reproduce_similarity.sh PROTEOMES_DIR [OUT_DIR] [extra `fit` overrides, e.g. --trainer.max_steps 600]
 # PROTEOMES_DIR holds UniProt reference proteomes as FASTA (the project used E. coli UP000000625, S. cerevisiae
 # UP000002311 and P. falciparum UP000001450 for training and S. elongatus UP000002717 held out).
-# About 2 hours on 2 CPU cores for the three models of 2,400 steps.
+# About 2 hours on 2 CPU cores for the three models of 2,400 steps (Performer-softmax, the slowest, sets it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: scripts/reproduce_similarity.sh PROTEOMES_DIR [OUT_DIR] [fit overrides]}
