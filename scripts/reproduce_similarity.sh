@@ -13,7 +13,8 @@ DATA=${1:?usage: scripts/reproduce_similarity.sh PROTEOMES_DIR [OUT_DIR] [fit ov
 shift
 OUT=runs/similarity
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then OUT=$1; shift; fi  # a second argument that is not a flag: OUT_DIR
-for kind in favor-relu favor-softmax exact; do
+kinds=(favor-relu favor-softmax exact)
+for kind in "${kinds[@]}"; do
   if [ -e "$OUT/$kind" ]; then echo "$OUT/$kind exists (an earlier run): remove it or choose another OUT_DIR" >&2; exit 2; fi
 done
 export WANDB_MODE=${WANDB_MODE:-offline}
@@ -24,8 +25,7 @@ protein-performer-prep "$DATA"/UP000000625-*.fasta.gz "$DATA"/UP000002311-*.fast
 
 # The three models train side by side, one thread each (threads of one model would wait on each other on a
 # shared 2-core machine); each writes its own log.
-echo "== train favor-relu, favor-softmax and exact side by side (configs/cpu/similarity.yaml; logs in $OUT/*.log)"
-kinds=(favor-relu favor-softmax exact)
+echo "== train ${kinds[*]} side by side (configs/cpu/similarity.yaml; logs in $OUT/*.log)"
 pids=()
 for kind in "${kinds[@]}"; do
   mkdir -p "$OUT/$kind"
@@ -42,9 +42,9 @@ done
 
 HELD_OUT=$(ls "$DATA"/UP000002717-*.fasta.gz)
 echo "== agreement with BLOSUM62 along training, on 300 proteins of $HELD_OUT"
-protein-performer agreement "$OUT/favor-relu" "$OUT/favor-softmax" "$OUT/exact" --input "$HELD_OUT" \
+protein-performer agreement "${kinds[@]/#/$OUT/}" --input "$HELD_OUT" \
   --out "$OUT/agreement" --num_sequences 300 --max_length 128 --offset 50 --overwrite
-for kind in favor-relu favor-softmax exact; do
+for kind in "${kinds[@]}"; do
   echo "== analysis of the final $kind model"
   protein-performer analyze --ckpt "$OUT/$kind/checkpoints/last.ckpt" --input "$HELD_OUT" --out "$OUT/analysis-$kind" \
     --num_sequences 500 --max_length 128 --offset 50 --overwrite
