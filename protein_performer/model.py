@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -128,7 +129,7 @@ class SelfAttention(nn.Module):
                 cfg.d_head, cfg.nb_features, kernel=kernel, causal=cfg.causal,
                 random_features=kernel == "softmax" or cfg.relu_random_features,
                 orthogonal=cfg.orthogonal_features, scaling=cfg.feature_scaling, chunk_size=cfg.chunk_size,
-                seed=feature_seed(cfg.feature_seed, layer),
+                seed=derive_seed(cfg.feature_seed, layer),
             )
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -326,7 +327,7 @@ class ProteinLM(nn.Module):
         """Draw new random features in every FAVOR layer from (seed, layer): identical on every rank."""
         for i, block in enumerate(self.blocks):
             if isinstance(block.attn.core, FavorAttention):
-                block.attn.core.redraw(feature_seed(seed, i))
+                block.attn.core.redraw(derive_seed(seed, i))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -340,9 +341,10 @@ class DecodeCache:
     length: int
 
 
-def feature_seed(seed: int, layer: int) -> int:
-    """A distinct, reproducible generator seed for each (seed, layer)."""
-    return (seed * 1_000_003 + layer) % (2**63)
+def derive_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from integers (SeedSequence hashing: nearby inputs give unrelated seeds); the
+    one seed mixer of the project (features per layer, redraws per step, dropout per step and rank)."""
+    return int(np.random.SeedSequence([abs(int(v)) for v in values]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:

@@ -5,18 +5,13 @@ from __future__ import annotations
 import resource
 import time
 
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..errors import UserError
+from ..model import derive_seed
 from .loggers import CSVLogger
-
-
-def derive_seed(*values: int) -> int:
-    """A well-mixed 63-bit seed from integers (SeedSequence hashing: nearby inputs give unrelated seeds)."""
-    return int(np.random.SeedSequence([abs(int(v)) for v in values]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 class FeatureRedraw(Callback):

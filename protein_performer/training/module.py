@@ -26,8 +26,8 @@ from ..checkpoints import check_finite
 from ..errors import UserError
 from ..evaluate import format_table, write_report
 from ..masking import Objective
-from ..model import AttentionKind, Config, PresetName, ProteinLM
-from .callbacks import FeatureRedraw, NonFiniteGuard, ResumeCSVLogs, Throughput, derive_seed
+from ..model import AttentionKind, Config, PresetName, ProteinLM, derive_seed
+from .callbacks import FeatureRedraw, NonFiniteGuard, ResumeCSVLogs, Throughput
 from .datamodule import ProteinDataModule
 from .metrics import LMMetrics, target_stats, unigram_log_probs
 
