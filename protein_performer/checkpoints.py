@@ -8,6 +8,7 @@ diverged run). Checkpoints of earlier 0.x releases are upgraded (Config.from_dic
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from . import __version__
 from .errors import UserError
 from .model import LEGACY_ATTENTION, Config, ProteinLM
+from .outputs import by_age
 
 
 @dataclass
@@ -37,7 +39,7 @@ def find_checkpoint(path: str | Path) -> Path:
     if not path.is_dir():
         raise UserError(f"{path}: no such checkpoint file or run directory")
     for pattern in ("last*.ckpt", "*.ckpt"):
-        found = sorted(path.rglob(pattern), key=lambda p: p.stat().st_mtime)
+        found = by_age(path, pattern)
         if found:
             return found[-1]
     raise UserError(f"{path}: no checkpoint (*.ckpt) under this directory")
@@ -78,20 +80,22 @@ def upgrade_hparams(hparams: dict) -> dict:
     return hparams if "preset" in hparams else {}
 
 
+def non_finite(named_tensors: Iterable[tuple[str, object]]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf: the one check of saved and loaded weights."""
+    return [k for k, v in named_tensors if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def check_finite(state_dict: dict, path: str | Path) -> None:
     """UserError naming the first floating-point tensor with NaN or infinite values (a diverged run)."""
-    bad = [k for k, v in state_dict.items()
-           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite(state_dict.items())
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         raise UserError(f"{path}: weights are not finite ({bad[0]}{more} hold NaN or inf): the run diverged; "
                         "use a checkpoint from before the divergence")
 
 
-def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """The model of a checkpoint file or run directory (see find_checkpoint), in eval mode on `device`."""
-    device = check_device(device)
-    path = find_checkpoint(ckpt_path)
+def _read_model(path: Path) -> tuple[dict, Config, str, dict]:
+    """(checkpoint, model config, objective, ProteinLM weights) of a checkpoint file written by `fit`."""
     ckpt = read_checkpoint(path)
     meta = ckpt.get("protein_performer")
     if not isinstance(meta, dict):
@@ -106,12 +110,55 @@ def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> Loa
     # The LightningModule holds the network as `self.model`; its other state (metrics, counts) is not needed.
     weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     check_finite(weights, path)
+    return ckpt, config, meta["objective"], weights
+
+
+def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """The model of a checkpoint file or run directory (see find_checkpoint), in eval mode on `device`."""
+    device = check_device(device)
+    path = find_checkpoint(ckpt_path)
+    ckpt, config, objective, weights = _read_model(path)
     model = ProteinLM(config)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not match the model its configuration describes: {e}") from None
-    return LoadedModel(model.eval().to(device), config, meta["objective"], ckpt.get("global_step"), path)
+    return LoadedModel(model.eval().to(device), config, objective, ckpt.get("global_step"), path)
+
+
+# Config fields that shape the weights: a run initialised from another run's checkpoint must share them. The rest
+# (attention kind, random features, chunking, dropout, checkpointing) change how the same weights are used.
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_len")
+
+
+def _is_projection(key: str) -> bool:
+    """FAVOR's random projection buffers: drawn by each model from its own feature_seed, never transferred."""
+    return key.endswith(".attn.core.projection")
+
+
+def init_from_checkpoint(model: ProteinLM, objective: str, ckpt_path: str | Path) -> tuple[Path, Config]:
+    """Copy the weights of another run's checkpoint into `model`, whose attention kind and random features may
+    differ (a softmax Transformer made a Performer, or back): (checkpoint file, its config).
+
+    Every parameter is copied; FAVOR projections are not (each model keeps its own draw). A checkpoint of another
+    objective or shape is refused in one line naming the first difference. Only weights: optimiser state, step
+    and the unigram baseline start fresh (this is not a resume).
+    """
+    path = find_checkpoint(ckpt_path)
+    _, parent, parent_objective, weights = _read_model(path)
+    refuse = f"{path}: cannot initialise this model from it: "
+    if parent_objective != objective:
+        raise UserError(refuse + f"its objective is {parent_objective}, this run's is {objective}")
+    for field in SHAPE_FIELDS:
+        theirs, ours = getattr(parent, field), getattr(model.cfg, field)
+        if theirs != ours:
+            raise UserError(refuse + f"its {field} is {theirs}, this model's is {ours} (--model.{field})")
+    missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if not _is_projection(k)},
+                                                strict=False)
+    missing = [k for k in missing if not _is_projection(k)]
+    if missing or unexpected:
+        raise UserError(refuse + f"weights do not match ({(missing + unexpected)[0]})")
+    return path, parent
 
 
 def check_device(device: str | torch.device) -> torch.device:

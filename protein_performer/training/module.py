@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from .. import __version__, vocab
-from ..checkpoints import check_finite
+from ..checkpoints import check_finite, init_from_checkpoint
 from ..errors import UserError
 from ..evaluate import format_table, write_report
 from ..masking import Objective
@@ -83,6 +83,9 @@ class ProteinLMModule(L.LightningModule):
         on_nonfinite: a step whose gradients are NaN or infinite stops the run ("stop", naming the step) or is
             skipped ("skip": counted in train/skipped_steps; 20 in a row stop the run).
         seed: base seed of dropout (per step and rank) and of feature redraws (per step and layer).
+        init_from: checkpoint (file or run directory) whose weights start this run, e.g. an exact Transformer's
+            for a Performer: same shapes and objective, while the attention kind and random features may differ.
+            Optimiser state and step start fresh (to continue a run, use --ckpt_path).
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class ProteinLMModule(L.LightningModule):
         redraw_every: int = 1000,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         seed: int = 0,
+        init_from: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -128,9 +132,16 @@ class ProteinLMModule(L.LightningModule):
         self.test_metrics = nn.ModuleList()
         self.test_results: dict[str, dict[str, float]] = {}
         self.eos_is_target = False  # set by setup() from the data module's mode
+        self.initialised_from: Path | None = None  # the init_from checkpoint once its weights are in
 
     # -- wiring to the data module
     def setup(self, stage: str) -> None:
+        if self.hparams.init_from and self.initialised_from is None and self.trainer.ckpt_path is None:
+            # Before DDP wraps the model: every rank reads the same file, so all start from the same weights.
+            self.initialised_from, parent = init_from_checkpoint(self.model, self.hparams.objective,
+                                                                 self.hparams.init_from)
+            rank_zero_info(f"weights from {self.initialised_from} (attention {parent.attention} -> "
+                           f"{self.config.attention}); optimiser state and step start fresh")
         dm = getattr(self.trainer, "datamodule", None)
         if not isinstance(dm, ProteinDataModule):
             return
