@@ -22,7 +22,7 @@ from protein_performer.training.sampler import EpochOrder, Keyed, ShardedBatchSa
 def trainer(tmp_path, max_steps, **kw):
     kw.setdefault("callbacks", [])
     return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
+        accelerator="cpu", devices=1, precision="32-true", max_steps=max_steps, logger=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False, gradient_clip_val=0.5,
         default_root_dir=tmp_path, **{"enable_checkpointing": False, **kw},
     )

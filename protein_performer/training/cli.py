@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..checkpoints import read_checkpoint, upgrade_hparams
-from ..machine import has_amx_bf16
+from ..machine import AMX_ENV, amx_forced, has_amx_bf16
 from .callbacks import BestAndLastCheckpoint
 from .datamodule import ProteinDataModule
 from .module import ProteinLMModule
@@ -28,9 +28,10 @@ def auto_precision(accelerator: str) -> tuple[str, str]:
         if torch.cuda.is_bf16_supported():
             return "bf16-mixed", f"GPU {torch.cuda.get_device_name()} supports bf16"
         return "32-true", f"GPU {torch.cuda.get_device_name()} has no bf16"
+    forced = f" (forced by {AMX_ENV})" if amx_forced() is not None else ""
     if has_amx_bf16():
-        return "bf16-mixed", "CPU with AMX-BF16 matrix units"
-    return "32-true", "CPU without AMX-BF16, where bf16 runs slower than fp32"
+        return "bf16-mixed", f"CPU with AMX-BF16 matrix units{forced}"
+    return "32-true", f"CPU without AMX-BF16, where bf16 runs slower than fp32{forced}"
 
 
 class SaveAndLogConfig(SaveConfigCallback):

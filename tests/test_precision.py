@@ -1,0 +1,75 @@
+"""`precision: null` on both kinds of CPU: bf16-mixed with AMX-BF16 matrix units, fp32 without. Any machine acts
+as either kind through PROTEIN_PERFORMER_AMX_BF16, which protein_performer/machine.py (the one reader of the
+capability) puts before /proc/cpuinfo; the other tests fix their precision, so the suite passes on both kinds."""
+
+import csv
+import json
+import math
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import TINY
+
+from protein_performer import machine
+from protein_performer.training.cli import auto_precision, build_cli
+
+
+@pytest.fixture(autouse=True)
+def no_pytest_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["protein-performer"])  # pytest's own arguments are not the CLI's
+
+
+def test_the_amx_override_is_read_and_reported(monkeypatch):
+    monkeypatch.delenv(machine.AMX_ENV, raising=False)
+    info = machine.machine_info()
+    assert info["amx_bf16"] == ("amx_bf16" in machine.cpu()[1]) and not info["amx_bf16_forced"]
+    assert "forced" not in machine.machine_line(info)
+    for value, amx in (("1", True), ("0", False)):
+        monkeypatch.setenv(machine.AMX_ENV, value)
+        info = machine.machine_info()
+        assert machine.has_amx_bf16() is amx and info["amx_bf16"] is amx and info["amx_bf16_forced"]
+        assert f"AMX-BF16 {'yes' if amx else 'no'} (forced by {machine.AMX_ENV})" in machine.machine_line(info)
+    monkeypatch.setenv(machine.AMX_ENV, "yes")
+    with pytest.raises(ValueError, match=machine.AMX_ENV):
+        machine.has_amx_bf16()
+
+
+@pytest.mark.parametrize("amx, expected", [("1", "bf16-mixed"), ("0", "32-true")])
+def test_precision_null_follows_the_cpu(amx, expected, monkeypatch, tmp_path):
+    monkeypatch.setenv(machine.AMX_ENV, amx)
+    assert auto_precision("cpu")[0] == expected
+    with torch.device("meta"):
+        cli = build_cli(["--config", str(TINY), "--trainer.precision", "null", "--data.data_dir", str(tmp_path)],
+                        run=False)
+    assert cli.trainer.precision == expected
+    # a precision given explicitly is kept on either kind
+    with torch.device("meta"):
+        cli = build_cli(["--config", str(TINY), "--data.data_dir", str(tmp_path)], run=False)
+    assert cli.trainer.precision == "32-true"
+
+
+def test_bf16_mixed_training_on_a_cpu_with_amx(prepared, tmp_path, monkeypatch, cli):
+    """What `precision: null` does on an AMX CPU, end to end: bf16-mixed fit and validation with finite metrics,
+    and a checkpoint of float32 weights (mixed precision keeps float32 master weights) that `test` reads."""
+    monkeypatch.setenv(machine.AMX_ENV, "1")
+    common = ["--config", TINY, "--data.data_dir", prepared, "--trainer.precision", "null",
+              "--trainer.default_root_dir", tmp_path, "--trainer.logger.init_args.save_dir", tmp_path,
+              "--trainer.enable_model_summary", "false", "--data.max_len", "64", "--data.batch_size", "4"]
+    code, err = cli(["fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                     "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1"])
+    assert code == 0, err
+    saved = yaml.safe_load(next(tmp_path.rglob("config.yaml")).read_text())
+    assert saved["trainer"]["precision"] == "bf16-mixed"
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    for key in ("train/loss", "val/loss", "val/ppl"):
+        values = [float(r[key]) for r in rows if r.get(key)]
+        assert values and all(math.isfinite(v) for v in values), (key, rows)
+    last = next(tmp_path.rglob("last.ckpt"))
+    state = torch.load(last, weights_only=True)["state_dict"]
+    assert all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point())
+    code, err = cli(["test", *common, "--trainer.logger.init_args.save_dir", tmp_path / "eval", "--ckpt_path", last])
+    assert code == 0, err
+    report = json.loads(next((tmp_path / "eval").rglob("report.json")).read_text())
+    assert all(math.isfinite(r["ppl"]) and r["tokens"] > 0 for r in report["results"].values())
