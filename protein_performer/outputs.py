@@ -80,3 +80,9 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def by_age(root: Path, pattern: str) -> list[Path]:
+    """Files matching `pattern` anywhere under `root`, oldest first: the last is what a run wrote most recently
+    (the newest checkpoint, the newest metrics.csv), as Lightning's `--ckpt_path last` picks."""
+    return sorted(root.rglob(pattern), key=lambda p: p.stat().st_mtime)

@@ -9,6 +9,7 @@ import pandas as pd
 
 from ..checkpoints import load_model, read_checkpoint
 from ..errors import UserError
+from ..outputs import by_age
 from ..proteins import Protein
 from . import plots
 from .compute import CONTROLS, VARIANTS, analyze_attention
@@ -21,7 +22,7 @@ def checkpoint_steps(paths: list[str]) -> dict[tuple[str, int], Path]:
     holds checkpoints/ (or the checkpoint's own folder)."""
     found: dict[tuple[str, int], Path] = {}
     for p in map(Path, paths):
-        files = sorted(p.rglob("*.ckpt"), key=lambda f: f.stat().st_mtime) if p.is_dir() else [p]
+        files = by_age(p, "*.ckpt") if p.is_dir() else [p]
         if not files:
             raise UserError(f"{p}: no checkpoint (*.ckpt) there")
         for f in files:

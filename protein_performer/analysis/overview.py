@@ -10,6 +10,7 @@ import pandas as pd
 from .. import vocab
 from ..corpus import PreparedDir
 from ..errors import UserError
+from ..outputs import by_age
 
 
 def split_lengths(root: str | Path) -> dict[str, np.ndarray]:
@@ -42,7 +43,7 @@ def find_metrics(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
-    found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
+    found = by_age(path, "metrics.csv") if path.is_dir() else []
     if not found:
         raise UserError(f"no metrics.csv (Lightning CSVLogger) under {path}")
     return found[-1]

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ..checkpoints import non_finite
 from ..errors import UserError
 from ..model import derive_seed
 from .loggers import CSVLogger
@@ -164,7 +165,7 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         for guard in trainer.callbacks:
             if isinstance(guard, NonFiniteGuard):
                 guard.check()  # the usual case: the guard names the first bad step
-        bad = [n for n, p in trainer.lightning_module.named_parameters() if not torch.isfinite(p).all()]
+        bad = non_finite(trainer.lightning_module.named_parameters())
         if bad:
             raise TrainingDiverged(f"training diverged by step {trainer.global_step}: parameters {bad[:3]} hold NaN "
                                    f"or inf; {filepath} was not written")
