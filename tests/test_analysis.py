@@ -393,3 +393,16 @@ def test_a_run_directory_resolves_to_its_newest_last_checkpoint(tmp_path, ckpt):
     shutil.copy(ckpt, folder / "last-v1.ckpt")
     os.utime(folder / "last.ckpt", (1, 1))  # the older run's
     assert find_checkpoint(tmp_path / "run") == folder / "last-v1.ckpt"
+
+
+def test_split_table_reads_table_1_from_the_manifest(sample_dir):
+    from protein_performer.analysis import overview
+    from protein_performer.corpus import PreparedDir
+
+    table, corpus = overview.split_table(sample_dir), PreparedDir(sample_dir)
+    assert list(table.index) == corpus.splits
+    for split in corpus.splits:
+        n = corpus.split(split).lengths
+        assert table.loc[split, "sequences"] == n.size and table.loc[split, "residues"] == n.sum()
+        assert table.loc[split, "median"] == pytest.approx(np.median(n))
+        assert table.loc[split, "std"] == pytest.approx(n.std())

@@ -19,14 +19,15 @@ def split_lengths(root: str | Path) -> dict[str, np.ndarray]:
     return {split: corpus.split(split).lengths for split in corpus.splits}
 
 
-def split_table(lengths: dict[str, np.ndarray]) -> pd.DataFrame:
-    """The paper's Table 1 columns per split: sequences, residues, min / max / mean / std / median length."""
-    rows = {}
-    for split, n in lengths.items():
-        rows[split] = {"sequences": n.size, "residues": int(n.sum()), "min": n.min() if n.size else None,
-                       "max": n.max() if n.size else None, "mean": n.mean() if n.size else None,
-                       "std": n.std() if n.size else None, "median": np.median(n) if n.size else None}
-    return pd.DataFrame.from_dict(rows, orient="index")
+TABLE1 = ("count", "residues", "min", "max", "mean", "std", "median")
+
+
+def split_table(root: str | Path) -> pd.DataFrame:
+    """The paper's Table 1 columns per split (sequences, residues, min / max / mean / std / median length), as
+    protein-performer-prep computed them into the manifest."""
+    corpus = PreparedDir(root)
+    rows = {split: {k: corpus.manifest["splits"][split].get(k) for k in TABLE1} for split in corpus.splits}
+    return pd.DataFrame.from_dict(rows, orient="index").rename(columns={"count": "sequences"})
 
 
 def composition(root: str | Path) -> pd.DataFrame:
