@@ -4,5 +4,8 @@ Run it as `protein-performer-prep` or `python -m data_prep` (__main__.prep); the
 by protein_performer.corpus. Modules, in the order data flows: inputs (files and pipes -> blocks of records),
 records (blocks -> token ids, record checks), parallel (reader thread, worker processes), dedup (keys, hash set),
 splits (OOD families, split keys, minimum counts), writer (split files), manifest, output (the locked temporary
-directory and the final swap), pipeline (the run that ties them together).
+directory and the final swap), pipeline (the run that ties them together). Warnings and notes go to the
+`data_prep` logger, which protein_performer.commands shows on stderr beside the progress bar.
 """
+
+PROG = "protein-performer-prep"

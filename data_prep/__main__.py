@@ -8,8 +8,8 @@ from typing import Literal
 
 from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
 
+from data_prep import PROG
 from data_prep.inputs import Format
-from data_prep.messages import PROG
 from data_prep.parallel import default_workers
 from data_prep.pipeline import Settings, run
 from data_prep.splits import PAPER_OOD_FAMILIES, normalize_family, read_family_file

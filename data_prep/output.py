@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import socket
@@ -22,7 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
-from data_prep.messages import PROG, say
+from data_prep import PROG
 from protein_performer.corpus import MANIFEST, SPLITS
 from protein_performer.errors import UserError
 
@@ -30,6 +31,7 @@ PREPARED_ENTRIES = frozenset({MANIFEST, *SPLITS})
 SPLIT_FILES = frozenset({"tokens.bin", "offsets.npy"})
 # flock on some cluster file systems (Lustre without -o flock, old NFS): the run goes on without a lock
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+log = logging.getLogger(__name__)
 
 
 def _megabytes(path: Path) -> float:
@@ -70,7 +72,7 @@ class OutputDir:
                 os.close(fd)
                 if e.errno in _NO_LOCKS:
                     self.lock_path.unlink(missing_ok=True)
-                    say(
+                    log.warning(
                         f"{self.parent}: the file system does not support locks ({e.strerror}): a concurrent run into "
                         f"{self.given} would not be noticed, and temporary directories of killed runs are left alone"
                     )
@@ -137,10 +139,9 @@ class OutputDir:
         if self.out.exists():  # an .old-* is the previous OUT only if the swap was cut between its two renames
             stale += old
         elif old:
-            say(
+            log.info(
                 f"kept {', '.join(p.name for p in old)} beside {self.given}: a run was killed while replacing it, and "
-                "that directory may hold the previous output",
-                "note",
+                "that directory may hold the previous output"
             )
         if not stale:
             return
@@ -148,10 +149,9 @@ class OutputDir:
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
         what = "temporary directory" if len(stale) == 1 else "temporary directories"
-        say(
+        log.info(
             f"removed {len(stale)} {what} left beside {self.given} by killed runs ({megabytes:.1f} MB): "
-            f"{', '.join(p.name for p in stale)}",
-            "note",
+            f"{', '.join(p.name for p in stale)}"
         )
 
     # ---- the run ----

@@ -6,6 +6,7 @@ depends only on that order, so the output is byte-identical for any --workers.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections import Counter
@@ -17,7 +18,6 @@ import numpy as np
 from data_prep.dedup import HashSet, seed_key
 from data_prep.inputs import InputFile, TruncatedInput
 from data_prep.manifest import build_manifest, write_manifest
-from data_prep.messages import progress_bar, say
 from data_prep.output import OutputDir
 from data_prep.parallel import ordered_map, prefetch, worker_pool
 from data_prep.records import (
@@ -30,10 +30,12 @@ from data_prep.records import (
 )
 from data_prep.splits import OOD, assign_split, promotion_targets, read_ood_accessions, split_thresholds
 from data_prep.writer import SplitWriter, commit_rewrite, finish_split, read_split, rewrite_split
+from protein_performer.commands import progress_bar
 from protein_performer.corpus import SPLITS
 from protein_performer.errors import UserError
 
 MAX_WARNINGS = 5  # per reason; the rest are only counted
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,9 +96,9 @@ class _Prep:
         if self.warned[reason] <= MAX_WARNINGS:
             accession = r.accession(i)
             what = f"record {base + i + 1}" + (f" ({accession})" if accession else "")
-            say(f"{path}: {what}: {reason.replace('_', ' ')}{': ' + detail if detail else ''}; skipped")
+            log.warning(f"{path}: {what}: {reason.replace('_', ' ')}{': ' + detail if detail else ''}; skipped")
             if self.warned[reason] == MAX_WARNINGS:
-                say(f"further '{reason}' records are only counted")
+                log.warning(f"further '{reason}' records are only counted")
 
     def read(self, f: InputFile, pool, bar) -> None:
         """Every block of one input through process_block and add_block; checks what only the whole file tells."""
@@ -235,7 +237,7 @@ class _Prep:
             )
         for name, minimum in (("valid", self.s.min_valid), ("test", self.s.min_test)):
             if counts[name] == 0:
-                say(
+                log.warning(
                     f"the {name} split is empty ({kept:,} sequences kept, --{name}_fraction "
                     f"{getattr(self.s, name + '_fraction')}, --min_{name} {minimum})"
                 )
@@ -260,7 +262,7 @@ def run(s: Settings) -> dict:
         )
         prep = _Prep(s, root)
         with worker_pool(s.workers, WorkerConfig(s.unknown, seed_key(s.seed), ood_families, ood_accessions)) as pool:
-            bar = progress_bar(s.progress)
+            bar = progress_bar(desc="prep", unit="res", progress=s.progress, unit_scale=True)
             try:
                 for f in files:
                     prep.read(f, pool, bar)

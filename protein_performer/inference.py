@@ -14,9 +14,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import vocab
+from .commands import progress_bar
 from .data import model_tokens, token_budget_batches
 from .errors import UserError
 from .model import ProteinLM
@@ -35,11 +35,6 @@ def pad(seqs: Sequence[np.ndarray], device: torch.device | str = "cpu") -> tuple
         tokens[row, : len(s)] = torch.from_numpy(s)
     tokens = tokens.to(device)
     return tokens, tokens != vocab.PAD
-
-
-def progress_bar(items=None, desc: str = "", unit: str = "seq", progress: bool | None = None, total=None) -> tqdm:
-    """A tqdm bar (over `items`, or updated by hand up to `total`); progress None: shown on a terminal only."""
-    return tqdm(items, total=total, desc=desc, unit=unit, disable=None if progress is None else not progress)
 
 
 def _device(model: ProteinLM) -> torch.device:

@@ -12,8 +12,8 @@ import torch
 
 from .. import vocab
 from ..checkpoints import LoadedModel
+from ..commands import progress_bar
 from ..errors import UserError
-from ..inference import progress_bar
 from ..proteins import Protein
 from .maps import identity_value_maps, model_input
 from .similarity import AMINO_ACIDS, AttentionToAminoAcids, agreement, embedding_similarity, similarity_matrix
