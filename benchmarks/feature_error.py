@@ -16,11 +16,10 @@ import argparse
 from pathlib import Path
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 from results_io import RESULTS, machine_line, write_csv
 
+from protein_performer.analysis import plots
 from protein_performer.attention import favor_attention, orthogonal_gaussian_matrix, softmax_attention
 
 KINDS = [("softmax", True), ("softmax", False), ("trig", True), ("trig", False)]  # (kernel, orthogonal)
@@ -79,8 +78,7 @@ def orderings(rows: list[dict]) -> list[str]:
 
 def plot(rows: list[dict], path: Path, length: int, d: int) -> None:
     norms = sorted({r["norm"] for r in rows})
-    fig = Figure(figsize=(4.2 * len(norms), 3.8))
-    FigureCanvasAgg(fig)
+    fig = plots.new_figure(4.2 * len(norms), 3.8)
     axes = fig.subplots(1, len(norms), squeeze=False)[0]
     for ax, norm in zip(axes, norms):
         for kernel, orthogonal in KINDS:
@@ -100,8 +98,7 @@ def plot(rows: list[dict], path: Path, length: int, d: int) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"FAVOR vs exact softmax attention, L = {length}, d = {d} (mean, band: min-max over draws)",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plots.save(fig, path)
     print(f"wrote {path}")
 
 

@@ -84,12 +84,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def time_memory_plot(rows: list[dict], path: Path, series: str, time_label: str, memory: str,
                      memory_label: str) -> None:
     """Log-log time and peak memory against sequence length, one line per (series, mode), like the paper's Fig. 3."""
-    import matplotlib
+    from protein_performer.analysis import plots  # the package's one figure style: Figure + Agg, no pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = plots.new_figure(11, 4)
+    axes = fig.subplots(1, 2)
     for mode, name in sorted({(r["mode"], r[series]) for r in rows}):
         pts = [r for r in rows if r["mode"] == mode and r[series] == name and r["seconds"]]
         if not pts:
@@ -101,7 +99,5 @@ def time_memory_plot(rows: list[dict], path: Path, series: str, time_label: str,
     axes[0].set(xlabel="sequence length L", ylabel=time_label, title="time")
     axes[1].set(xlabel="sequence length L", ylabel=memory_label, title="memory")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.save(fig, path)
     print(f"wrote {path}")
