@@ -19,6 +19,7 @@ from . import vocab
 from .commands import progress_bar
 from .data import model_tokens, token_budget_batches
 from .errors import UserError
+from .masking import pad_right
 from .model import ProteinLM
 from .proteins import Protein
 
@@ -26,16 +27,6 @@ log = logging.getLogger(__name__)
 
 
 # ---- batching -----------------------------------------------------------------------------------------------
-
-def pad(seqs: Sequence[np.ndarray], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded tokens (B, L) and the padding mask (B, L), True = real token."""
-    length = max(len(s) for s in seqs)
-    tokens = torch.full((len(seqs), length), vocab.PAD, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        tokens[row, : len(s)] = torch.from_numpy(s)
-    tokens = tokens.to(device)
-    return tokens, tokens != vocab.PAD
-
 
 def _device(model: ProteinLM) -> torch.device:
     return model.tok_emb.weight.device
@@ -46,7 +37,8 @@ def _batched(seqs: list[np.ndarray], tokens_per_batch: int, desc: str, progress:
     lengths = np.array([len(s) for s in seqs])
     bar = progress_bar(desc=desc, progress=progress, total=len(seqs))
     for idx in token_budget_batches(lengths, tokens_per_batch):
-        yield idx, *pad([seqs[i] for i in idx], device)
+        tokens = torch.from_numpy(pad_right([seqs[i] for i in idx])).to(device)
+        yield idx, tokens, tokens != vocab.PAD  # mask: True = real token
         bar.update(len(idx))
     bar.close()
 

@@ -93,21 +93,25 @@ class Collator:
             raise ValueError(f"mask_prob must lie in (0, 1), got {self.mask_prob}")
 
     def __call__(self, examples: Sequence[tuple[tuple[int, ...], tuple[int, int], np.ndarray]]) -> dict:
-        longest = max(len(t) for *_, t in examples)
-        length = -(-longest // self.pad_to_multiple) * self.pad_to_multiple
-        inputs = np.full((len(examples), length), vocab.PAD, dtype=np.int64)
-        targets = np.full((len(examples), length), IGNORE, dtype=np.int64)
-        for row, (key, _, tokens) in enumerate(examples):
-            n = len(tokens)
+        inputs, targets = [], []
+        for key, _, tokens in examples:
             if self.objective == "masked":
-                rng = np.random.default_rng((self.seed, *key))
-                inputs[row, :n], targets[row, :n] = mask_tokens(tokens, rng, self.mask_prob, self.mask_split)
+                x, y = mask_tokens(tokens, np.random.default_rng((self.seed, *key)), self.mask_prob, self.mask_split)
             else:
-                inputs[row, :n] = tokens
-                targets[row, :n] = causal_targets(tokens)
-            if key[0] == FILLER_STREAM:
-                targets[row] = IGNORE
-        inputs_t = torch.from_numpy(inputs)
+                x, y = tokens, causal_targets(tokens)
+            inputs.append(x)
+            targets.append(np.full_like(y, IGNORE) if key[0] == FILLER_STREAM else y)
+        inputs_t = torch.from_numpy(pad_right(inputs, vocab.PAD, self.pad_to_multiple))
         mask = inputs_t != vocab.PAD
-        return {"tokens": inputs_t, "targets": torch.from_numpy(targets),
+        return {"tokens": inputs_t, "targets": torch.from_numpy(pad_right(targets, IGNORE, self.pad_to_multiple)),
                 "padding_mask": None if bool(mask.all()) else mask, "position": examples[0][1]}
+
+
+def pad_right(rows: Sequence[np.ndarray], fill: int = vocab.PAD, multiple: int = 1) -> np.ndarray:
+    """Rows of ids right-padded with `fill` to one length, the longest rounded up to a multiple: (B, L) int64.
+    The one padder of training batches and inference inputs."""
+    longest = max(len(r) for r in rows)
+    out = np.full((len(rows), -(-longest // multiple) * multiple), fill, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
