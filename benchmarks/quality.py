@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from results_io import RESULTS, machine_line, write_csv
 
+from protein_performer.corpus import is_prepared_dir
 from protein_performer.training import ProteinDataModule, ProteinLMModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,11 +65,11 @@ def prepare(data: Path, work: Path, eval_proteome: str) -> tuple[Path, Path, lis
     train_dir, fourth_dir = work / "three", work / "fourth"
     inputs = [str(data / f) for name, f in PROTEOMES.items() if name != eval_proteome]
     prep = [sys.executable, "-m", "data_prep", "--no_progress"]
-    if not (train_dir / "manifest.json").is_file():
+    if not is_prepared_dir(train_dir):
         subprocess.run([*prep, *inputs, "--out", str(train_dir), "--overwrite", "--pfam_labels",
                         str(data / "pfam_labels.tsv"), "--ood_families", *families, "--valid_fraction", "0.02",
                         "--test_fraction", "0.05"], check=True, cwd=ROOT)
-    if not (fourth_dir / "manifest.json").is_file():
+    if not is_prepared_dir(fourth_dir):
         subprocess.run([*prep, str(data / PROTEOMES[eval_proteome]), "--out", str(fourth_dir), "--overwrite"],
                        check=True, cwd=ROOT)
     return train_dir, fourth_dir, families

@@ -14,7 +14,7 @@ import numpy as np
 import protein_performer
 from data_prep.inputs import InputFile
 from data_prep.records import NUCLEOTIDE_LETTERS, NUCLEOTIDE_MIN_LENGTH, NUCLEOTIDE_PERCENT
-from protein_performer.corpus import FORMAT_VERSION, MANIFEST
+from protein_performer.corpus import FORMAT_VERSION, MANIFEST_FILE, OFFSETS_FILE, TOKENS_FILE
 from protein_performer.vocab import BOS, EOS, MASK, PAD, TOKENS
 
 REJECT_REASONS = (
@@ -59,8 +59,8 @@ def build_manifest(
     return {
         "format_version": FORMAT_VERSION,
         "layout": {
-            "tokens": "<split>/tokens.bin: uint8 token ids, every sequence followed by EOS",
-            "offsets": "<split>/offsets.npy: int64 start of each sequence in tokens.bin",
+            "tokens": f"<split>/{TOKENS_FILE}: uint8 token ids, every sequence followed by EOS",
+            "offsets": f"<split>/{OFFSETS_FILE}: int64 start of each sequence in {TOKENS_FILE}",
         },
         "vocabulary": {"tokens": list(TOKENS), "bos": BOS, "eos": EOS, "pad": PAD, "mask": MASK},
         "splits": stats,
@@ -89,7 +89,7 @@ def build_manifest(
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
-    with open(root / MANIFEST, "w") as f:
+    with open(root / MANIFEST_FILE, "w") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
         f.flush()

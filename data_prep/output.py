@@ -24,11 +24,11 @@ import uuid
 from pathlib import Path
 
 from data_prep import PROG
-from protein_performer.corpus import MANIFEST, SPLITS
+from protein_performer.corpus import MANIFEST_FILE, OFFSETS_FILE, SPLITS, TOKENS_FILE
 from protein_performer.errors import UserError
 
-PREPARED_ENTRIES = frozenset({MANIFEST, *SPLITS})
-SPLIT_FILES = frozenset({"tokens.bin", "offsets.npy"})
+PREPARED_ENTRIES = frozenset({MANIFEST_FILE, *SPLITS})
+SPLIT_FILES = frozenset({TOKENS_FILE, OFFSETS_FILE})
 # flock on some cluster file systems (Lustre without -o flock, old NFS): the run goes on without a lock
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 log = logging.getLogger(__name__)
@@ -116,9 +116,9 @@ class OutputDir:
         if not self.overwrite:
             raise UserError(f"{self.given}: output directory exists{when}; pass --overwrite to replace it")
         entries = sorted(p.name for p in self.out.iterdir())
-        if entries and MANIFEST not in entries:
+        if entries and MANIFEST_FILE not in entries:
             raise UserError(
-                f"{self.given}: not a prepared directory (no {MANIFEST}) and not empty{when}: --overwrite "
+                f"{self.given}: not a prepared directory (no {MANIFEST_FILE}) and not empty{when}: --overwrite "
                 "replaces only a prepared directory or an empty one; choose another --out"
             )
         foreign = [name for name in entries if name not in PREPARED_ENTRIES]

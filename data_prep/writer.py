@@ -6,10 +6,14 @@ directory (output.OutputDir); the layout is the one protein_performer.corpus rea
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from data_prep.manifest import build_manifest, write_manifest
+from protein_performer.corpus import OFFSETS_FILE, TOKENS_FILE
 from protein_performer.vocab import EOS
 
 _COPY = 1 << 26  # bytes per copy step when rewriting a split
@@ -28,7 +32,7 @@ class SplitWriter:
         self.dir = root / name
         self.dir.mkdir()
         # open across appends, closed by close() (the run's temporary directory goes if anything fails)
-        self.tokens = open(self.dir / "tokens.bin", "wb", buffering=1 << 22)  # noqa: SIM115
+        self.tokens = open(self.dir / TOKENS_FILE, "wb", buffering=1 << 22)  # noqa: SIM115
         self.offsets = open(self.dir / "offsets.tmp", "wb", buffering=1 << 20)  # noqa: SIM115
         self.digests = open(self.dir / "digests.tmp", "wb", buffering=1 << 20)  # noqa: SIM115
         self.position = 0
@@ -59,8 +63,8 @@ class SplitWriter:
 def read_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens, offsets, digests) of a split being finalised, memory-mapped."""
     tokens = (
-        np.memmap(split_dir / "tokens.bin", dtype=np.uint8, mode="r")
-        if (split_dir / "tokens.bin").stat().st_size
+        np.memmap(split_dir / TOKENS_FILE, dtype=np.uint8, mode="r")
+        if (split_dir / TOKENS_FILE).stat().st_size
         else np.zeros(0, np.uint8)
     )
     offsets = np.fromfile(split_dir / "offsets.tmp", dtype="<i8")
@@ -82,7 +86,7 @@ def rewrite_split(
         (t, o, np.append(o[1:], len(t)), d, i) for t, o, d, i in incoming
     ]
     new_offsets, new_digests, position = [], [], 0
-    with open(split_dir / "tokens.bin.new", "wb") as out:
+    with open(split_dir / f"{TOKENS_FILE}.new", "wb") as out:
         for tok, off, end, dig, idx in parts:
             if idx.size == 0:
                 continue
@@ -98,7 +102,7 @@ def rewrite_split(
 
 
 def commit_rewrite(split_dir: Path) -> None:
-    for name in ("tokens.bin", "offsets.tmp", "digests.tmp"):
+    for name in (TOKENS_FILE, "offsets.tmp", "digests.tmp"):
         os.replace(split_dir / f"{name}.new", split_dir / name)
 
 
@@ -120,17 +124,37 @@ def length_stats(lengths: np.ndarray) -> dict:
 def finish_split(split_dir: Path) -> dict:
     """Turn the side files into offsets.npy, check the EOS layout, return the split's statistics."""
     offsets = np.fromfile(split_dir / "offsets.tmp", dtype="<i8")
-    n_tokens = (split_dir / "tokens.bin").stat().st_size
+    n_tokens = (split_dir / TOKENS_FILE).stat().st_size
     lengths = np.diff(np.append(offsets, n_tokens)) - 1
     if offsets.size:
-        tokens = np.memmap(split_dir / "tokens.bin", dtype=np.uint8, mode="r")
+        tokens = np.memmap(split_dir / TOKENS_FILE, dtype=np.uint8, mode="r")
         # Cheap self-check of the layout (one byte per sequence): every sequence ends with EOS.
         if (lengths < 1).any() or not (tokens[offsets + lengths] == EOS).all():
             raise RuntimeError(f"{split_dir}: internal error: token stream does not match its offsets")
         del tokens
-    np.save(split_dir / "offsets.npy", offsets)
+    np.save(split_dir / OFFSETS_FILE, offsets)
     for name in ("offsets.tmp", "digests.tmp"):
         (split_dir / name).unlink()
     stats = length_stats(lengths)
     stats["tokens"] = int(n_tokens)
     return stats
+
+
+def write_prepared(root: Path, splits: dict[str, Sequence[np.ndarray]]) -> Path:
+    """A prepared directory from residue ids per split, written the way a prep run writes it (SplitWriter,
+    finish_split, the manifest), for sequences that are already tokens: the tests build their corpora with it."""
+    root.mkdir(parents=True, exist_ok=True)
+    stats = {}
+    for name, seqs in splits.items():
+        writer = SplitWriter(root, name)
+        lengths = np.array([len(seq) for seq in seqs], dtype=np.int64)
+        stream = np.concatenate([np.append(seq, EOS) for seq in seqs] or [np.zeros(0)]).astype(np.uint8)
+        starts = np.cumsum(lengths + 1) - (lengths + 1)
+        writer.append(memoryview(stream), starts, lengths, np.arange(len(seqs)), np.zeros((len(seqs), 2), np.uint64))
+        writer.close()
+        stats[name] = finish_split(root / name)
+    kept = sum(st["count"] for st in stats.values())
+    records = {"read": kept, "residues_read": sum(st["residues"] for st in stats.values()),
+               "moved_to_ood_by_duplicate": 0}
+    write_manifest(root, build_manifest({}, [], stats, records, Counter(), Counter()))
+    return root

@@ -22,12 +22,15 @@ from .errors import UserError
 
 SPLITS = ("train", "valid", "test", "ood")
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+# The file names of the format: every reader and writer (data_prep, the tests) takes them from here.
+MANIFEST_FILE = "manifest.json"
+TOKENS_FILE = "tokens.bin"
+OFFSETS_FILE = "offsets.npy"
 _SCAN = 1 << 26  # bytes (or offsets) per step of a full scan: bounded memory at TrEMBL scale
 
 
 def is_prepared_dir(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    return (Path(path) / MANIFEST_FILE).is_file()
 
 
 class PreparedDir:
@@ -35,11 +38,11 @@ class PreparedDir:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        path = self.root / MANIFEST
+        path = self.root / MANIFEST_FILE
         if not self.root.is_dir():
             raise UserError(f"{self.root}: no such data directory")
         if not path.is_file():
-            raise UserError(f"{self.root}: not a complete prepared data directory (no {MANIFEST}; run "
+            raise UserError(f"{self.root}: not a complete prepared data directory (no {MANIFEST_FILE}; run "
                             "protein-performer-prep, and note that an interrupted run leaves none)")
         try:
             self.manifest = json.loads(path.read_text())
@@ -78,10 +81,10 @@ class Split:
 
     def __init__(self, directory: Path, stats: dict):
         self.dir, self.name = directory, directory.name
-        for f in ("tokens.bin", "offsets.npy"):
+        for f in (TOKENS_FILE, OFFSETS_FILE):
             if not (self.dir / f).is_file():
                 raise UserError(f"{self.dir / f}: missing (incomplete prepared directory)")
-        self.n_tokens = (self.dir / "tokens.bin").stat().st_size
+        self.n_tokens = (self.dir / TOKENS_FILE).stat().st_size
         offsets = self._load_offsets()
         self.n_sequences = len(offsets)
         if (self.n_tokens, self.n_sequences) != (stats["tokens"], stats["count"]):
@@ -93,7 +96,7 @@ class Split:
         self._lengths: np.ndarray | None = None
 
     def _load_offsets(self) -> np.ndarray:
-        path = self.dir / "offsets.npy"
+        path = self.dir / OFFSETS_FILE
         try:
             offsets = np.load(path, mmap_mode="r")
         except (ValueError, OSError, EOFError) as e:
@@ -111,20 +114,20 @@ class Split:
             part = np.asarray(offsets[s : s + _SCAN + 1])
             bad = bad or bool((np.diff(part) < 2).any())  # every sequence holds >= 1 residue + EOS
         if bad:
-            raise UserError(f"{self.dir / 'offsets.npy'}: offsets do not describe sequences of tokens.bin "
+            raise UserError(f"{self.dir / OFFSETS_FILE}: offsets do not describe sequences of {TOKENS_FILE} "
                             f"({self.n_tokens} bytes): file edited or corrupt")
 
     @property
     def tokens(self) -> np.ndarray:
         if self._tokens is None:  # np.memmap refuses empty files; an empty split is a valid empty array
-            path = self.dir / "tokens.bin"
+            path = self.dir / TOKENS_FILE
             self._tokens = np.memmap(path, dtype=np.uint8, mode="r") if self.n_tokens else np.zeros(0, np.uint8)
         return self._tokens
 
     @property
     def offsets(self) -> np.ndarray:
         if self._offsets is None:
-            self._offsets = np.load(self.dir / "offsets.npy", mmap_mode="r")
+            self._offsets = np.load(self.dir / OFFSETS_FILE, mmap_mode="r")
         return self._offsets
 
     @property
@@ -159,10 +162,10 @@ class Split:
             byte = int(outside[0]) + vocab.VOCAB_SIZE
             where = next(s + int(np.argmax(part == byte)) for s in range(0, self.n_tokens, _SCAN)
                          if ((part := self.tokens[s : s + _SCAN]) == byte).any())
-            raise UserError(f"{self.dir / 'tokens.bin'}: byte {byte} at offset {where} is not a token id "
+            raise UserError(f"{self.dir / TOKENS_FILE}: byte {byte} at offset {where} is not a token id "
                             f"(vocabulary 0-{vocab.VOCAB_SIZE - 1}): file corrupt")
         if counts[vocab.EOS] != self.n_sequences:
-            raise UserError(f"{self.dir / 'tokens.bin'}: {counts[vocab.EOS]} EOS tokens for {self.n_sequences} "
+            raise UserError(f"{self.dir / TOKENS_FILE}: {counts[vocab.EOS]} EOS tokens for {self.n_sequences} "
                             "sequences: file corrupt")
         return counts[: vocab.VOCAB_SIZE]
 

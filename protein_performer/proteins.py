@@ -12,7 +12,7 @@ import numpy as np
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 from . import vocab
-from .corpus import PreparedDir, is_prepared_dir
+from .corpus import TOKENS_FILE, PreparedDir, is_prepared_dir
 from .errors import UserError
 from .fasta import open_text, parse_title
 
@@ -76,7 +76,7 @@ def _prepared_proteins(root: PreparedDir, split: str) -> Iterator[Protein]:
     for i in range(len(data)):
         tokens = data.residues(i)
         if tokens.size and tokens.max() >= len(vocab.LETTERS):
-            raise UserError(f"{data.dir / 'tokens.bin'}: sequence {i} holds ids that are not residues: file corrupt")
+            raise UserError(f"{data.dir / TOKENS_FILE}: sequence {i} holds ids that are not residues: file corrupt")
         yield Protein(f"{split}/{i}", tokens)
 
 

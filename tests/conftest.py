@@ -7,7 +7,6 @@ ranks) inherit OMP_NUM_THREADS.
 """
 
 import gzip
-import json
 import os
 import subprocess
 import sys
@@ -21,8 +20,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from data_prep.writer import write_prepared  # noqa: E402
 from protein_performer import vocab  # noqa: E402
-from protein_performer.corpus import FORMAT_VERSION  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -30,21 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 SAMPLE_FASTA = SAMPLE / "mmseqs2_DB_first3000.fasta.gz"
 TINY = REPO / "configs" / "cpu" / "tiny.yaml"
-
-
-def write_prepared(root: Path, splits: dict[str, list[np.ndarray]]) -> Path:
-    """A prepared directory in protein-performer-prep's format from token arrays per split."""
-    stats = {}
-    for split, seqs in splits.items():
-        out = root / split
-        out.mkdir(parents=True)
-        stream = np.concatenate([np.append(s, vocab.EOS) for s in seqs] or [np.zeros(0)]).astype(np.uint8)
-        stream.tofile(out / "tokens.bin")
-        np.save(out / "offsets.npy", np.cumsum([0] + [len(s) + 1 for s in seqs[:-1]]).astype(np.int64)[: len(seqs)])
-        stats[split] = {"count": len(seqs), "tokens": len(stream)}
-    manifest = {"format_version": FORMAT_VERSION, "splits": stats, "vocabulary": {"tokens": list(vocab.TOKENS)}}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
 
 
 def make_prepared_dir(root: Path, counts=(240, 48, 48, 24), seed=0) -> Path:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from protein_performer.corpus import TOKENS_FILE
 from protein_performer.training.cli import auto_precision, build_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def test_missing_data_dir_is_a_clear_error(tmp_path, cli):
 
 def test_missing_split_file_is_a_clear_error(tmp_path, cli, make_prepared):
     data = make_prepared(tmp_path / "data")
-    (data / "valid" / "tokens.bin").unlink()
+    (data / "valid" / TOKENS_FILE).unlink()
     code, err = cli(fit_args(data, tmp_path))
     assert code == 2 and "valid/tokens.bin: missing" in err
 

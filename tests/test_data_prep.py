@@ -19,7 +19,7 @@ from data_prep.dedup import HashSet, accession_keys, seed_key
 from data_prep.pipeline import Settings, run
 from data_prep.records import parse_fasta, parse_fasta_biopython
 from data_prep.splits import read_ood_accessions
-from protein_performer.corpus import SPLITS
+from protein_performer.corpus import MANIFEST_FILE, OFFSETS_FILE, SPLITS, TOKENS_FILE
 from protein_performer.fasta import parse_title
 from protein_performer.vocab import EOS, LETTERS, decode
 
@@ -77,10 +77,10 @@ def prep(tmp: Path, *args: str, name: str = "out") -> tuple[int, Path]:
 
 def split_sequences(out: Path, split: str) -> list[str]:
     """Sequences of a split read back by cutting tokens.bin at EOS (independent of offsets.npy)."""
-    tokens = np.fromfile(out / split / "tokens.bin", dtype=np.uint8)
+    tokens = np.fromfile(out / split / TOKENS_FILE, dtype=np.uint8)
     ends = np.flatnonzero(tokens == EOS)
     starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64) if ends.size else np.zeros(0, np.int64)
-    assert np.array_equal(np.load(out / split / "offsets.npy"), starts)
+    assert np.array_equal(np.load(out / split / OFFSETS_FILE), starts)
     return [decode(tokens[a:b]) for a, b in zip(starts, ends)]
 
 
@@ -96,7 +96,7 @@ def fasta_out(tmp_path_factory) -> Path:
 
 
 def test_fasta_matches_independent_count(fasta_out):
-    manifest = json.loads((fasta_out / "manifest.json").read_text())
+    manifest = json.loads((fasta_out / MANIFEST_FILE).read_text())
     records = [str(r.seq) for r in SeqIO.parse(io.StringIO(text(FASTA)), "fasta")]
     expected = list(dict.fromkeys(s.upper() for s in records if valid_protein(s)))  # first occurrences, in order
     got = {split: split_sequences(fasta_out, split) for split in SPLITS}
@@ -163,7 +163,7 @@ def test_ood_from_labels_tsv_both_layouts(tmp_path):
         expected = {str(r.seq) for r in records if r.id.split("|")[1] in chosen}
         assert set(split_sequences(out, "ood")) == expected
         outs.append(out)
-    assert (outs[0] / "ood" / "tokens.bin").read_bytes() == (outs[1] / "ood" / "tokens.bin").read_bytes()
+    assert (outs[0] / "ood" / TOKENS_FILE).read_bytes() == (outs[1] / "ood" / TOKENS_FILE).read_bytes()
 
 
 def test_dedup_and_late_ood(tmp_path):
@@ -181,7 +181,7 @@ def test_dedup_and_late_ood(tmp_path):
     labels.write_text("accession\tn_domains\tfamilies\nA7\t1\tPF18369\n")
     code, out = prep(tmp_path, str(fasta), "--pfam_labels", str(labels), "--min_valid", "0", "--min_test", "0")
     assert code == 0
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / MANIFEST_FILE).read_text())
     assert m["records"]["rejected"]["duplicate_sequence"] == 3
     assert m["records"]["rejected"]["unknown_letter"] == 1
     assert m["records"]["changed"]["lowercase"] == 1
@@ -232,14 +232,14 @@ def test_deterministic_across_workers_parsers_and_blocks(tmp_path):
             assert (outs[0] / f).read_bytes() == (other / f).read_bytes(), f
     out = tmp_path / "seed8"
     run(Settings(inputs, str(out), seed=8, progress=False))
-    assert (out / "test" / "tokens.bin").read_bytes() != (outs[0] / "test" / "tokens.bin").read_bytes()
+    assert (out / "test" / TOKENS_FILE).read_bytes() != (outs[0] / "test" / TOKENS_FILE).read_bytes()
 
 
 def test_small_input_gets_valid_and_test(tmp_path):
     fasta = tmp_path / "in.fasta"
     fasta.write_text("".join(f">tr|P{i}|X\n{'ACDEFGHIKLMNPQRSTVWY'[i % 20] * (i + 1)}\n" for i in range(12)))
     code, out = prep(tmp_path, str(fasta))
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / MANIFEST_FILE).read_text())
     # Minimum 100 capped at a quarter of the 12 sequences.
     assert code == 0 and [m["splits"][s]["count"] for s in ("train", "valid", "test")] == [6, 3, 3]
 
@@ -294,7 +294,7 @@ def test_record_level_problems_are_skipped_and_counted(tmp_path, capsys):
     swiss.write_text(entry + "\n//\n" + no_seq + "\n//\n")
     code, err, out = run_bad(tmp_path, capsys, str(fasta), str(swiss))
     assert code == 0
-    m = json.loads((out / "manifest.json").read_text())["records"]
+    m = json.loads((out / MANIFEST_FILE).read_text())["records"]
     assert m["read"] == 7 and m["kept"] == 3
     assert {k: v for k, v in m["rejected"].items() if v} == {
         "empty": 1,
@@ -320,7 +320,7 @@ def test_unknown_error_policy_stops(tmp_path, capsys):
             code == 2 and f"{fasta}: record 2 (A3): letter 'J' at position 4" in err and not (tmp_path / "out").exists()
         )
     code, _, out = run_bad(tmp_path, capsys, str(fasta), "--unknown", "x", "--min_valid", "0", "--min_test", "0")
-    assert code == 0 and json.loads((out / "manifest.json").read_text())["records"]["changed"]["unknown_to_x"] == 1
+    assert code == 0 and json.loads((out / MANIFEST_FILE).read_text())["records"]["changed"]["unknown_to_x"] == 1
 
 
 def test_unterminated_flat_file(tmp_path, capsys):
@@ -340,7 +340,7 @@ def test_existing_output_is_never_corrupted(tmp_path, capsys):
     code, err, _ = run_bad(tmp_path, capsys, str(bad), "--overwrite")
     assert code == 2 and {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert cli(str(FASTA), "--out", str(out), "--overwrite", "--no_progress", "--workers", "1") == 0
-    assert json.loads((out / "manifest.json").read_text())["records"]["read"] == 3000
+    assert json.loads((out / MANIFEST_FILE).read_text())["records"]["read"] == 3000
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_prep.__main__ import main
-from protein_performer.corpus import PreparedDir
+from protein_performer.corpus import MANIFEST_FILE, OFFSETS_FILE, TOKENS_FILE, PreparedDir
 from protein_performer.data import ConcatenatedDataset, SingleSequenceDataset
 from protein_performer.errors import UserError
 from protein_performer.vocab import BOS, EOS, encode
@@ -35,7 +35,7 @@ def train_split(prepared):
 
 
 def stream(prepared) -> np.ndarray:
-    return np.fromfile(prepared / "train" / "tokens.bin", dtype=np.uint8)
+    return np.fromfile(prepared / "train" / TOKENS_FILE, dtype=np.uint8)
 
 
 def test_single_sequence_first_crop(prepared):
@@ -116,13 +116,13 @@ def test_missing_or_incomplete_directory(prepared, tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / "train/tokens.bin").write_bytes((d / "train/tokens.bin").read_bytes()[:-10]), "truncated"),
-    (lambda d: (d / "train/offsets.npy").write_bytes((d / "train/offsets.npy").read_bytes()[:-9]), "offsets.npy"),
-    (lambda d: (d / "train/offsets.npy").write_bytes(b""), "offsets.npy"),
-    (lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text()[:-30]), "not valid JSON"),
-    (lambda d: (d / "manifest.json").write_text('{"splits": {"train": {"count": "many"}}, "vocabulary": {}}'),
+    (lambda d: (d / "train" / TOKENS_FILE).write_bytes((d / "train" / TOKENS_FILE).read_bytes()[:-10]), "truncated"),
+    (lambda d: (d / "train" / OFFSETS_FILE).write_bytes((d / "train" / OFFSETS_FILE).read_bytes()[:-9]), "offsets.npy"),
+    (lambda d: (d / "train" / OFFSETS_FILE).write_bytes(b""), "offsets.npy"),
+    (lambda d: (d / MANIFEST_FILE).write_text((d / MANIFEST_FILE).read_text()[:-30]), "not valid JSON"),
+    (lambda d: (d / MANIFEST_FILE).write_text('{"splits": {"train": {"count": "many"}}, "vocabulary": {}}'),
      "format_version"),
-    (lambda d: np.save(d / "train/offsets.npy", np.load(d / "train/offsets.npy")[::-1].copy()),
+    (lambda d: np.save(d / "train" / OFFSETS_FILE, np.load(d / "train" / OFFSETS_FILE)[::-1].copy()),
      "offsets do not describe"),
 ])
 def test_damaged_directories_are_clear_errors(prepared, tmp_path, damage, message):
@@ -135,8 +135,8 @@ def test_damaged_directories_are_clear_errors(prepared, tmp_path, damage, messag
 
 def test_a_byte_outside_the_vocabulary_is_found(prepared, tmp_path):
     broken = copy_prepared(prepared, tmp_path)
-    tokens = bytearray((broken / "train/tokens.bin").read_bytes())
+    tokens = bytearray((broken / "train" / TOKENS_FILE).read_bytes())
     tokens[5] = 77
-    (broken / "train/tokens.bin").write_bytes(bytes(tokens))
+    (broken / "train" / TOKENS_FILE).write_bytes(bytes(tokens))
     with pytest.raises(UserError, match="byte 77 at offset 5 is not a token id"):
         PreparedDir(broken).split("train").token_counts()

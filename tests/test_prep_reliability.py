@@ -25,6 +25,7 @@ from Bio.SeqIO.FastaIO import SimpleFastaParser
 from data_prep import records
 from data_prep.__main__ import main
 from data_prep.writer import SplitWriter
+from protein_performer.corpus import MANIFEST_FILE, OFFSETS_FILE, TOKENS_FILE
 from protein_performer.vocab import EOS, encode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +165,7 @@ def test_overwrite_refuses_foreign_files(tmp_path, capsys, extra):
     assert prep(str(inp), "--out", str(out), "--overwrite") == 0  # a prepared directory is replaced
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert prep(str(inp), "--out", str(empty), "--overwrite") == 0 and (empty / "manifest.json").is_file()
+    assert prep(str(inp), "--out", str(empty), "--overwrite") == 0 and (empty / MANIFEST_FILE).is_file()
     assert leftovers(tmp_path) == []
 
 
@@ -172,7 +173,7 @@ def test_overwrite_is_checked_again_at_the_swap(tmp_path, start_prep):
     inp = fasta(tmp_path / "in.fasta", 20)
     out = tmp_path / "out"
     assert prep(str(inp), "--out", str(out)) == 0
-    manifest = (out / "manifest.json").read_bytes()
+    manifest = (out / MANIFEST_FILE).read_bytes()
     fifo = FifoInput(tmp_path)
     proc = start_prep(str(fifo.path), "--out", str(out), "--overwrite")
     wait_for(lambda: f"pid {proc.pid}" in lock_holder(out), "the run to take its lock")
@@ -181,7 +182,7 @@ def test_overwrite_is_checked_again_at_the_swap(tmp_path, start_prep):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "holds files protein-performer-prep did not write (notes.txt)" in err
     assert "during this run" in err
-    assert (out / "manifest.json").read_bytes() == manifest and (out / "notes.txt").exists()
+    assert (out / MANIFEST_FILE).read_bytes() == manifest and (out / "notes.txt").exists()
     assert leftovers(tmp_path) == []
 
 
@@ -203,7 +204,7 @@ def test_second_run_into_the_same_new_output_fails_fast(tmp_path, start_prep, ca
     fifo.feed(inp.read_bytes())
     _, first_err = first.communicate(timeout=60)
     assert first.returncode == 0, first_err
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["inputs"][0]["path"] == str(fifo.path) and manifest["records"]["read"] == 20
     assert leftovers(tmp_path) == []
     # the next run finds the finished output and refuses it (no lock left behind)
@@ -233,7 +234,7 @@ def test_killed_run_leaves_temporary_directory_that_the_next_run_removes(tmp_pat
     writer.write(inp.read_bytes()[:200])
     writer.flush()
     (tmp_dir,) = [tmp_path / n for n in leftovers(tmp_path) if ".tmp-" in n]
-    (tmp_dir / "train" / "tokens.bin").write_bytes(bytes(1_500_000))  # as a killed run's partial shard
+    (tmp_dir / "train" / TOKENS_FILE).write_bytes(bytes(1_500_000))  # as a killed run's partial shard
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     writer.close()
@@ -241,7 +242,7 @@ def test_killed_run_leaves_temporary_directory_that_the_next_run_removes(tmp_pat
     assert prep(str(inp), "--out", str(out)) == 0
     err = capsys.readouterr().err
     assert f"note: removed 1 temporary directory left beside {out} by killed runs (1.5 MB): {tmp_dir.name}" in err
-    assert leftovers(tmp_path) == [] and (out / "manifest.json").is_file()
+    assert leftovers(tmp_path) == [] and (out / MANIFEST_FILE).is_file()
 
 
 def test_file_system_without_locks_runs_unlocked(tmp_path, capsys, monkeypatch):
@@ -254,7 +255,7 @@ def test_file_system_without_locks_runs_unlocked(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", unsupported)
     assert prep(str(fasta(tmp_path / "in.fasta", 20)), "--out", str(tmp_path / "out")) == 0
     assert "does not support locks (No locks available)" in capsys.readouterr().err
-    assert stale.is_dir() and (tmp_path / "out" / "manifest.json").is_file() and leftovers(tmp_path) == [stale.name]
+    assert stale.is_dir() and (tmp_path / "out" / MANIFEST_FILE).is_file() and leftovers(tmp_path) == [stale.name]
 
 
 # ---- 4. tiny inputs ----
@@ -398,7 +399,7 @@ def test_nucleotide_records_after_proteins_are_skipped_and_counted(tmp_path, cap
     code = prep(str(mixed), "--out", str(out))
     err = capsys.readouterr().err
     assert code == 0, err
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / MANIFEST_FILE).read_text())
     assert m["records"]["rejected"]["nucleotide"] == 50 and m["records"]["kept"] == 100
     assert m["records"]["changed"]["lowercase"] == 0  # rejected records change nothing
     assert f"{mixed}: record 101 (dna0): nucleotide: 100% of its 280 letters are A/C/G/T/U/N" in err
@@ -481,12 +482,12 @@ def test_pipe_inputs_are_read_once(tmp_path):
     command = f'"{sys.executable}" -m data_prep <(cat "{FASTA}") --out "{out_pipe}" --workers 1 --no_progress'
     proc = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env(), capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    entry = json.loads((out_pipe / "manifest.json").read_text())["inputs"][0]
+    entry = json.loads((out_pipe / MANIFEST_FILE).read_text())["inputs"][0]
     data = FASTA.read_bytes()
     assert entry["path"].startswith("/dev/fd/") and entry["gzip"] is True and entry["records"] == 3000
     assert (entry["size"], entry["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
     for split in ("train", "valid", "test", "ood"):
-        for name in ("tokens.bin", "offsets.npy"):
+        for name in (TOKENS_FILE, OFFSETS_FILE):
             assert (out_pipe / split / name).read_bytes() == (out_file / split / name).read_bytes()
 
 
@@ -506,7 +507,7 @@ def test_fifo_input_written_slowly(tmp_path):
     out = tmp_path / "out"
     code = prep(str(fifo.path), "--out", str(out))
     thread.join(60)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert (
         code == 0
         and manifest["records"]["read"] == 3000
