@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.ticker import NullLocator
-from results_io import RESULTS, machine_line, write_csv
+from results_io import RESULTS, machine_line, parse_args, write_csv
 
 from protein_performer.analysis import plots
 from protein_performer.attention import favor_attention, orthogonal_gaussian_matrix, softmax_attention
@@ -106,18 +106,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--d", type=int, default=16)
-    p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
+    p.add_argument("--nb_features", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
     p.add_argument("--draws", type=int, default=15)
     p.add_argument("--norms", type=float, nargs="+", default=[1.0, 2.0, 4.0],
                    help="row norms of q and k; 2 = the scale of N(0, 0.5^2) entries at d = 16")
     p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     print(machine_line())
-    print(f"L={args.length} d={args.d} m={args.features} draws={args.draws} norms={args.norms}")
+    print(f"L={args.length} d={args.d} m={args.nb_features} draws={args.draws} norms={args.norms}")
     rows = []
     for norm in args.norms:
-        rows += measure(args.length, args.d, norm, args.features, args.draws)
-        for r in rows[-len(KINDS) * len(args.features):]:
+        rows += measure(args.length, args.d, norm, args.nb_features, args.draws)
+        for r in rows[-len(KINDS) * len(args.nb_features):]:
             print(f"|q|={norm:<4g} {label(r['kernel'], r['projection'] == 'orthogonal'):<22} m={r['m']:<5} "
                   f"MSE {r['mse_mean']:.3e} (min {r['mse_min']:.1e}, max {r['mse_max']:.1e})", flush=True)
     write_csv(rows, args.out / "feature_error.csv")

@@ -61,12 +61,12 @@ log "a causal model for generate"
 
 (zcat data/sample/mmseqs2_DB_first3000.fasta.gz || true) | head -n $((2 * RECORDS)) > "$OUT/first.fasta"  # SIGPIPE
 log "embed / score / generate / analyze on $DEVICE"
-"${CLI[@]}" embed --ckpt "$OUT/masked" --fasta "$OUT/first.fasta" --out "$OUT/emb" --unknown x --device "$DEVICE" --overwrite
-"${CLI[@]}" score --ckpt "$OUT/masked" --fasta "$OUT/first.fasta" --out "$OUT/scores.tsv" --unknown x --device "$DEVICE" \
+"${CLI[@]}" embed --ckpt_path "$OUT/masked" --input "$OUT/first.fasta" --out "$OUT/emb" --unknown x --device "$DEVICE" --overwrite
+"${CLI[@]}" score --ckpt_path "$OUT/masked" --input "$OUT/first.fasta" --out "$OUT/scores.tsv" --unknown x --device "$DEVICE" \
   --overwrite
-"${CLI[@]}" generate --ckpt "$OUT/causal" --num 4 --max_length 100 --top_p 0.9 --device "$DEVICE" --out "$OUT/gen.fasta" \
+"${CLI[@]}" generate --ckpt_path "$OUT/causal" --num_sequences 4 --max_len 100 --top_p 0.9 --device "$DEVICE" --out "$OUT/gen.fasta" \
   --overwrite
-"${CLI[@]}" analyze --ckpt "$OUT/masked" --input "$OUT/prepared" --out "$OUT/analysis" --num_sequences 50 \
+"${CLI[@]}" analyze --ckpt_path "$OUT/masked" --input "$OUT/prepared" --out "$OUT/analysis" --num_sequences 50 \
   --permutations 1000 --device "$DEVICE" --overwrite
 
 log "benchmarks in bf16 (roof: bf16 matmul on the device)"

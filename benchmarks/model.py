@@ -7,12 +7,12 @@ concatenated-task model (6 layers, d_model 512, 8 heads, d_ff 2048, m = 256). Ea
 fresh subprocess so its peak memory is its own. Beside each row: the compute floor (model FLOPs over the
 machine's measured matmul rate in the same precision, on the same device) and the fraction of it reached.
 
-A system stops growing L once a step takes longer than --skip-after seconds or more than --memory-limit-gib;
+A system stops growing L once a step takes longer than --skip_after seconds or more than --memory_limit_gib;
 the last lines name the largest L measured within that memory for each system.
 
     python benchmarks/model.py                                              # 1K .. 64K, every system, both modes
     python benchmarks/model.py --lengths 8192 --modes masked --rounds 3     # one column of the issue's table
-    python benchmarks/model.py --lengths 65536 --activation-checkpointing   # the longest length
+    python benchmarks/model.py --lengths 65536 --activation_checkpointing   # the longest length
     python benchmarks/model.py --lengths 8192 --modes masked --precision bf16 --rounds 3  # bf16 column
 """
 
@@ -29,6 +29,7 @@ from results_io import (
     default_device,
     fastest_of_rounds,
     machine_line,
+    parse_args,
     performer_pytorch_installed,
     run_worker,
     time_memory_plot,
@@ -143,20 +144,20 @@ def main(argv=None):
     p.add_argument("--size", type=json.loads,
                    default={"d_model": 512, "n_heads": 8, "n_layers": 6, "d_ff": 2048, "nb_features": 256},
                    help="model size as JSON (default: the paper's concatenated-task Performer)")
-    p.add_argument("--activation-checkpointing", action="store_true",
+    p.add_argument("--activation_checkpointing", action="store_true",
                    help="recompute each block in backward (this project's models only)")
     p.add_argument("--repeats", type=int, default=2, help="timed steps per run, after one warm-up step")
     p.add_argument("--rounds", type=int, default=1,
                    help="runs of every system per length, interleaved; the fastest counts (a shared machine's "
                         "slow spells then hit every system alike)")
     p.add_argument("--timeout", type=float, default=600)
-    p.add_argument("--skip-after", type=float, default=120, help="stop growing L once a step took this long")
-    p.add_argument("--memory-limit-gib", type=float, default=16.0)
+    p.add_argument("--skip_after", type=float, default=120, help="stop growing L once a step took this long")
+    p.add_argument("--memory_limit_gib", type=float, default=16.0)
     p.add_argument("--device", default=default_device())
     p.add_argument("--precision", choices=sorted(DTYPES), default="fp32", help="bf16: autocast, the roof in bf16 too")
     p.add_argument("--out", type=Path, default=RESULTS / "model.csv")
     p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
 
     if args.worker:
         system, causal, length = args.worker[0], bool(int(args.worker[1])), int(args.worker[2])

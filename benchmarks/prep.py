@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from Bio.SeqIO.FastaIO import SimpleFastaParser
+from results_io import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTEOMES = ROOT.parent / "shared" / "data" / "proteomes"
@@ -70,7 +71,7 @@ def main() -> None:
     p.add_argument("--copies", type=int, default=11, help="11 copies of the four proteomes = 102 M residues")
     p.add_argument("--input", type=Path, default=Path("/tmp/prep_bench.fasta.gz"))
     p.add_argument("--repeats", type=int, default=3, help="best of N for both timings")
-    args = p.parse_args()
+    args = parse_args(p)
 
     if not args.input.exists():
         print(f"building {args.input} ...", file=sys.stderr)

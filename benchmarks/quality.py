@@ -9,10 +9,10 @@ the OOD split; the fourth proteome (S. elongatus) is a second out-of-distributio
 fourth proteome, beside the unigram baseline of the training split.
 
     # the README's table: every attention kind and objective, 800 steps each (about 20 minutes on 2 cores)
-    python benchmarks/quality.py --minutes 5 --steps 800 --d-model 128 --d-ff 256 --max-len 128 --max-tokens 2048
+    python benchmarks/quality.py --minutes 5 --steps 800 --d_model 128 --d_ff 256 --max_len 128 --max_tokens 2048
     # bf16-mixed against fp32 at equal steps, two seeds (the noise between seeds is the yardstick)
     python benchmarks/quality.py --objectives masked --attention favor-softmax --precisions fp32 bf16 --seeds 0 1 \\
-        --minutes 30 --steps 600 --d-model 128 --d-ff 256 --max-len 128 --max-tokens 2048
+        --minutes 30 --steps 600 --d_model 128 --d_ff 256 --max_len 128 --max_tokens 2048
 
 Writes OUT/results.csv and OUT/results.md (default OUT: benchmarks/results/quality) and prints the table.
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from results_io import RESULTS, machine_line, write_csv
+from results_io import RESULTS, machine_line, parse_args, write_csv
 
 from protein_performer.corpus import is_prepared_dir
 from protein_performer.training import ProteinDataModule, ProteinLMModule
@@ -139,18 +139,18 @@ def main() -> None:
     p.add_argument("--attention", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--precisions", nargs="+", default=["fp32"], choices=sorted(PRECISIONS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of weights, batches and masking")
-    p.add_argument("--eval-proteome", default="S.elongatus", choices=sorted(PROTEOMES))
-    p.add_argument("--max-len", type=int, default=256, help="clip length (256 rather than 1024: more steps on CPU)")
-    p.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
-    p.add_argument("--d-model", type=int, default=256, help="model width ('small': 4 layers, 8 heads)")
-    p.add_argument("--d-ff", type=int, default=1024, help="MLP width")
+    p.add_argument("--eval_proteome", default="S.elongatus", choices=sorted(PROTEOMES))
+    p.add_argument("--max_len", type=int, default=256, help="clip length (256 rather than 1024: more steps on CPU)")
+    p.add_argument("--max_tokens", type=int, default=4096, help="padded tokens per batch")
+    p.add_argument("--d_model", type=int, default=256, help="model width ('small': 4 layers, 8 heads)")
+    p.add_argument("--d_ff", type=int, default=1024, help="MLP width")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (paper: 1e-3, at far more steps)")
-    p.add_argument("--val-every", type=int, default=200, help="steps between validations")
-    p.add_argument("--val-batches", type=int, default=20, help="validation batches during training")
-    p.add_argument("--redraw-every", type=int, default=100, help="favor-softmax feature redraw interval (steps)")
+    p.add_argument("--val_every", type=int, default=200, help="steps between validations")
+    p.add_argument("--val_batches", type=int, default=20, help="validation batches during training")
+    p.add_argument("--redraw_every", type=int, default=100, help="favor-softmax feature redraw interval (steps)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="intra-op threads (1 on a machine shared with other work: waiting threads spin)")
-    args = p.parse_args()
+    args = parse_args(p)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
 

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.util
 import json
 import subprocess
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from protein_performer.commands import option_strings, refuse_renamed
 from protein_performer.machine import machine_info, machine_line  # noqa: F401 (the benchmarks import them from here)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+               renamed: dict[str, str] | None = None) -> argparse.Namespace:
+    """parser.parse_args, after stopping in one line on a renamed flag (a dashed spelling, an old name of
+    commands.RENAMED or of `renamed`), as every protein-performer command does."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    refuse_renamed(argv, option_strings(parser), parser.prog, renamed)
+    return parser.parse_args(argv)
 
 
 def run_worker(cmd: list[str], timeout: float) -> dict:

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 mkdir -p benchmarks/results
 python benchmarks/attention.py                                   # op level: 1K .. 32K, exact / FAVOR / performer-pytorch
 python benchmarks/model.py --lengths 1024 2048 4096 8192 16384   # training step, every system, masked and causal
-python benchmarks/model.py --lengths 32768 65536 --systems favor-softmax favor-relu --activation-checkpointing \
+python benchmarks/model.py --lengths 32768 65536 --systems favor-softmax favor-relu --activation_checkpointing \
     --out benchmarks/results/model_long.csv                      # the longest lengths, recomputing blocks in backward
 python benchmarks/decode.py                                      # sampling speed against prefix length
 python benchmarks/analysis.py                                    # attention-analysis throughput

@@ -2,9 +2,9 @@
 
     protein-performer fit | validate | test --config CONFIG.yaml [--trainer.max_steps 10 --model.d_model 128 ...]
     protein-performer report    RUN_A/report/report.json RUN_B/report/report.json
-    protein-performer analyze   --ckpt CKPT --input FASTA_OR_DIR --out DIR
+    protein-performer analyze   --ckpt_path CKPT --input FASTA_OR_DIR --out DIR
     protein-performer agreement RUN [RUN ...] --input FASTA_OR_DIR --out DIR
-    protein-performer embed | score | generate --ckpt CKPT ...
+    protein-performer embed | score | generate --ckpt_path CKPT ...
 
 fit/validate/test are LightningCLI (training/cli.py). The other subcommands are the functions below: their
 command lines are generated from the signatures and docstrings (commands.py), they read what the user gives,
@@ -28,18 +28,24 @@ from .proteins import DEFAULT_SPLIT
 from .vocab import UnknownPolicy
 
 
-def report(reports: list[str]) -> None:
+def report(reports: list[str], json: bool = False) -> None:
     """Join the reports of several `protein-performer test` runs into the paper's Table 2 layout.
 
     Args:
         reports: report.json files (RUN/.../report/report.json).
+        json: print one JSON row per model and split instead (report, objective, task, attention, split, acc, ppl,
+            baseline_acc, baseline_ppl, tokens, beats_baseline: ppl below the unigram baseline's), for scripts.
     """
-    from .evaluate import combine, read_report
+    import json as json_lib
 
-    print(combine([read_report(p) for p in reports], names=list(reports)))
+    from .evaluate import combine, read_report, report_rows
+
+    contents, names = [read_report(p) for p in reports], list(reports)
+    table = combine(contents, names)  # also when printing JSON: refuses two numbers for one cell
+    print(json_lib.dumps(report_rows(contents, names), indent=1) if json else table)
 
 
-def analyze(ckpt: str, input: str, out: str, num_sequences: PositiveInt = 800, max_length: PositiveInt = 512,
+def analyze(ckpt_path: str, input: str, out: str, num_sequences: PositiveInt = 800, max_len: PositiveInt = 512,
             offset: NonNegativeInt = 0, threshold: float = 0.3, min_kept: int = 100, accession: str | None = None,
             head: tuple[int, int] | None = None, split: str = DEFAULT_SPLIT, permutations: PositiveInt = 10_000,
             seed: int = 0, device: str = "cpu", overwrite: bool = False, progress: bool | None = None) -> None:
@@ -50,11 +56,11 @@ def analyze(ckpt: str, input: str, out: str, num_sequences: PositiveInt = 800, m
     agreement with BLOSUM62 (permutation p-values): PNG figures, CSV matrices and summary.json.
 
     Args:
-        ckpt: checkpoint written by `protein-performer fit`, or a run directory (its newest last.ckpt).
+        ckpt_path: checkpoint written by `protein-performer fit`, or a run directory (its newest last.ckpt).
         input: FASTA file (.fasta[.gz], or a pipe) or prepared data directory.
         out: output directory.
         num_sequences: analyse the first N proteins (the paper used 800).
-        max_length: crop each protein to this many tokens ([BOS] + residues; also capped by the model's max_len).
+        max_len: tokens per protein, [BOS] + residues (the unit of the model's max_len, which also caps it).
         offset: skip this many residues at each protein's N-terminus (e.g. 50: the initiator methionine at
             residue 1 draws attention in every protein, which swamps the similarity of untrained and causal models).
         threshold: attention weights >= this count in the threshold variant (Vig et al.).
@@ -76,9 +82,9 @@ def analyze(ckpt: str, input: str, out: str, num_sequences: PositiveInt = 800, m
     if not 0 < threshold <= 1:
         raise UserError(f"--threshold must lie in (0, 1], not {threshold}")
     out_path = check_output_dir(out, overwrite, "summary.json")
-    loaded = load_model(ckpt, device)
+    loaded = load_model(ckpt_path, device)
     proteins, featured = read_proteins(input, num_sequences, split, also=accession)
-    result = analyze_attention(loaded, proteins, featured or proteins[0], max_length=max_length, offset=offset,
+    result = analyze_attention(loaded, proteins, featured or proteins[0], max_len=max_len, offset=offset,
                                threshold=threshold, min_kept=min_kept, head=head, permutations=permutations, seed=seed,
                                progress=progress)
     with fresh_output_dir(out_path, ANALYSIS_FILES):  # summary.json, the marker, is written last
@@ -89,7 +95,7 @@ def analyze(ckpt: str, input: str, out: str, num_sequences: PositiveInt = 800, m
 ANALYSIS_FILES = ("*.png", "*.csv", "attention_maps.npz", "summary.json")
 
 
-def agreement(ckpts: list[str], input: str, out: str, num_sequences: PositiveInt = 300, max_length: PositiveInt = 256,
+def agreement(ckpts: list[str], input: str, out: str, num_sequences: PositiveInt = 300, max_len: PositiveInt = 256,
               offset: NonNegativeInt = 0, threshold: float = 0.3, min_kept: int = 100, split: str = DEFAULT_SPLIT,
               permutations: PositiveInt = 10_000, seed: int = 0, device: str = "cpu", overwrite: bool = False,
               progress: bool | None = None) -> None:
@@ -103,7 +109,7 @@ def agreement(ckpts: list[str], input: str, out: str, num_sequences: PositiveInt
         input: FASTA file or prepared data directory of the proteins to analyse.
         out: output directory.
         num_sequences: proteins analysed per checkpoint.
-        max_length: crop each protein to this many tokens.
+        max_len: tokens per protein, [BOS] + residues (capped by the model's max_len).
         offset: skip this many residues at each protein's N-terminus (see `analyze`).
         threshold: threshold variant's weight cut-off.
         min_kept: threshold variant: drop heads with fewer kept weights.
@@ -119,15 +125,15 @@ def agreement(ckpts: list[str], input: str, out: str, num_sequences: PositiveInt
 
     out_path = check_output_dir(out, overwrite, "agreement_over_training.csv")
     proteins, _ = read_proteins(input, num_sequences, split)
-    table = agreement_over_training(ckpts, proteins, max_length=max_length, offset=offset, threshold=threshold,
+    table = agreement_over_training(ckpts, proteins, max_len=max_len, offset=offset, threshold=threshold,
                                     min_kept=min_kept, permutations=permutations, seed=seed, device=device,
                                     progress=progress)
     with fresh_output_dir(out_path, ("agreement_over_training.*",)):
         print(write_agreement_over_training(table, out_path))
 
 
-def embed(ckpt: str, fasta: str, out: str, layers: list[int] | None = None, pool: Pool = "mean",
-          unknown: UnknownPolicy = "error", tokens_per_batch: PositiveInt = 8192, device: str = "cpu",
+def embed(ckpt_path: str, input: str, out: str, layers: list[int] | None = None, pool: Pool = "mean",
+          unknown: UnknownPolicy = "reject", max_tokens: PositiveInt = 8192, device: str = "cpu",
           overwrite: bool = False, progress: bool | None = None) -> None:
     """Per-protein or per-residue embeddings of the proteins of a FASTA file.
 
@@ -135,13 +141,13 @@ def embed(ckpt: str, fasta: str, out: str, layers: list[int] | None = None, pool
     (proteins x d_model), or layerN_per_residue.npz (one array per row of index.tsv).
 
     Args:
-        ckpt: checkpoint written by `protein-performer fit`, or a run directory.
-        fasta: input FASTA (.fasta or .fasta.gz, or a pipe).
+        ckpt_path: checkpoint written by `protein-performer fit`, or a run directory.
+        input: FASTA file (.fasta[.gz], or a pipe) or prepared data directory (its test split).
         out: output directory.
         layers: layers to save (0 = embeddings; default: the last).
         pool: mean over residues, the BOS position, or per-residue.
-        unknown: letters outside the vocabulary: stop (error), read as X (x), or skip the record (reject).
-        tokens_per_batch: token budget of a batch (B x longest L).
+        unknown: letters outside the vocabulary: skip the record (reject), read as X (x), or stop (error).
+        max_tokens: padded tokens per batch (B x longest L), as --data.max_tokens in training.
         device: torch device, e.g. cuda.
         overwrite: replace the files of an earlier embed in --out.
         progress: progress bar (default: on a terminal).
@@ -153,10 +159,10 @@ def embed(ckpt: str, fasta: str, out: str, layers: list[int] | None = None, pool
     from .proteins import read_proteins
 
     out_path = check_output_dir(out, overwrite, "index.tsv")
-    loaded = load_model(ckpt, device)
-    proteins, _ = read_proteins(fasta, unknown=unknown)
+    loaded = load_model(ckpt_path, device)
+    proteins, _ = read_proteins(input, unknown=unknown)
     layers = layers or [loaded.config.n_layers]
-    reps = embed_proteins(loaded.model, proteins, layers, pool, tokens_per_batch, progress)
+    reps = embed_proteins(loaded.model, proteins, layers, pool, max_tokens, progress)
     with fresh_output_dir(out_path, ("index.tsv", "layer*_*.npy", "layer*_per_residue.npz")):
         for layer in layers:
             if pool == "per-residue":  # ragged: one array per protein, keyed by its row in index.tsv
@@ -173,19 +179,19 @@ def embed(ckpt: str, fasta: str, out: str, layers: list[int] | None = None, pool
     print(f"wrote {len(proteins)} {pool} embeddings of layers {layers} to {out_path} (index.tsv lists the rows)")
 
 
-def score(ckpt: str, fasta: str, out: str, per_position: str | None = None, unknown: UnknownPolicy = "error",
-          tokens_per_batch: PositiveInt = 8192, device: str = "cpu", overwrite: bool = False,
+def score(ckpt_path: str, input: str, out: str, per_position: str | None = None, unknown: UnknownPolicy = "reject",
+          max_tokens: PositiveInt = 8192, device: str = "cpu", overwrite: bool = False,
           progress: bool | None = None) -> None:
     """Per-sequence log-likelihood and perplexity: exact for causal models, pseudo-log-likelihood for masked ones
     (each position masked in turn).
 
     Args:
-        ckpt: checkpoint written by `protein-performer fit`, or a run directory.
-        fasta: input FASTA (.fasta or .fasta.gz, or a pipe).
+        ckpt_path: checkpoint written by `protein-performer fit`, or a run directory.
+        input: FASTA file (.fasta[.gz], or a pipe) or prepared data directory (its test split).
         out: output TSV (id, length, scored, log_likelihood, perplexity, method).
         per_position: also write one row per residue (id, position counted from 1, residue, log_prob) to this TSV.
-        unknown: letters outside the vocabulary: stop (error), read as X (x), or skip the record (reject).
-        tokens_per_batch: token budget of a batch.
+        unknown: letters outside the vocabulary: skip the record (reject), read as X (x), or stop (error).
+        max_tokens: padded tokens per batch (B x longest L), as --data.max_tokens in training.
         device: torch device, e.g. cuda.
         overwrite: replace existing output files.
         progress: progress bar (default: on a terminal).
@@ -196,9 +202,9 @@ def score(ckpt: str, fasta: str, out: str, per_position: str | None = None, unkn
 
     out_path = output_file(out, overwrite)
     per_position_path = output_file(per_position, overwrite) if per_position else None
-    loaded = load_model(ckpt, device)
-    proteins, _ = read_proteins(fasta, unknown=unknown)
-    terms = score_proteins(loaded.model, proteins, tokens_per_batch=tokens_per_batch, progress=progress)
+    loaded = load_model(ckpt_path, device)
+    proteins, _ = read_proteins(input, unknown=unknown)
+    terms = score_proteins(loaded.model, proteins, max_tokens=max_tokens, progress=progress)
     method = "causal" if loaded.config.causal else "pseudo"
     with atomic_write(out_path, newline="") as f:
         w = csv.writer(f, delimiter="\t")
@@ -215,16 +221,17 @@ def score(ckpt: str, fasta: str, out: str, per_position: str | None = None, unkn
     print(f"scored {len(proteins)} sequences ({method} log-likelihood) -> {out_path}")
 
 
-def generate(ckpt: str, prompt: str = "", num: PositiveInt = 4, max_length: PositiveInt = 200,
+def generate(ckpt_path: str, prompt: str = "", num_sequences: PositiveInt = 4, max_len: PositiveInt | None = None,
              temperature: NonNegativeFloat = 1.0, top_k: PositiveInt | None = None, top_p: float | None = None,
              seed: int = 0, out: str | None = None, device: str = "cpu", overwrite: bool = False) -> None:
     """Sample sequences from a causal model, written as FASTA.
 
     Args:
-        ckpt: checkpoint of a causal model, or its run directory.
+        ckpt_path: checkpoint of a causal model, or its run directory.
         prompt: residues every sequence starts with.
-        num: sequences to sample.
-        max_length: residues per sequence, prompt included.
+        num_sequences: sequences to sample.
+        max_len: tokens per sequence, [BOS] + residues (prompt included): at most max_len - 1 residues
+            (default: the model's max_len).
         temperature: sampling temperature; 0 is greedy.
         top_k: sample among the k most likely tokens.
         top_p: nucleus sampling: the smallest set of tokens whose probability reaches top_p, in (0, 1].
@@ -239,8 +246,8 @@ def generate(ckpt: str, prompt: str = "", num: PositiveInt = 4, max_length: Posi
     if top_p is not None and not 0 < top_p <= 1:
         raise UserError(f"--top_p must lie in (0, 1], not {top_p}")
     out_path = output_file(out, overwrite) if out else None
-    loaded = load_model(ckpt, device)
-    seqs = sample(loaded.model, prompt, num, max_length, temperature, top_k, top_p, seed)
+    loaded = load_model(ckpt_path, device)
+    seqs = sample(loaded.model, prompt, num_sequences, max_len, temperature, top_k, top_p, seed)
     text = "".join(f">generated_{i} seed={seed} temperature={temperature} top_k={top_k} top_p={top_p} "
                    f"length={len(s)}\n{s}\n" for i, s in enumerate(seqs))
     if out_path is None:

@@ -1,11 +1,12 @@
 """Command lines generated from typed function signatures and their docstrings (jsonargparse), one style for
 every non-training command (prep, analyze, embed, score, generate, report); fit/validate/test are LightningCLI.
 
-Flags are the parameter names (`--max_length 512`, as LightningCLI's `--trainer.max_steps`); a bool parameter is
-a switch (`--overwrite`, `--no_overwrite`), a required list is positional (`INPUT [INPUT ...]`), an optional
-list takes one or more values (`--layers 2 4`), a fixed-size tuple exactly that many (`--head 1 3`). Argument
+Flags are the parameter names, with underscores (`--max_len 512`, as LightningCLI's `--trainer.max_steps`); a bool
+parameter is a switch (`--overwrite`, `--no_overwrite`), a required list is positional (`INPUT [INPUT ...]`), an
+optional list takes one or more values (`--layers 2 4`), a fixed-size tuple exactly that many (`--head 1 3`). Argument
 errors exit 2 with usage (argparse's convention); a UserError raised by the command prints `PROG: error: ...`
-and exits 2 too.
+and exits 2 too. One concept has one name in every command and benchmark (tests/test_flags.py); a renamed flag
+stops with a line naming its new spelling.
 """
 
 from __future__ import annotations
@@ -125,10 +126,36 @@ def progress_bar(items=None, desc: str = "", unit: str = "seq", progress: bool |
     return tqdm(items, total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=sys.stderr)
 
 
+# Old spellings -> the one name of their concept (lengths in tokens incl. BOS, as Config.max_len counts them).
+RENAMED = {"--max_length": "--max_len", "--fasta": "--input", "--ckpt": "--ckpt_path",
+           "--tokens_per_batch": "--max_tokens", "--num": "--num_sequences", "--proteins": "--num_sequences",
+           "--features": "--nb_features"}
+
+
+def refuse_renamed(argv: Sequence[str], flags: set[str], prog: str, renamed: dict[str, str] | None = None) -> None:
+    """Stop with `PROG: error: --old was renamed --new` (exit status 2) when `argv` uses a renamed flag of a
+    command whose flags are `flags`: an old name in RENAMED (or `renamed`, the command's own), or a dashed
+    spelling (--max-len for --max_len)."""
+    for arg in argv:
+        old = arg.split("=", 1)[0]
+        if not old.startswith("--") or old in flags:
+            continue
+        new = {**RENAMED, **(renamed or {})}.get(old, "--" + old[2:].replace("-", "_"))
+        if new in flags:
+            print(f"{prog}: error: {old} was renamed {new}", file=sys.stderr)
+            sys.exit(2)
+
+
+def option_strings(parser) -> set[str]:
+    """Every flag an (argparse or jsonargparse) parser accepts."""
+    return {flag for action in parser._actions for flag in action.option_strings}
+
+
 def run(fn: Callable, argv: Sequence[str], prog: str) -> None:
     """Parse `argv` for `fn`, call it; UserError -> `PROG: error: ...` on stderr and exit status 2."""
     log_to_stderr(prog)
     parser = build_parser(fn, prog)
+    refuse_renamed(argv, option_strings(parser), prog)
     args = parser.parse_args(list(argv))
     kwargs = {k: v for k, v in vars(args).items() if k in inspect.signature(fn).parameters}
     for name, value in kwargs.items():  # nargs=N options arrive as lists

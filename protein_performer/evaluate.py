@@ -77,6 +77,18 @@ def combine(reports: list[dict], names: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def report_rows(reports: list[dict], names: list[str]) -> list[dict]:
+    """One flat row per model and split (what `protein-performer report --json` prints for scripts to read)."""
+    rows = []
+    for name, report in zip(names, reports):
+        meta = report["meta"]
+        for split, r in report["results"].items():
+            rows.append({"report": name, "objective": meta["objective"], "task": meta.get("task", "single, L = 1024"),
+                         "attention": meta["attention"], "split": split, **r,
+                         "beats_baseline": r["ppl"] < r["baseline_ppl"]})
+    return rows
+
+
 def read_report(path: str | Path) -> dict:
     """A report.json written by `protein-performer test` (reports of 0.1 name exact attention "softmax")."""
     path = Path(path)

@@ -32,11 +32,11 @@ def _device(model: ProteinLM) -> torch.device:
     return model.tok_emb.weight.device
 
 
-def _batched(seqs: list[np.ndarray], tokens_per_batch: int, desc: str, progress: bool | None, device):
+def _batched(seqs: list[np.ndarray], max_tokens: int, desc: str, progress: bool | None, device):
     """(indices, tokens, mask) of each token-budget batch on `device`, with a progress bar over sequences."""
     lengths = np.array([len(s) for s in seqs])
     bar = progress_bar(desc=desc, progress=progress, total=len(seqs))
-    for idx in token_budget_batches(lengths, tokens_per_batch):
+    for idx in token_budget_batches(lengths, max_tokens):
         tokens = torch.from_numpy(pad_right([seqs[i] for i in idx])).to(device)
         yield idx, tokens, tokens != vocab.PAD  # mask: True = real token
         bar.update(len(idx))
@@ -59,7 +59,7 @@ POOLS = ("mean", "bos", "per-residue")
 
 @torch.no_grad()
 def embed(model: ProteinLM, proteins: list[Protein], layers: Sequence[int], pool: Pool = "mean",
-          tokens_per_batch: int = 8192, progress: bool | None = None) -> dict[int, list[np.ndarray]]:
+          max_tokens: int = 8192, progress: bool | None = None) -> dict[int, list[np.ndarray]]:
     """Representations of each layer (0 = embeddings, n_layers = after the final LayerNorm) per protein.
 
     pool "mean": the mean over residues (D,); "bos": the BOS position (D,); "per-residue": (n_residues, D).
@@ -71,7 +71,7 @@ def embed(model: ProteinLM, proteins: list[Protein], layers: Sequence[int], pool
         raise UserError(f"layers {bad} do not exist: the model has layers 0..{model.cfg.n_layers}")
     seqs = _inputs(model, proteins)
     out: dict[int, list] = {layer: [None] * len(seqs) for layer in layers}
-    for idx, tokens, mask in _batched(seqs, tokens_per_batch, "embed", progress, _device(model)):
+    for idx, tokens, mask in _batched(seqs, max_tokens, "embed", progress, _device(model)):
         reps = model(tokens, mask, repr_layers=tuple(layers))["representations"]
         for layer in layers:
             r = reps[layer].float().cpu().numpy()
@@ -85,12 +85,12 @@ def embed(model: ProteinLM, proteins: list[Protein], layers: Sequence[int], pool
 # ---- scores -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def score_causal(model: ProteinLM, proteins: list[Protein], tokens_per_batch: int = 8192,
+def score_causal(model: ProteinLM, proteins: list[Protein], max_tokens: int = 8192,
                  progress: bool | None = None) -> list[np.ndarray]:
     """log p(x_i | BOS, x_<i) of every residue, exactly (one forward pass per batch)."""
     seqs = _inputs(model, proteins)
     out: list = [None] * len(seqs)
-    for idx, tokens, mask in _batched(seqs, tokens_per_batch, "score", progress, _device(model)):
+    for idx, tokens, mask in _batched(seqs, max_tokens, "score", progress, _device(model)):
         logp = torch.log_softmax(model(tokens, mask)["logits"].float(), -1)[:, :-1]  # predicts tokens[:, 1:]
         per_token = logp.gather(-1, tokens[:, 1:, None])[..., 0].cpu().numpy()
         for row, i in enumerate(idx):
@@ -99,7 +99,7 @@ def score_causal(model: ProteinLM, proteins: list[Protein], tokens_per_batch: in
 
 
 @torch.no_grad()
-def score_masked(model: ProteinLM, proteins: list[Protein], tokens_per_batch: int = 8192,
+def score_masked(model: ProteinLM, proteins: list[Protein], max_tokens: int = 8192,
                  progress: bool | None = None) -> list[np.ndarray]:
     """Pseudo-log-likelihood terms log p(x_i | x without i), i masked: one masked copy per residue, batched."""
     seqs = _inputs(model, proteins)
@@ -108,7 +108,7 @@ def score_masked(model: ProteinLM, proteins: list[Protein], tokens_per_batch: in
     for s in seqs:
         n = len(s) - 1
         positions = np.arange(1, len(s))
-        rows_per_batch = max(1, tokens_per_batch // len(s))
+        rows_per_batch = max(1, max_tokens // len(s))
         terms = np.empty(n, dtype=np.float32)
         for start in range(0, n, rows_per_batch):
             pos = positions[start : start + rows_per_batch]
@@ -149,30 +149,34 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 
 
 @torch.no_grad()
-def generate(model: ProteinLM, prompt: str = "", num: int = 1, max_length: int = 256, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> list[str]:
-    """Sample `num` sequences from a causal model, each starting with `prompt`, up to max_length residues
-    (prompt included) or EOS. FAVOR models decode with a constant-size state, exact ones with a KV cache."""
+def generate(model: ProteinLM, prompt: str = "", num_sequences: int = 1, max_len: int | None = None,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int = 0) -> list[str]:
+    """Sample `num_sequences` sequences from a causal model, each starting with `prompt`, until EOS or max_len
+    tokens ([BOS] + residues, prompt included, as the model's max_len counts them; default: the model's).
+    FAVOR models decode with a constant-size state, exact ones with a KV cache."""
+    max_len = model.cfg.max_len if max_len is None else max_len
     if not model.cfg.causal:
         raise UserError("generate needs a causal model; this checkpoint is a masked (bidirectional) language model")
-    if num < 1 or max_length < 1 or temperature < 0 or (top_k is not None and top_k < 1) or (
+    if num_sequences < 1 or max_len < 2 or temperature < 0 or (top_k is not None and top_k < 1) or (
             top_p is not None and not 0 < top_p <= 1):
-        raise UserError(f"need num >= 1, max_length >= 1, temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got "
-                        f"num={num}, max_length={max_length}, temperature={temperature}, top_k={top_k}, top_p={top_p}")
-    if max_length + 1 > model.cfg.max_len:
-        raise UserError(f"max_length {max_length} exceeds the model's max_len {model.cfg.max_len} minus BOS")
+        raise UserError(f"need num_sequences >= 1, max_len >= 2, temperature >= 0, top_k >= 1 and 0 < top_p <= 1; "
+                        f"got num_sequences={num_sequences}, max_len={max_len}, temperature={temperature}, "
+                        f"top_k={top_k}, top_p={top_p}")
+    if max_len > model.cfg.max_len:
+        raise UserError(f"max_len {max_len} exceeds the model's max_len {model.cfg.max_len}")
     try:
         prompt_ids = vocab.encode(prompt, unknown="error")
     except vocab.UnknownLetterError as e:
         raise UserError(f"prompt: {e}") from None
-    if len(prompt_ids) >= max_length:
-        raise UserError(f"the prompt has {len(prompt_ids)} residues, not fewer than max_length {max_length}")
+    if len(prompt_ids) + 1 >= max_len:
+        raise UserError(f"the prompt has {len(prompt_ids)} residues: with BOS, no room left below max_len {max_len}")
     generator = torch.Generator().manual_seed(seed)
-    tokens = torch.from_numpy(np.concatenate([[vocab.BOS], prompt_ids]).astype(np.int64)).repeat(num, 1)
+    tokens = torch.from_numpy(np.concatenate([[vocab.BOS], prompt_ids]).astype(np.int64)).repeat(num_sequences, 1)
     logits, cache = model.decode(tokens.to(_device(model)))
-    out = [list(prompt_ids) for _ in range(num)]
-    done = torch.zeros(num, dtype=torch.bool)
-    for _ in range(max_length - len(prompt_ids)):
+    out = [list(prompt_ids) for _ in range(num_sequences)]
+    done = torch.zeros(num_sequences, dtype=torch.bool)
+    for _ in range(max_len - 1 - len(prompt_ids)):
         nxt = sample_next(logits[:, -1].cpu(), temperature, top_k, top_p, generator)  # the generator is on the CPU
         for row in (~done).nonzero()[:, 0].tolist():
             if nxt[row] == vocab.EOS:

@@ -43,9 +43,9 @@ done
 HELD_OUT=$(ls "$DATA"/UP000002717-*.fasta.gz)
 echo "== agreement with BLOSUM62 along training, on 300 proteins of $HELD_OUT"
 protein-performer agreement "${kinds[@]/#/$OUT/}" --input "$HELD_OUT" \
-  --out "$OUT/agreement" --num_sequences 300 --max_length 128 --offset 50 --overwrite
+  --out "$OUT/agreement" --num_sequences 300 --max_len 128 --offset 50 --overwrite
 for kind in "${kinds[@]}"; do
   echo "== analysis of the final $kind model"
-  protein-performer analyze --ckpt "$OUT/$kind/checkpoints/last.ckpt" --input "$HELD_OUT" --out "$OUT/analysis-$kind" \
-    --num_sequences 500 --max_length 128 --offset 50 --overwrite
+  protein-performer analyze --ckpt_path "$OUT/$kind/checkpoints/last.ckpt" --input "$HELD_OUT" --out "$OUT/analysis-$kind" \
+    --num_sequences 500 --max_len 128 --offset 50 --overwrite
 done

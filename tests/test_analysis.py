@@ -188,11 +188,11 @@ def test_offset_analyses_the_windows_after_it_and_counts_short_proteins(ckpt):
     loaded = load_model(ckpt)
     rng = np.random.default_rng(0)
     proteins = [Protein(f"p{i}", rng.integers(0, 20, n).astype(np.uint8)) for i, n in enumerate([40, 25, 9, 60])]
-    shifted = analyze_attention(loaded, proteins, max_length=32, offset=10, threshold=0.05, min_kept=1,
+    shifted = analyze_attention(loaded, proteins, max_len=32, offset=10, threshold=0.05, min_kept=1,
                                 permutations=100)
     # the same proteins cut by hand (the 9-residue one has nothing after residue 10): identical statistics
     cut = [Protein(p.name, p.tokens[10:]) for p in proteins if len(p.tokens) > 10]
-    by_hand = analyze_attention(loaded, cut, max_length=32, threshold=0.05, min_kept=1, permutations=100)
+    by_hand = analyze_attention(loaded, cut, max_len=32, threshold=0.05, min_kept=1, permutations=100)
     assert (shifted.num_sequences, shifted.short_sequences, shifted.offset) == (3, 1, 10)
     assert shifted.num_residues == by_hand.num_residues == 30 + 15 + 31
     for name in ("threshold", "weighted"):
@@ -252,12 +252,12 @@ def check_outputs(out: Path) -> dict:
 
 def test_cli_end_to_end_prepared_dir(tiny_run, ckpt, tmp_path, cli, capsys):
     out = tmp_path / "out"
-    code, err = cli(["analyze", "--ckpt", ckpt, "--input", tiny_run["prepared"], "--out", out, "--num_sequences", "6",
-                     "--max_length", "64", "--threshold", "0.05", "--min_kept", "1", "--permutations", "500",
-                     "--offset", "2"])
+    code, err = cli(["analyze", "--ckpt_path", ckpt, "--input", tiny_run["prepared"], "--out", out,
+                     "--num_sequences", "6", "--max_len", "64", "--threshold", "0.05", "--min_kept", "1",
+                     "--permutations", "500", "--offset", "2"])
     assert code == 0, err
     summary = check_outputs(out)
-    assert summary["split"] == "test" and summary["num_sequences"] == 6 and summary["max_length"] == 64
+    assert summary["split"] == "test" and summary["num_sequences"] == 6 and summary["max_len"] == 64
     assert summary["offset"] == 2 and summary["short_sequences"] == 0
     assert summary["featured"]["name"] == "test/0" and summary["featured"]["length"] <= 63
     assert summary["weighted_similarity"]["pairs"] > 0 and summary["weighted_similarity"]["heads_used"] == 8
@@ -268,8 +268,8 @@ def test_cli_end_to_end_prepared_dir(tiny_run, ckpt, tmp_path, cli, capsys):
 def test_cli_end_to_end_fasta_with_accession(tiny_run, ckpt, tmp_path, cli):
     accession = read_proteins(tiny_run["fasta"])[0][5].name
     out = tmp_path / "out"
-    code, err = cli(["analyze", "--ckpt", ckpt, "--input", tiny_run["fasta"], "--out", out, "--num_sequences", "3",
-                     "--max_length", "48", "--accession", accession, "--head", "1", "2", "--permutations", "200"])
+    code, err = cli(["analyze", "--ckpt_path", ckpt, "--input", tiny_run["fasta"], "--out", out, "--num_sequences", "3",
+                     "--max_len", "48", "--accession", accession, "--head", "1", "2", "--permutations", "200"])
     assert code == 0, err
     summary = check_outputs(out)
     assert summary["featured"]["name"] == accession and summary["featured"]["head"] == {"layer": 1, "head": 2}
@@ -280,8 +280,8 @@ def test_cli_subcommand_through_a_pipe(tiny_run, ckpt, tmp_path):
     """The installed console script, reading its FASTA from a pipe (as `<(zcat ...)` hands it)."""
     out = tmp_path / "out"
     result = subprocess.run(
-        f"protein-performer analyze --ckpt {ckpt} --input <(cat {tiny_run['fasta']}) --out {out} "
-        "--num_sequences 2 --max_length 32 --permutations 100",
+        f"protein-performer analyze --ckpt_path {ckpt} --input <(cat {tiny_run['fasta']}) --out {out} "
+        "--num_sequences 2 --max_len 32 --permutations 100",
         shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -299,27 +299,27 @@ def test_cli_errors_name_the_path(tiny_run, ckpt, tmp_path, cli):
 
     fasta, prepared = tiny_run["fasta"], tiny_run["prepared"]
     missing = tmp_path / "missing.ckpt"
-    assert str(missing) in failure("--ckpt", missing, "--input", fasta)
+    assert str(missing) in failure("--ckpt_path", missing, "--input", fasta)
     not_ckpt = tmp_path / "x.ckpt"
     not_ckpt.write_bytes(b"\x00garbage")
-    assert str(not_ckpt) in failure("--ckpt", not_ckpt, "--input", fasta)
+    assert str(not_ckpt) in failure("--ckpt_path", not_ckpt, "--input", fasta)
     missing_input = tmp_path / "missing.fasta"
-    assert str(missing_input) in failure("--ckpt", ckpt, "--input", missing_input)
-    assert "is a directory" in failure("--ckpt", ckpt, "--input", tmp_path)
+    assert str(missing_input) in failure("--ckpt_path", ckpt, "--input", missing_input)
+    assert "is a directory" in failure("--ckpt_path", ckpt, "--input", tmp_path)
     junk = tmp_path / "junk.fasta"
     junk.write_text(">a\nMKJ1*\n>b\n\n>c\n12 34\n")
-    message = failure("--ckpt", ckpt, "--input", junk)
+    message = failure("--ckpt_path", ckpt, "--input", junk)
     assert str(junk) in message and "no usable protein sequence" in message
-    message = failure("--ckpt", ckpt, "--input", prepared, "--split", "nosuch")
+    message = failure("--ckpt_path", ckpt, "--input", prepared, "--split", "nosuch")
     assert "nosuch" in message and str(prepared) in message
-    assert "NOPE_HUMAN" in failure("--ckpt", ckpt, "--input", fasta, "--accession", "NOPE_HUMAN")
-    assert "head" in failure("--ckpt", ckpt, "--input", fasta, "--head", "5", "0")
+    assert "NOPE_HUMAN" in failure("--ckpt_path", ckpt, "--input", fasta, "--accession", "NOPE_HUMAN")
+    assert "head" in failure("--ckpt_path", ckpt, "--input", fasta, "--head", "5", "0")
 
 
 def test_cli_refuses_to_overwrite(tiny_run, ckpt, tmp_path, cli):
     def analyze(out, *extra):
-        return cli(["analyze", "--ckpt", ckpt, "--input", tiny_run["fasta"], "--out", out, "--num_sequences", "2",
-                    "--max_length", "32", "--permutations", "10", *extra])
+        return cli(["analyze", "--ckpt_path", ckpt, "--input", tiny_run["fasta"], "--out", out, "--num_sequences", "2",
+                    "--max_len", "32", "--permutations", "10", *extra])
 
     users = tmp_path / "mine"
     users.mkdir()
@@ -349,7 +349,7 @@ def test_embedding_similarity_is_the_row_correlation():
 def test_agreement_over_training_cli(tiny_run, tmp_path, cli):
     out = tmp_path / "agreement"
     args = ["agreement", tiny_run["run"], "--input", tiny_run["fasta"], "--out", out, "--num_sequences", "3",
-            "--max_length", "32", "--permutations", "50"]
+            "--max_len", "32", "--permutations", "50"]
     code, err = cli(args)
     assert code == 0, err
     import pandas as pd

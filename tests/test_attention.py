@@ -528,7 +528,7 @@ def test_feature_error_script_smoke(tmp_path, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("feature_error", bench / "feature_error.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    script.main(["--length", "64", "--draws", "2", "--features", "16", "32", "--norms", "1", "--out", str(tmp_path)])
+    script.main(["--length", "64", "--draws", "2", "--nb_features", "16", "32", "--norms", "1", "--out", str(tmp_path)])
     with open(tmp_path / "feature_error.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and all(float(r["mse_mean"]) > 0 for r in rows)  # 4 estimators x 2 values of m

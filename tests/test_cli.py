@@ -156,6 +156,11 @@ def test_report_joins_runs_into_table_2(tmp_path, cli, capsys):
     assert "| causal | concatenated, L = 8192 | test | 31.58 / 9.17 | 9.92 / 17.80 |" in capsys.readouterr().out
     code, err = cli(["report", paths[0], paths[0]])
     assert code == 2 and "one cell, two numbers" in err and str(paths[0]) in err
+    assert cli(["report", *paths, "--json"])[0] == 0  # what scripts read (scripts/demo.sh)
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["task"], r["split"], r["ppl"], r["beats_baseline"]) for r in rows] == [
+        ("single, L = 1024", "test", 9.17, True), ("single, L = 1024", "ood", 9.17, True),
+        ("concatenated, L = 8192", "test", 9.17, True)]
 
 
 def test_report_errors_name_the_file(tmp_path, cli):

@@ -52,8 +52,8 @@ def fasta(tmp_path):
 def test_embeddings_do_not_depend_on_batching(ckpts, attention, pool):
     model = load_model(ckpts[("masked", attention)]).model
     prots = proteins()
-    one_by_one = embed(model, prots, [0, 2], pool, tokens_per_batch=1)  # every sequence alone
-    together = embed(model, prots, [0, 2], pool, tokens_per_batch=10_000)  # all in one padded batch
+    one_by_one = embed(model, prots, [0, 2], pool, max_tokens=1)  # every sequence alone
+    together = embed(model, prots, [0, 2], pool, max_tokens=10_000)  # all in one padded batch
     for layer in (0, 2):
         for a, b in zip(one_by_one[layer], together[layer]):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # float32 sums over padded lengths
@@ -70,7 +70,7 @@ def test_embeddings_do_not_depend_on_batching(ckpts, attention, pool):
 def test_pseudo_likelihood_equals_one_by_one_loop(ckpts, attention):
     model = load_model(ckpts[("masked", attention)]).model
     prot = proteins(1, seed=3)[0]
-    fast = score(model, [prot], tokens_per_batch=64)[0]  # several masked copies per batch
+    fast = score(model, [prot], max_tokens=64)[0]  # several masked copies per batch
     seq = torch.tensor(np.concatenate([[vocab.BOS], prot.tokens]), dtype=torch.long)
     slow = []
     with torch.no_grad():
@@ -86,7 +86,7 @@ def test_pseudo_likelihood_equals_one_by_one_loop(ckpts, attention):
 def test_causal_score_is_the_sum_of_next_token_log_probs(ckpts):
     model = load_model(ckpts[("causal", "favor-softmax")]).model
     prots = proteins(3)
-    terms = score(model, prots, tokens_per_batch=32)
+    terms = score(model, prots, max_tokens=32)
     for prot, t in zip(prots, terms):
         seq = torch.tensor(np.concatenate([[vocab.BOS], prot.tokens]), dtype=torch.long)
         logp = torch.log_softmax(model(seq[None])["logits"][0, :-1], -1)
@@ -98,10 +98,10 @@ def test_causal_score_is_the_sum_of_next_token_log_probs(ckpts):
 @torch.no_grad()
 def test_greedy_generation_matches_full_forward_argmax(ckpts, attention):
     model = load_model(ckpts[("causal", attention)]).model
-    out = generate(model, prompt="MKV", num=1, max_length=30, temperature=0)[0]
+    out = generate(model, prompt="MKV", num_sequences=1, max_len=30, temperature=0)[0]
     # the same greedy choice recomputed with a full forward pass over each prefix
     seq = [vocab.BOS, *vocab.encode("MKV").tolist()]
-    while len(seq) - 1 < 30:
+    while len(seq) < 30:  # max_len counts BOS
         logits = model(torch.tensor([seq]))["logits"][0, -1]
         logits[[vocab.BOS, vocab.PAD, vocab.MASK]] = -math.inf
         nxt = int(logits.argmax())
@@ -113,20 +113,20 @@ def test_greedy_generation_matches_full_forward_argmax(ckpts, attention):
 
 def test_generation_is_reproducible_with_a_seed(ckpts):
     model = load_model(ckpts[("causal", "favor-relu")]).model
-    a = generate(model, num=3, max_length=40, top_k=10, top_p=0.9, seed=5)
-    b = generate(model, num=3, max_length=40, top_k=10, top_p=0.9, seed=5)
-    c = generate(model, num=3, max_length=40, top_k=10, top_p=0.9, seed=6)
+    a = generate(model, num_sequences=3, max_len=40, top_k=10, top_p=0.9, seed=5)
+    b = generate(model, num_sequences=3, max_len=40, top_k=10, top_p=0.9, seed=5)
+    c = generate(model, num_sequences=3, max_len=40, top_k=10, top_p=0.9, seed=6)
     assert a == b and a != c
-    assert all(set(s) <= set(vocab.LETTERS) and len(s) <= 40 for s in a)
+    assert all(set(s) <= set(vocab.LETTERS) and len(s) <= 39 for s in a)  # 40 tokens with BOS
 
 
 def test_cli_end_to_end(ckpts, fasta, tmp_path, cli, capsys):
-    code, err = cli(["embed", "--ckpt", ckpts[("masked", "favor-relu")], "--fasta", fasta, "--out", tmp_path / "e",
-                     "--layers", "1", "2", "--tokens_per_batch", "100"])
+    code, err = cli(["embed", "--ckpt_path", ckpts[("masked", "favor-relu")], "--input", fasta, "--out", tmp_path / "e",
+                     "--layers", "1", "2", "--max_tokens", "100"])
     assert code == 0, err
     assert np.load(tmp_path / "e" / "layer2_mean.npy").shape == (7, 64)
     assert (tmp_path / "e" / "index.tsv").read_text().splitlines()[1].startswith("0\tp0\t")
-    code, err = cli(["score", "--ckpt", ckpts[("causal", "exact")], "--fasta", fasta, "--out", tmp_path / "s.tsv",
+    code, err = cli(["score", "--ckpt_path", ckpts[("causal", "exact")], "--input", fasta, "--out", tmp_path / "s.tsv",
                      "--per_position", tmp_path / "pos.tsv"])
     assert code == 0, err
     rows = (tmp_path / "s.tsv").read_text().splitlines()
@@ -137,8 +137,8 @@ def test_cli_end_to_end(ckpts, fasta, tmp_path, cli, capsys):
     assert math.isclose(ppl, math.exp(-ll / n), rel_tol=1e-3)  # both printed to 4 decimals
     positions = (tmp_path / "pos.tsv").read_text().splitlines()
     assert positions[1].split("\t")[:3] == ["p0", "1", proteins()[0].sequence[0]]  # counted from 1
-    code, err = cli(["generate", "--ckpt", ckpts[("causal", "favor-softmax")], "--num", "2", "--max_length", "20",
-                     "--seed", "1", "--out", tmp_path / "g.fasta"])
+    code, err = cli(["generate", "--ckpt_path", ckpts[("causal", "favor-softmax")], "--num_sequences", "2",
+                     "--max_len", "20", "--seed", "1", "--out", tmp_path / "g.fasta"])
     assert code == 0, err
     assert (tmp_path / "g.fasta").read_text().count(">generated_") == 2
 
@@ -146,35 +146,34 @@ def test_cli_end_to_end(ckpts, fasta, tmp_path, cli, capsys):
 def test_outputs_are_never_overwritten_by_surprise(ckpts, fasta, tmp_path, cli):
     ckpt = ckpts[("masked", "favor-relu")]
     out = tmp_path / "e"
-    assert cli(["embed", "--ckpt", ckpt, "--fasta", fasta, "--out", out, "--pool", "per-residue"])[0] == 0
-    code, err = cli(["embed", "--ckpt", ckpt, "--fasta", fasta, "--out", out])
+    assert cli(["embed", "--ckpt_path", ckpt, "--input", fasta, "--out", out, "--pool", "per-residue"])[0] == 0
+    code, err = cli(["embed", "--ckpt_path", ckpt, "--input", fasta, "--out", out])
     assert code == 2 and "not empty" in err and "--overwrite" in err
-    code, err = cli(["embed", "--ckpt", ckpt, "--fasta", fasta, "--out", out, "--overwrite"])
+    code, err = cli(["embed", "--ckpt_path", ckpt, "--input", fasta, "--out", out, "--overwrite"])
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["index.tsv", "layer2_mean.npy"]  # no stale per-residue file
     users = tmp_path / "users"
     users.mkdir()
     (users / "notes.txt").write_text("mine")
-    code, err = cli(["embed", "--ckpt", ckpt, "--fasta", fasta, "--out", users, "--overwrite"])
+    code, err = cli(["embed", "--ckpt_path", ckpt, "--input", fasta, "--out", users, "--overwrite"])
     assert code == 2 and "not written by this command" in err and (users / "notes.txt").read_text() == "mine"
-    code, err = cli(["embed", "--ckpt", ckpt, "--fasta", fasta, "--out", users / "notes.txt"])
+    code, err = cli(["embed", "--ckpt_path", ckpt, "--input", fasta, "--out", users / "notes.txt"])
     assert code == 2 and "not a directory" in err
     tsv = tmp_path / "s.tsv"
     tsv.write_text("earlier results")
-    code, err = cli(["score", "--ckpt", ckpt, "--fasta", fasta, "--out", tsv])
+    code, err = cli(["score", "--ckpt_path", ckpt, "--input", fasta, "--out", tsv])
     assert code == 2 and "exists" in err and tsv.read_text() == "earlier results"
-    code, err = cli(["score", "--ckpt", ckpt, "--fasta", fasta, "--out", tmp_path])
+    code, err = cli(["score", "--ckpt_path", ckpt, "--input", fasta, "--out", tmp_path])
     assert code == 2 and "is a directory" in err
-    assert cli(["score", "--ckpt", ckpt, "--fasta", fasta, "--out", tsv, "--overwrite"])[0] == 0
+    assert cli(["score", "--ckpt_path", ckpt, "--input", fasta, "--out", tsv, "--overwrite"])[0] == 0
     assert tsv.read_text().startswith("id\t")
 
 
 def test_rejected_records_are_reported(ckpts, tmp_path, cli):
     bad = tmp_path / "bad.fasta"
     bad.write_text(">ok\nMKV\n>tr|Q1|BAD_1\nMKJV\n>tr|Q2|BAD_2\nMK*\n")
-    code, err = cli(["score", "--ckpt", ckpts[("causal", "exact")], "--fasta", bad, "--out", tmp_path / "s.tsv",
-                     "--unknown", "reject"])
-    assert code == 0, err
+    code, err = cli(["score", "--ckpt_path", ckpts[("causal", "exact")], "--input", bad, "--out", tmp_path / "s.tsv"])
+    assert code == 0, err  # --unknown reject, the default of every command
     assert "record 2 (Q1)" in err and "record 3 (Q2)" in err and "skipped" in err
     assert len((tmp_path / "s.tsv").read_text().splitlines()) == 2
 
@@ -187,18 +186,19 @@ def test_errors_are_clear(ckpts, fasta, tmp_path, cli):
 
     bad = tmp_path / "bad.fasta"
     bad.write_text(">ok\nMKV\n>tr|Q1|BAD_1\nMKJV\n")
-    msg = fails("score", "--ckpt", ckpts[("causal", "exact")], "--fasta", bad, "--out", tmp_path / "s.tsv")
+    msg = fails("score", "--ckpt_path", ckpts[("causal", "exact")], "--input", bad, "--out", tmp_path / "s.tsv",
+                "--unknown", "error")
     assert "record 2 (Q1)" in msg and "'J' at position 3" in msg  # positions count from 1, as in prep
     empty = tmp_path / "empty.fasta"
     empty.write_text("")
-    assert "no usable protein sequence" in fails("embed", "--ckpt", ckpts[("masked", "exact")], "--fasta", empty,
+    assert "no usable protein sequence" in fails("embed", "--ckpt_path", ckpts[("masked", "exact")], "--input", empty,
                                                  "--out", tmp_path / "e")
     causal = ckpts[("causal", "favor-relu")]
-    assert "needs a causal model" in fails("generate", "--ckpt", ckpts[("masked", "favor-relu")])
-    assert "no such checkpoint" in fails("generate", "--ckpt", tmp_path / "nope.ckpt")
-    for flag, value in (("--temperature", "-1"), ("--top_k", "-3"), ("--num", "0"), ("--top_p", "1.5"),
-                        ("--top_p", "0"), ("--max_length", "0")):
-        assert flag.lstrip("-") in fails("generate", "--ckpt", causal, flag, value), (flag, value)
+    assert "needs a causal model" in fails("generate", "--ckpt_path", ckpts[("masked", "favor-relu")])
+    assert "no such checkpoint" in fails("generate", "--ckpt_path", tmp_path / "nope.ckpt")
+    for flag, value in (("--temperature", "-1"), ("--top_k", "-3"), ("--num_sequences", "0"), ("--top_p", "1.5"),
+                        ("--top_p", "0"), ("--max_len", "0")):
+        assert flag.lstrip("-") in fails("generate", "--ckpt_path", causal, flag, value), (flag, value)
     with pytest.raises(UserError, match="temperature"):  # the library function checks too
         generate(load_model(causal).model, temperature=-1)
 
@@ -208,9 +208,9 @@ def test_diverged_checkpoint_is_refused(ckpts, fasta, tmp_path, cli):
     ckpt["state_dict"]["model.blocks.1.mlp.fc.weight"][0, 0] = float("nan")
     diverged = tmp_path / "diverged.ckpt"
     torch.save(ckpt, diverged)
-    for command in (["generate"], ["score", "--fasta", fasta, "--out", tmp_path / "s.tsv"],
-                    ["embed", "--fasta", fasta, "--out", tmp_path / "e"]):
-        code, err = cli([command[0], "--ckpt", diverged, *command[1:]])
+    for command in (["generate"], ["score", "--input", fasta, "--out", tmp_path / "s.tsv"],
+                    ["embed", "--input", fasta, "--out", tmp_path / "e"]):
+        code, err = cli([command[0], "--ckpt_path", diverged, *command[1:]])
         assert code == 2 and "not finite" in err and "blocks.1.mlp.fc.weight" in err and str(diverged) in err
     assert not (tmp_path / "s.tsv").exists() and not (tmp_path / "e").exists()
 
@@ -237,19 +237,19 @@ def test_checkpoint_from_a_newer_release_is_refused(ckpts, tmp_path, cli):
     ckpt["protein_performer"]["version"] = "9.0.0"
     new = tmp_path / "new.ckpt"
     torch.save(ckpt, new)
-    code, err = cli(["generate", "--ckpt", new])
+    code, err = cli(["generate", "--ckpt_path", new])
     assert code == 2 and "written by protein_performer 9.0.0" in err and str(new) in err
     del ckpt["protein_performer"]
     torch.save(ckpt, new)
-    assert "does not hold a protein_performer model" in cli(["generate", "--ckpt", new])[1]
+    assert "does not hold a protein_performer model" in cli(["generate", "--ckpt_path", new])[1]
     (tmp_path / "empty.ckpt").write_bytes(b"")
-    assert "empty file" in cli(["generate", "--ckpt", tmp_path / "empty.ckpt"])[1]
+    assert "empty file" in cli(["generate", "--ckpt_path", tmp_path / "empty.ckpt"])[1]
 
 
 def test_subcommands_are_dispatched_by_the_cli(ckpts, fasta, tmp_path):
     import subprocess
 
-    res = subprocess.run(["protein-performer", "score", "--ckpt", str(ckpts[("masked", "favor-relu")]), "--fasta",
+    res = subprocess.run(["protein-performer", "score", "--ckpt_path", str(ckpts[("masked", "favor-relu")]), "--input",
                           str(fasta), "--out", str(tmp_path / "s.tsv")], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "pseudo" in (tmp_path / "s.tsv").read_text()

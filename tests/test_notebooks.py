@@ -59,7 +59,7 @@ def test_attention_analysis(run, tmp_path):
     ckpt = next(run["run"].rglob("last.ckpt"))
     out = tmp_path / "analysis"
     nb = execute("03_attention_analysis.ipynb", {"CKPT": str(ckpt), "INPUT": str(run["fasta"]), "OUT_DIR": str(out),
-                                                 "NUM_SEQUENCES": 4, "MAX_LENGTH": 48, "THRESHOLD": 0.05, "MIN_KEPT": 1,
+                                                 "NUM_SEQUENCES": 4, "MAX_LEN": 48, "THRESHOLD": 0.05, "MIN_KEPT": 1,
                                                  "CHECKPOINTS": [str(run["run"])], "PERMUTATIONS": 200}, tmp_path)
     text = outputs_text(nb)
     assert text.count("image/png") >= 4  # grid, enlarged head, similarity vs BLOSUM62, agreement over training

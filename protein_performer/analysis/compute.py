@@ -39,7 +39,7 @@ class AnalysisResult:
     model: dict  # checkpoint, attention, causal, objective, step, sizes
     num_sequences: int
     num_residues: int
-    max_length: int
+    max_len: int
     cropped_sequences: int
     offset: int  # residues skipped at each protein's N-terminus
     short_sequences: int  # proteins left out: no residue after the offset
@@ -63,13 +63,13 @@ def most_focused_head(maps: torch.Tensor) -> tuple[int, int]:
 
 
 def analyze_attention(loaded: LoadedModel, proteins: list[Protein], featured: Protein | None = None, *,
-                      max_length: int = 512, offset: int = 0, threshold: float = 0.3, min_kept: int = 100,
+                      max_len: int = 512, offset: int = 0, threshold: float = 0.3, min_kept: int = 100,
                       head: tuple[int, int] | None = None, permutations: int = 10_000, seed: int = 0,
                       per_layer: bool = True, progress: bool | None = None) -> AnalysisResult:
     """Analyse the attention of `loaded`'s model on `proteins` (and draw `featured`, if given); per_layer=False
     leaves out the agreement of each layer and the shares of each head (by_layer and head_shares stay empty).
 
-    Each protein's window is [BOS] + its residues from `offset` + 1 on, cropped to `max_length` tokens (also
+    Each protein's window is [BOS] + its residues from `offset` + 1 on, cropped to `max_len` tokens (also
     capped by the model's max_len); proteins are processed one at a time: memory is one protein's
     (n_layers, H, L, L) maps. An offset keeps residue 1, nearly always the initiator methionine, out of the
     windows: heads of untrained and of causal models attend to it in every protein, which swamps the similarity.
@@ -78,9 +78,9 @@ def analyze_attention(loaded: LoadedModel, proteins: list[Protein], featured: Pr
     start = time.perf_counter()
     model, cfg = loaded.model, loaded.config
     device = model.head.weight.device
-    length = min(max_length, cfg.max_len)
+    length = min(max_len, cfg.max_len)
     if length < 2:
-        raise UserError(f"max_length {max_length}: need at least 2 tokens ([BOS] + one residue)")
+        raise UserError(f"max_len {max_len}: need at least 2 tokens ([BOS] + one residue)")
     if offset < 0:
         raise UserError(f"offset {offset}: must be >= 0")
     windows = [p.tokens[offset:] for p in proteins if len(p.tokens) > offset]
@@ -138,7 +138,7 @@ def analyze_attention(loaded: LoadedModel, proteins: list[Protein], featured: Pr
                   "parameters": model.num_parameters()}
     elapsed = time.perf_counter() - start
     return AnalysisResult(
-        model=model_info, num_sequences=len(windows), num_residues=residues, max_length=length,
+        model=model_info, num_sequences=len(windows), num_residues=residues, max_len=length,
         cropped_sequences=cropped, offset=offset, short_sequences=len(proteins) - len(windows), threshold=threshold,
         min_kept=min_kept, seed=seed, similarity=similarity,
         agreement=results, by_layer=pd.DataFrame(by_layer), head_shares=pd.DataFrame(head_rows),

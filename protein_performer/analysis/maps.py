@@ -15,9 +15,9 @@ from ..data import model_tokens
 from ..model import ProteinLM
 
 
-def model_input(tokens: np.ndarray, max_length: int) -> torch.Tensor:
-    """(1, L) model input: [BOS] + residues, cropped to L <= max_length tokens (the training format)."""
-    return torch.from_numpy(model_tokens(tokens, max_length))[None]
+def model_input(tokens: np.ndarray, max_len: int) -> torch.Tensor:
+    """(1, L) model input: [BOS] + residues, cropped to L <= max_len tokens (the training format)."""
+    return torch.from_numpy(model_tokens(tokens, max_len))[None]
 
 
 @torch.no_grad()

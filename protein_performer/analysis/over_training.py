@@ -35,7 +35,7 @@ def agreement_over_training(ckpts: list[str], proteins: list[Protein], *, device
                             progress: bool | None = None, **analysis) -> pd.DataFrame:
     """One row per checkpoint: run, attention kind, step, and per similarity (attention variants, controls)
     its Pearson r with BLOSUM62, p-value and heads used, plus the mean attention entropy. `analysis` goes to
-    analyze_attention (max_length, offset, threshold, min_kept, permutations, seed)."""
+    analyze_attention (max_len, offset, threshold, min_kept, permutations, seed)."""
     rows = []
     for (run, step), path in checkpoint_steps(ckpts).items():
         loaded = load_model(path, device)

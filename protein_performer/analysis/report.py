@@ -58,7 +58,7 @@ def write_analysis(result: AnalysisResult, out: str | Path, **about) -> dict:
         "model": result.model,
         "num_sequences": result.num_sequences,
         "num_residues": result.num_residues,
-        "max_length": result.max_length,
+        "max_len": result.max_len,
         "cropped_sequences": result.cropped_sequences,
         "offset": result.offset,
         "short_sequences": result.short_sequences,
@@ -99,7 +99,7 @@ def headline(summary: dict, out: str | Path) -> str:
                "than that left out") if summary["offset"] else ""
     return "\n".join([
         f"attention analysis of {summary['num_sequences']} proteins ({summary['num_residues']:,} residues, "
-        f"cropped to {summary['max_length']} tokens: {summary['cropped_sequences']}{skipped}) written to {Path(out)}",
+        f"cropped to {summary['max_len']} tokens: {summary['cropped_sequences']}{skipped}) written to {Path(out)}",
         "amino-acid similarity vs BLOSUM62 (one-sided permutation p-values):",
         line(f"attention, threshold {summary['threshold']:g} (Vig et al.)", summary["threshold_similarity"]),
         line("attention, weighted", summary["weighted_similarity"]),
