@@ -14,16 +14,29 @@ import functools
 
 import torch
 
-from .features import BlockFeatures, blocks, grad_y, mm, new_output, normalise_, rows, with_ones, without_autocast
+from .features import (
+    LOG2E,
+    BlockFeatures,
+    add_mm_,
+    blocks,
+    grad_y,
+    mm,
+    new_output,
+    normalise_,
+    rows,
+    with_ones,
+    without_autocast,
+)
 
 
 class CausalFavor(torch.autograd.Function):
     """Returns (out (B, H, L, d_v), the final state kv (B, H, m, d_v + 1), its reference g (B, H)).
 
     kv0, g0: the state of a prefix (kv referenced at g: S = kv exp(g)), or None. Saves q, k, v, the projection,
-    g (B, H, L), the state before every chunk, the output, D and the query rows' maxima. Backward is one reverse
-    pass over the spans: it recomputes their features and carries sum_{i later} exp(g_end - g_i) phi(q_i) dy_i^T
-    for the keys.
+    g (B, H, L), the state before every chunk, the decayed intra-chunk scores (L C values per head, a quarter of the
+    chunk states at C = 64: they spare backward its costliest recomputation), the output, D and the query rows'
+    maxima. Backward is one reverse pass over the spans: it recomputes their features and carries
+    sum_{i later} exp(g_end - g_i) phi(q_i) dy_i^T for the keys.
     """
 
     @staticmethod
@@ -37,7 +50,7 @@ class CausalFavor(torch.autograd.Function):
         shift = q.new_zeros(b, h, length + (-length % chunk))  # query rows' maxima, for backward's recomputation
         out, den = new_output(q, v.shape[-1])
         state, g_in = kv0, g0  # the state entering the span (B, H, m, D), referenced at g_in (B, H)
-        befores = []
+        befores, scores = [], []
         for s, e in blocks(length, span):
             pad = -(e - s) % chunk  # only the last span can be short
             qs, ks = _span_rows(q, s, e, pad), _span_rows(k, s, e, pad)
@@ -56,15 +69,17 @@ class CausalFavor(torch.autograd.Function):
             feats.keys_(pk, half_sq_norm, g_s, real_s)  # phi(k_j) exp(-g_j)
             gc, fqc, pkc, vc = _split(chunk, g_s, fq, pk, vs)  # (B, H, nc, C[, ...])
             refs = _references(gc, g_in)  # (B, H, nc + 1)
-            y = mm(mm(fqc, pkc.transpose(-1, -2), low).mul_(_decay(gc)), vc, low)  # intra-chunk
-            to_end = torch.exp(gc - refs[..., 1:, None])[..., None]  # (B, H, nc, C, 1), <= 1
+            a = mm(fqc, pkc.transpose(-1, -2), low).mul_(_decay(gc))  # (B, H, nc, C, C) intra-chunk scores
+            scores.append(a)
+            y = mm(a, vc, low)
+            to_end = _exp(gc - refs[..., 1:, None])[..., None]  # (B, H, nc, C, 1), <= 1
             local = mm(pkc.transpose(-1, -2), vc * to_end, low)  # (B, H, nc, m, D), referenced at each chunk's end
             before, state = scan_states(local, refs, state, reverse=False, mode=scan)
             befores.append(before)
-            y += torch.exp(refs[..., :-1, None] - gc)[..., None] * mm(fqc, before, low)  # the earlier chunks
+            y.addcmul_(_exp(refs[..., :-1, None] - gc)[..., None], mm(fqc, before, low))  # the earlier chunks
             normalise_(y.view(b, h, n, -1)[:, :, : e - s], out[:, :, s:e], den[:, :, s:e])
             g_in = refs[..., -1]
-        ctx.save_for_backward(q, k, v, w, g, real, g0, out, den, shift, *befores)
+        ctx.save_for_backward(q, k, v, w, g, real, g0, out, den, shift, *befores, *scores)
         ctx.kernel, ctx.chunk, ctx.span, ctx.scan, ctx.low = kernel, chunk, span, scan, low
         ctx.mark_non_differentiable(g_in)
         return out, state, g_in
@@ -72,14 +87,15 @@ class CausalFavor(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, d_out, d_state, _):
-        q, k, v, w, g, real, g0, out, den, shift, *befores = ctx.saved_tensors
+        q, k, v, w, g, real, g0, out, den, shift, *saved = ctx.saved_tensors
         chunk, span, low = ctx.chunk, ctx.span, ctx.low
         feats = BlockFeatures(w, ctx.kernel, q.shape[-1], low)
         b, h, length, _ = q.shape
         f_q, phi_k, d_fq, d_pk = (q.new_empty(b, h, span, feats.m) for _ in range(4))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         after = d_state  # sum over later positions of exp(g_ref - g_i) phi(q_i) dy_i^T (B, H, m, D)
-        for (s, e), before in reversed(list(zip(blocks(length, span), befores))):
+        spans = list(blocks(length, span))
+        for (s, e), before, a in reversed(list(zip(spans, saved[: len(spans)], saved[len(spans):]))):
             pad = -(e - s) % chunk
             qs, ks = _span_rows(q, s, e, pad), _span_rows(k, s, e, pad)
             real_s = _span_real(real, s, e, pad, q.device)
@@ -91,25 +107,48 @@ class CausalFavor(torch.autograd.Function):
             pk = feats.keys_at_(ks, rows(phi_k, n), g_s, real_s)
             gc, fqc, pkc, vc, dyc = _split(chunk, g_s, fq, pk, vs, dys)
             refs = _references(gc, g0 if s == 0 else g[:, :, s - 1])
-            decay = _decay(gc)
-            dy_prev = dyc * torch.exp(refs[..., :-1, None] - gc)[..., None]  # (B, H, nc, C, D), scale <= 1
-            to_end = torch.exp(gc - refs[..., 1:, None])[..., None]  # (B, H, nc, C, 1), <= 1
+            dy_prev = dyc * _exp(refs[..., :-1, None] - gc)[..., None]  # (B, H, nc, C, D), scale <= 1
+            to_end = _exp(gc - refs[..., 1:, None])[..., None]  # (B, H, nc, C, 1), <= 1
             # intra-chunk
-            da = mm(dyc, vc.transpose(-1, -2), low).mul_(decay)  # (B, H, nc, C, C)
+            da = mm(dyc, vc.transpose(-1, -2), low).mul_(_decay(gc))  # (B, H, nc, C, C)
             dfq = mm(da, pkc, low, out=rows(d_fq, n).view(fqc.shape))
             dpk = mm(da.transpose(-1, -2), fqc, low, out=rows(d_pk, n).view(pkc.shape))
-            dvc = mm(mm(fqc, pkc.transpose(-1, -2), low).mul_(decay).transpose(-1, -2), dyc, low)
+            dvc = mm(a.transpose(-1, -2), dyc, low)
             # queries read the state from earlier chunks; keys and values feed every later chunk
-            dfq += mm(dy_prev, before.transpose(-1, -2), low)
+            add_mm_(dfq, dy_prev, before.transpose(-1, -2), low)
             local = mm(fqc.transpose(-1, -2), dy_prev, low)  # (B, H, nc, m, D), referenced at each chunk's start
             afters, after = scan_states(local, refs, after, reverse=True, mode=ctx.scan)
-            dpk += mm(vc * to_end, afters.transpose(-1, -2), low)
+            add_mm_(dpk, vc * to_end, afters.transpose(-1, -2), low)
             dvc += to_end * mm(pkc, afters, low)
             dv[:, :, s:e] = dvc.view(b, h, n, -1)[:, :, : e - s, :-1]
             dq[:, :, s:e] = feats.queries_backward_(rows(d_fq, n), fq)[:, :, : e - s]
             dk[:, :, s:e] = feats.keys_backward_(rows(d_pk, n), pk, ks)[:, :, : e - s]
         d_kv0 = after if ctx.needs_input_grad[6] else None
         return dq, dk, dv, None, None, None, d_kv0, None, None, None, None, None
+
+
+def causal_step(q, k, v, w, kernel, kv0, g0, low):
+    """CausalFavor for one new position without autograd (a sampling step), as the recurrence: its chunk of one row
+    needs none of the chunk machinery, whose fixed cost per call is most of a step's time.
+
+    q, k, v (B, H, 1, d); kv0 (B, H, m, d_v + 1) referenced at g0 (B, H), or None. Returns (out (B, H, 1, d_v),
+    kv, g) as CausalFavor.apply would: y = phi(q) (kv0 exp(g0 - g) + phi(k) exp(-g) [v, 1]^T), g = max(g0, r).
+    """
+    feats = BlockFeatures(w, kernel, q.shape[-1], low)
+    b, h = q.shape[:2]
+    fq = feats.queries_(q, q.new_empty(b, h, 1, feats.m))
+    pk = q.new_empty(b, h, 1, feats.m)
+    r, half_sq_norm = feats.key_logits(k, pk, None)
+    if r is None:  # relu: nothing to stabilise, g stays 0
+        g = q.new_zeros(b, h)
+    else:
+        g = r[..., 0] if g0 is None else torch.maximum(r[..., 0], g0)
+    kv = mm(feats.keys_(pk, half_sq_norm, g[..., None], None).transpose(-1, -2), with_ones(v), low)  # (B, H, m, D)
+    if kv0 is not None:
+        kv += kv0 if r is None else kv0 * _exp(g0 - g)[..., None, None]  # the prefix, moved to g (<= 1)
+    out, den = new_output(q, v.shape[-1])
+    normalise_(mm(fq, kv, low), out, den)
+    return out, kv, g
 
 
 def scan_states(x, refs, first, reverse, mode="loop"):
@@ -137,7 +176,7 @@ def scan_states(x, refs, first, reverse, mode="loop"):
             edge += entry[..., edge_row, :] * first.flatten(-2)[:, :, None]
         return inner.view(b, h, nc, m, d), edge.view(b, h, m, d)
     inner, edge = x.new_empty(b, h, nc, m, d), x.new_empty(b, h, m, d)
-    carry = torch.exp(refs[..., :-1] - refs[..., 1:])[..., None, None]  # (B, H, nc, 1, 1), <= 1
+    carry = _exp(refs[..., :-1] - refs[..., 1:])[..., None, None]  # (B, H, nc, 1, 1), <= 1
     start = inner[:, :, -1] if reverse else inner[:, :, 0]
     if first is None:
         start.zero_()
@@ -185,7 +224,12 @@ def _references(gc, g_in):
 
 def _decay(g):
     """exp(g_j - g_i) for j <= i, else 0 (.., n, n), for non-decreasing g (.., n): every factor <= 1."""
-    return (g[..., None, :] - g[..., :, None]).masked_fill_(_above_diagonal(g.shape[-1], g.device), -torch.inf).exp_()
+    g = g * LOG2E
+    return (g[..., None, :] - g[..., :, None]).masked_fill_(_above_diagonal(g.shape[-1], g.device), -torch.inf).exp2_()
+
+
+def _exp(x):
+    return x.mul_(LOG2E).exp2_()  # exp(x) for a temporary x, by the faster exp2
 
 
 @functools.lru_cache(maxsize=16)

@@ -21,7 +21,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from .bidirectional import BidirectionalFavor
-from .causal import CausalFavor
+from .causal import CausalFavor, causal_step
 from .features import PAD_LOG_SCALE, Kernel, check_feature_args, no_autocast, whole_features
 
 DEFAULT_CHUNK = 64  # causal chunk C: of 32 / 64 / 128 (spans of 512), 64 was fastest on the 2-core CPU
@@ -107,7 +107,8 @@ def favor_decode_step(
 ) -> tuple[torch.Tensor, DecodeState]:
     """Causal FAVOR for the next T positions (q, k, v (B, H, T, d)) after the prefix summarised by `state`: their
     outputs (B, H, T, d_v), equal to favor_attention(..., causal=True) over prefix + new positions, and the state
-    after them. O(1) time and memory per token; T > 1 prefills a prompt with the same causal Function."""
+    after them. O(1) time and memory per token; T > 1 (or gradients) runs the causal Function, a single position
+    without gradients its recurrence written out (causal_step)."""
     low = _product_dtype(q)
     with no_autocast(q.device):
         q, k, v_work, w = _work(q, k, v, projection)
@@ -115,10 +116,14 @@ def favor_decode_step(
         if kernel == "trig":
             out, state = _whole_sequence(q, k, v_work, w, kernel, True, None, state, final_state=True)
         else:
-            plan = blocking_for(q, q.shape[-1] if w is None else w.shape[0])
             kv0, g0 = (None, None) if state is None else state
-            out, kv, g = CausalFavor.apply(q, k, v_work, w, kernel, None, kv0, g0, DEFAULT_CHUNK, plan.span,
-                                           plan.scan, low)
+            tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v_work, w, kv0))
+            if q.shape[2] == 1 and not tracked:  # a sampling step: the recurrence itself, no autograd
+                out, kv, g = causal_step(q, k, v_work, w, kernel, kv0, g0, low)
+            else:
+                plan = blocking_for(q, q.shape[-1] if w is None else w.shape[0])
+                out, kv, g = CausalFavor.apply(q, k, v_work, w, kernel, None, kv0, g0, DEFAULT_CHUNK, plan.span,
+                                               plan.scan, low)
             state = DecodeState(kv, g)
     return out.to(v.dtype), state
 

@@ -19,6 +19,7 @@ KERNELS: tuple[str, ...] = ("softmax", "relu", "trig")
 RELU_EPS = 1e-3  # part of the authors' generalized ReLU kernel phi(x) = relu(x) + 1e-3, not a stabiliser
 PAD_LOG_SCALE = torch.finfo(torch.float32).min / 4  # padded keys: never raises a maximum, differences stay finite
 PAD_OFFSET = 1e30  # padded keys' features exp(logit - PAD_OFFSET) = 0; finite, so 0 * offset stays 0 in a product
+LOG2E = 1 / math.log(2)  # exp(x) = exp2(x log2(e)): torch's CPU exp2 runs about 3x faster than its exp
 
 
 def orthogonal_gaussian_matrix(
@@ -109,25 +110,33 @@ class BlockFeatures:
         self.m = d if w is None else w.shape[0]
         # softmax: W x' with x' = x d^-1/4; relu: m^-1/2 relu(W x) = relu(m^-1/2 W x). Either way x @ (s W)^T.
         self.scale = d**-0.25 if self.softmax else self.m**-0.5
-        self.w = None if w is None else w * self.scale  # (m, d)
+        self.w = None if w is None else w * self.scale  # (m, d), for the gradients
+        # softmax logits in base 2 (W x' log2(e)): the features are then exp2 of them, the faster exponential.
+        # Row maxima and shifts of the logits are in the same unit; the log-scales r and g stay natural.
+        self.w_exp = self.w * LOG2E if self.softmax else self.w
         self.log_sqrt_m = 0.5 * math.log(self.m)
         self.low = low
-        # backward's recomputation folds a known per-row shift into the product: [x, -shift] @ [s W, 1]^T
-        self.w_shift = None if w is None else torch.cat([self.w, self.w.new_ones(self.m, 1)], 1)  # (m, d + 1)
+
+    @functools.cached_property
+    def w_shift(self) -> torch.Tensor:
+        """[W_exp, 1] (m, d + 1): backward's recomputation folds a known per-row shift into the product,
+        [x, -shift] @ [W_exp, 1]^T (built on first use: a decoding step never needs it)."""
+        return torch.cat([self.w_exp, self.w.new_ones(self.m, 1)], 1)
 
     def _logits(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.w is None:
             return out.copy_(x)
-        return mm(x, self.w.T, self.low, out=out)  # (B, H, C, m)
+        return mm(x, self.w_exp.T, self.low, out=out)  # (B, H, C, m)
 
     def queries_(self, x: torch.Tensor, out: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
-        """out <- f(x): exp(W x' - row max) (the row maxima also into shift (B, H, C)), or m^-1/2 relu(W x) + eps."""
+        """out <- f(x): exp(W x' - row max) (the base-2 row maxima also into shift (B, H, C)), or m^-1/2 relu(W x) +
+        eps."""
         self._logits(x, out)
         if self.softmax:
             top = out.amax(-1, keepdim=True)
             if shift is not None:
                 shift.copy_(top[..., 0])
-            return out.sub_(top).exp_()
+            return out.sub_(top).exp2_()
         return out.relu_().add_(RELU_EPS)
 
     def queries_at_(self, x: torch.Tensor, out: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -137,20 +146,20 @@ class BlockFeatures:
         return self._shifted_exp_(x, shift, out)
 
     def _shifted_exp_(self, x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out <- exp(x' W^T - shift) for x (B, H, C, d) and shift (B, H, C): the shift folded into the product,
-        except for bf16 products, where it would be rounded to bf16 (the forward subtracts it in float32)."""
+        """out <- exp2(x W_exp^T - shift) for x (B, H, C, d) and a base-2 shift (B, H, C): the shift folded into the
+        product, except for bf16 products, where it would be rounded to bf16 (the forward subtracts it in float32)."""
         if self.low is not None:
-            return self._logits(x, out).sub_(shift[..., None]).exp_()
-        return mm(torch.cat([x, -shift[..., None]], -1), self.w_shift.T, out=out).exp_()
+            return self._logits(x, out).sub_(shift[..., None]).exp2_()
+        return mm(torch.cat([x, -shift[..., None]], -1), self.w_shift.T, out=out).exp2_()
 
     def key_logits(self, x: torch.Tensor, out: torch.Tensor, real: torch.Tensor | None):
-        """out <- W x'; returns (r, half_sq_norm) (B, H, C): r = max (W x') - |x'|^2/2 (PAD_LOG_SCALE for padded
-        keys), or (None, None) for relu (nothing to stabilise)."""
+        """out <- W x' (base 2 for softmax); returns (r, half_sq_norm) (B, H, C): r = max (W x') - |x'|^2/2
+        (PAD_LOG_SCALE for padded keys), or (None, None) for relu (nothing to stabilise)."""
         self._logits(x, out)
         if not self.softmax:
             return None, None
         half_sq_norm = self._half_sq_norm(x)
-        r = out.amax(-1) - half_sq_norm
+        r = out.amax(-1).div_(LOG2E).sub_(half_sq_norm)
         if real is not None:
             r.masked_fill_(~real, PAD_LOG_SCALE)
         return r, half_sq_norm
@@ -161,13 +170,14 @@ class BlockFeatures:
     def keys_(self, logits: torch.Tensor, half_sq_norm, g, real: torch.Tensor | None) -> torch.Tensor:
         """logits (from key_logits) <- phi(k) exp(-g), in place; padded keys get 0."""
         if self.softmax:
-            return logits.sub_(self._key_offset(half_sq_norm, g, real)[..., None]).exp_()
+            return logits.sub_(self._key_offset(half_sq_norm, g, real)[..., None]).exp2_()
         logits.relu_().add_(RELU_EPS)
         return logits if real is None else logits.mul_(real[..., None])
 
     def _key_offset(self, half_sq_norm, g, real):
-        offset = half_sq_norm + g + self.log_sqrt_m
-        return offset if real is None else offset.masked_fill_(~real, PAD_OFFSET)  # exp(-PAD_OFFSET) = 0
+        """The base-2 shift of the key logits (B, H, C): (|x'|^2/2 + g + log sqrt(m)) log2(e)."""
+        offset = (half_sq_norm + g + self.log_sqrt_m).mul_(LOG2E)
+        return offset if real is None else offset.masked_fill_(~real, PAD_OFFSET)  # exp2(-PAD_OFFSET) = 0
 
     def keys_at_(self, x: torch.Tensor, out: torch.Tensor, g, real: torch.Tensor | None) -> torch.Tensor:
         """out <- phi(k) exp(-g) for a known g (backward's recomputation): one product and exp."""
@@ -196,7 +206,8 @@ class BlockFeatures:
 # ---- shared by the bidirectional and causal Functions ----------------------------------------------------------
 
 def add_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, low: torch.dtype | None = None) -> torch.Tensor:
-    """acc += a @ b for (B, H, ., .) operands, in place (no temporary product in full precision)."""
+    """acc += a @ b for (..., ., .) operands with the same batch dimensions, in place (no temporary product in full
+    precision)."""
     if low is not None:
         return acc.add_(mm(a, b, low))
     acc.view(-1, *acc.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
