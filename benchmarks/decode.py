@@ -5,7 +5,7 @@ A causal model with the concatenated-task size (6 layers, d_model 512, 8 heads, 
 per token must not grow with the prefix; the exact model attends over its whole cache at every step.
 
     python benchmarks/decode.py --prefixes 100 10000
-    OMP_NUM_THREADS=1 python benchmarks/decode.py --cpu-time --rounds 3    # on a machine shared with other work
+    OMP_NUM_THREADS=1 python benchmarks/decode.py --cpu_time --rounds 3    # on a machine shared with other work
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from results_io import RESULTS, machine_line, write_csv
+from results_io import RESULTS, machine_line, parse_args, write_csv
 
 from protein_performer.model import Config, ProteinLM
 
@@ -39,10 +39,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--attention", nargs="+", default=["favor-softmax", "favor-relu", "exact"])
     p.add_argument("--rounds", type=int, default=1, help="measurements per (attention, prefix); the fastest counts")
-    p.add_argument("--cpu-time", action="store_true",
+    p.add_argument("--cpu_time", action="store_true",
                    help="time with the process's CPU clock (for OMP_NUM_THREADS=1 runs on a shared machine)")
     p.add_argument("--out", type=Path, default=RESULTS / "decode.csv")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     max_len = max(args.prefixes) + args.steps + 2
     clock = time.process_time if args.cpu_time else time.perf_counter
     rows = []
