@@ -134,7 +134,8 @@ class NonFiniteGuard(Callback):
 class BestAndLastCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that writes last.ckpt after every validation and at the end of fit (Lightning's own
     rewrites it only when the monitored metric improves), and never from non-finite weights: a NaN or infinite
-    model is neither best nor last, and trying to save one stops the run (the guard's message names the step)."""
+    model is neither best nor last, and trying to save one stops the run (the guard's message names the step).
+    Overrides private ModelCheckpoint methods (no public hook sees every save): tests/test_lightning_private.py."""
 
     _last_step: int | None = None  # global step of the last last.ckpt written
 

@@ -77,7 +77,8 @@ class ProteinCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """LightningCLI's own version loads --ckpt_path's hyperparameters into the model's config with a bare
         torch.load; this one reads the file through checkpoints.read_checkpoint (clear errors for an empty or
-        truncated file) and upgrades the hyperparameters of 0.1 checkpoints (model_args, "softmax")."""
+        truncated file) and upgrades the hyperparameters of 0.1 checkpoints (model_args, "softmax"). A private
+        method, called before any public hook: tests/test_lightning_private.py checks it is still called."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path in (None, "last", "best", "hpc", "registry"):

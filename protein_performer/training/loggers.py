@@ -57,6 +57,8 @@ class CSVLogger(_LightningCSVLogger):
 
 
 class _KeepingWriter(ExperimentWriter):
+    """Overrides private ExperimentWriter parts (checked by tests/test_lightning_private.py)."""
+
     def __init__(self, log_dir: str, logger: CSVLogger):
         self.logger = logger
         super().__init__(log_dir)
