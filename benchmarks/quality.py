@@ -140,7 +140,8 @@ def main() -> None:
     p.add_argument("--precisions", nargs="+", default=["fp32"], choices=sorted(PRECISIONS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of weights, batches and masking")
     p.add_argument("--eval_proteome", default="S.elongatus", choices=sorted(PROTEOMES))
-    p.add_argument("--max_len", type=int, default=256, help="clip length (256 rather than 1024: more steps on CPU)")
+    p.add_argument("--max_len", type=int, default=256,
+                   help="tokens per example, [BOS] included (256 rather than 1024: more steps on CPU)")
     p.add_argument("--max_tokens", type=int, default=4096, help="padded tokens per batch")
     p.add_argument("--d_model", type=int, default=256, help="model width ('small': 4 layers, 8 heads)")
     p.add_argument("--d_ff", type=int, default=1024, help="MLP width")
