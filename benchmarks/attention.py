@@ -64,6 +64,9 @@ def worker(method: str, length: int, causal: bool, batch: int, heads: int, d: in
            device: str, precision: str = "fp32", baseline: str | None = None, cpu_time: bool = False) -> dict:
     """Runs in the child process: times forward+backward, returns seconds and peak MiB above baseline."""
     if method.endswith(BASELINE):
+        # results_io has imported this checkout's protein_performer: forget it, or the baseline's would never load
+        for name in [n for n in sys.modules if n.split(".")[0] == "protein_performer"]:
+            del sys.modules[name]
         sys.path.insert(0, baseline)
         method = method.removesuffix(BASELINE)
     import torch

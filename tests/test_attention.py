@@ -131,7 +131,7 @@ def test_causal_against_naive(kernel, projected, length, chunk, span, scan, padd
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_blocking_on_the_cpu_equals_the_cpu_blocking(causal):
     # the CUDA plan (one block for the whole sequence, spans of 4096 rows, the matmul scan) run on the CPU: two
-    # spans of 64 chunks, against the CPU plan (ten blocks / spans of 512, the loop scan); float64 round-off
+    # spans of 64 chunks, against the CPU plan (ten blocks of 512, spans of 256, the loop scan); float64 round-off
     q, k, v = qkv(b=1, h=1, length=4500, scale=1.5, requires_grad=True)
     w = projection(32, 16)
     gpu = Blocking(block=10**6, span=4096, scan="matmul")

@@ -18,6 +18,7 @@ from .features import (
     LOG2E,
     BlockFeatures,
     add_mm_,
+    as_low,
     blocks,
     grad_y,
     mm,
@@ -69,12 +70,16 @@ class CausalFavor(torch.autograd.Function):
             feats.keys_(pk, half_sq_norm, g_s, real_s)  # phi(k_j) exp(-g_j)
             gc, fqc, pkc, vc = _split(chunk, g_s, fq, pk, vs)  # (B, H, nc, C[, ...])
             refs = _references(gc, g_in)  # (B, H, nc + 1)
-            a = mm(fqc, pkc.transpose(-1, -2), low).mul_(_decay(gc))  # (B, H, nc, C, C) intra-chunk scores
+            # bf16 products: every operand read by several products is converted once, and what is saved only
+            # for backward's products is saved in bf16 (the same values those products would read)
+            fqc, pkc = as_low(fqc, low), as_low(pkc, low)
+            a = as_low(mm(fqc, pkc.transpose(-1, -2), low).mul_(_decay(gc)), low)  # (B, H, nc, C, C) intra-chunk
             scores.append(a)
             y = mm(a, vc, low)
             to_end = _exp(gc - refs[..., 1:, None])[..., None]  # (B, H, nc, C, 1), <= 1
             local = mm(pkc.transpose(-1, -2), vc * to_end, low)  # (B, H, nc, m, D), referenced at each chunk's end
             before, state = scan_states(local, refs, state, reverse=False, mode=scan)
+            before = as_low(before, low)
             befores.append(before)
             y.addcmul_(_exp(refs[..., :-1, None] - gc)[..., None], mm(fqc, before, low))  # the earlier chunks
             normalise_(y.view(b, h, n, -1)[:, :, : e - s], out[:, :, s:e], den[:, :, s:e])
@@ -110,6 +115,7 @@ class CausalFavor(torch.autograd.Function):
             dy_prev = dyc * _exp(refs[..., :-1, None] - gc)[..., None]  # (B, H, nc, C, D), scale <= 1
             to_end = _exp(gc - refs[..., 1:, None])[..., None]  # (B, H, nc, C, 1), <= 1
             # intra-chunk
+            fqc, pkc = as_low(fqc, low), as_low(pkc, low)
             da = mm(dyc, vc.transpose(-1, -2), low).mul_(_decay(gc))  # (B, H, nc, C, C)
             dfq = mm(da, pkc, low, out=rows(d_fq, n).view(fqc.shape))
             dpk = mm(da.transpose(-1, -2), fqc, low, out=rows(d_pk, n).view(pkc.shape))
@@ -118,6 +124,7 @@ class CausalFavor(torch.autograd.Function):
             add_mm_(dfq, dy_prev, before.transpose(-1, -2), low)
             local = mm(fqc.transpose(-1, -2), dy_prev, low)  # (B, H, nc, m, D), referenced at each chunk's start
             afters, after = scan_states(local, refs, after, reverse=True, mode=ctx.scan)
+            afters = as_low(afters, low)
             add_mm_(dpk, vc * to_end, afters.transpose(-1, -2), low)
             dvc += to_end * mm(pkc, afters, low)
             dv[:, :, s:e] = dvc.view(b, h, n, -1)[:, :, : e - s, :-1]

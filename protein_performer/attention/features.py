@@ -91,11 +91,17 @@ def whole_features(x: torch.Tensor, w: torch.Tensor | None, kernel: Kernel) -> t
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, low: torch.dtype | None = None, out: torch.Tensor | None = None):
-    """a @ b; with low=torch.bfloat16 the product of bf16 copies (fp32 accumulation), returned in a's dtype."""
+    """a @ b; with low=torch.bfloat16 the product of bf16 copies (fp32 accumulation; operands already in bf16 are
+    used as they are), returned in float32 (the work dtype whenever low is set)."""
     if low is None:
         return torch.matmul(a, b, out=out)
     y = torch.matmul(a.to(low), b.to(low))
-    return y.to(a.dtype) if out is None else out.copy_(y)
+    return y.float() if out is None else out.copy_(y)
+
+
+def as_low(x: torch.Tensor, low: torch.dtype | None) -> torch.Tensor:
+    """x as a bf16 product operand (a copy, when low is set), for an operand that several products read."""
+    return x if low is None else x.to(low)
 
 
 class BlockFeatures:
