@@ -1,6 +1,7 @@
-"""`precision: null` on both kinds of CPU: bf16-mixed with AMX-BF16 matrix units, fp32 without. Any machine acts
-as either kind through PROTEIN_PERFORMER_AMX_BF16, which protein_performer/machine.py (the one reader of the
-capability) puts before /proc/cpuinfo; the other tests fix their precision, so the suite passes on both kinds."""
+"""`precision: null` on both kinds of CPU: bf16-mixed where bf16 matrix products beat fp32 (AMX-BF16, or measured),
+fp32 elsewhere. Any machine acts as either kind through PROTEIN_PERFORMER_CPU_BF16, which protein_performer/machine.py
+(the one reader of the capability) puts before the CPU's flags and the measurement; the other tests fix their
+precision, so the suite passes on both kinds."""
 
 import csv
 import json
@@ -21,24 +22,26 @@ def no_pytest_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["protein-performer"])  # pytest's own arguments are not the CLI's
 
 
-def test_the_amx_override_is_read_and_reported(monkeypatch):
-    monkeypatch.delenv(machine.AMX_ENV, raising=False)
+def test_the_capability_is_measured_unless_forced_and_reported(monkeypatch):
+    monkeypatch.delenv(machine.BF16_ENV, raising=False)
     info = machine.machine_info()
-    assert info["amx_bf16"] == ("amx_bf16" in machine.cpu()[1]) and not info["amx_bf16_forced"]
-    assert "forced" not in machine.machine_line(info)
-    for value, amx in (("1", True), ("0", False)):
-        monkeypatch.setenv(machine.AMX_ENV, value)
+    speedup = machine.bf16_matmul_speedup()
+    assert speedup > 0 and info["bf16_matmul_speedup"] == round(speedup, 2) and not info["bf16_forced"]
+    assert info["bf16_fast"] == (info["amx_bf16"] or speedup >= machine.FAST_BF16)
+    assert f"bf16 products {info['bf16_matmul_speedup']}x fp32;" in machine.machine_line(info)
+    for value, fast in (("fast", True), ("slow", False)):
+        monkeypatch.setenv(machine.BF16_ENV, value)
         info = machine.machine_info()
-        assert machine.has_amx_bf16() is amx and info["amx_bf16"] is amx and info["amx_bf16_forced"]
-        assert f"AMX-BF16 {'yes' if amx else 'no'} (forced by {machine.AMX_ENV})" in machine.machine_line(info)
-    monkeypatch.setenv(machine.AMX_ENV, "yes")
-    with pytest.raises(ValueError, match=machine.AMX_ENV):
-        machine.has_amx_bf16()
+        assert machine.cpu_bf16()[0] is fast and info["bf16_fast"] is fast and info["bf16_forced"]
+        assert f"(taken as {value}: forced by {machine.BF16_ENV})" in machine.machine_line(info)
+    monkeypatch.setenv(machine.BF16_ENV, "yes")
+    with pytest.raises(ValueError, match=machine.BF16_ENV):
+        machine.cpu_bf16()
 
 
-@pytest.mark.parametrize("amx, expected", [("1", "bf16-mixed"), ("0", "32-true")])
-def test_precision_null_follows_the_cpu(amx, expected, monkeypatch, tmp_path):
-    monkeypatch.setenv(machine.AMX_ENV, amx)
+@pytest.mark.parametrize("kind, expected", [("fast", "bf16-mixed"), ("slow", "32-true")])
+def test_precision_null_follows_the_cpu(kind, expected, monkeypatch, tmp_path):
+    monkeypatch.setenv(machine.BF16_ENV, kind)
     assert auto_precision("cpu")[0] == expected
     with torch.device("meta"):
         cli = build_cli(["--config", str(TINY), "--trainer.precision", "null", "--data.data_dir", str(tmp_path)],
@@ -50,10 +53,11 @@ def test_precision_null_follows_the_cpu(amx, expected, monkeypatch, tmp_path):
     assert cli.trainer.precision == "32-true"
 
 
-def test_bf16_mixed_training_on_a_cpu_with_amx(prepared, tmp_path, monkeypatch, cli):
-    """What `precision: null` does on an AMX CPU, end to end: bf16-mixed fit and validation with finite metrics,
-    and a checkpoint of float32 weights (mixed precision keeps float32 master weights) that `test` reads."""
-    monkeypatch.setenv(machine.AMX_ENV, "1")
+def test_bf16_mixed_training_on_a_cpu_with_fast_bf16(prepared, tmp_path, monkeypatch, cli):
+    """What `precision: null` does on a CPU with fast bf16 products, end to end: bf16-mixed fit and validation with
+    finite metrics, and a checkpoint of float32 weights (mixed precision keeps float32 master weights) that `test`
+    reads."""
+    monkeypatch.setenv(machine.BF16_ENV, "fast")
     common = ["--config", TINY, "--data.data_dir", prepared, "--trainer.precision", "null",
               "--trainer.default_root_dir", tmp_path, "--trainer.logger.init_args.save_dir", tmp_path,
               "--trainer.enable_model_summary", "false", "--data.max_len", "64", "--data.batch_size", "4"]
