@@ -42,9 +42,9 @@ def markdown(frame: pd.DataFrame) -> str:
 
 
 def validations(run: Path) -> pd.DataFrame:
-    """step, val/ppl of every validation of a run (CSVLogger's metrics.csv)."""
-    frame = read_metrics(run)
-    return frame.dropna(subset=["val/ppl"])[["step", "val/ppl"]].reset_index(drop=True)
+    """steps trained, val/ppl at every validation of a run (CSVLogger's metrics.csv)."""
+    frame = read_metrics(run).dropna(subset=["val/ppl"])[["step", "val/ppl"]].reset_index(drop=True)
+    return frame.assign(step=frame["step"] + 1)  # Lightning logs the validation after N steps at step N - 1
 
 
 def first_within(frame: pd.DataFrame, target: float) -> int | None:
@@ -92,7 +92,7 @@ def figure(curves: dict[str, pd.DataFrame], step0: pd.DataFrame, parent_ppl: flo
                label="no training, m = " + ", ".join(map(str, at0.index)))
     ax.axhspan(parent_ppl, (1 + WITHIN) * parent_ppl, color="C2", alpha=0.25,
                label=f"within {WITHIN:.0%} of the exact parent ({parent_ppl:.2f})")
-    ax.set(xlabel="training steps of this run", ylabel="validation perplexity", yscale="log",
+    ax.set(xlabel="training steps of this run", ylabel="validation perplexity",
            title=f"softmax Transformer -> Performer (favor-softmax, m = {fine_tune_features})")
     ax.legend(fontsize=8)
     return fig
