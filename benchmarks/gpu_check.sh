@@ -42,7 +42,7 @@ failed=0
 "$PY" -m pytest -q -m cuda tests/test_cuda.py tests/test_cuda_training.py -p no:cacheprovider || failed=1
 
 log "prepare the bundled sample"
-"$PY" -m data_prep data/sample/mmseqs2_DB_first3000.fasta.gz data/sample/emboss_swiss_seq.dat.gz \
+"$PY" -m protein_performer.prep data/sample/mmseqs2_DB_first3000.fasta.gz data/sample/emboss_swiss_seq.dat.gz \
   --out "$OUT/prepared" --overwrite --ood_families PF00258 PF00001 PF00022 --no_progress
 
 FIT=(--config configs/cpu/tiny.yaml --data.data_dir "$OUT/prepared" --trainer.accelerator auto --trainer.precision null

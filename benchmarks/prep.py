@@ -85,7 +85,7 @@ def main() -> None:
         with open(os.devnull, "wb") as null:
             gzip_s.append(timed(["gzip", "-dc", str(args.input)], stdout=null))
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "data_prep", str(args.input), "--out", str(out), "--no_progress"]
+        cmd = [sys.executable, "-m", "protein_performer.prep", str(args.input), "--out", str(out), "--no_progress"]
         if args.workers is not None:
             cmd += ["--workers", str(args.workers)]
         prep_s.append(timed(cmd))

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from results_io import RESULTS, machine_line, parse_args, write_csv
 
-from protein_performer.corpus import is_prepared_dir
+from protein_performer.prepared import is_prepared_dir
 from protein_performer.training import ProteinDataModule, ProteinLMModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def prepare(data: Path, work: Path, eval_proteome: str) -> tuple[Path, Path, lis
     families = held_out_families(data / "pfam_labels.tsv")
     train_dir, fourth_dir = work / "three", work / "fourth"
     inputs = [str(data / f) for name, f in PROTEOMES.items() if name != eval_proteome]
-    prep = [sys.executable, "-m", "data_prep", "--no_progress"]
+    prep = [sys.executable, "-m", "protein_performer.prep", "--no_progress"]
     if not is_prepared_dir(train_dir):
         subprocess.run([*prep, *inputs, "--out", str(train_dir), "--overwrite", "--pfam_labels",
                         str(data / "pfam_labels.tsv"), "--ood_families", *families, "--valid_fraction", "0.02",

@@ -76,7 +76,7 @@ def analyze(ckpt_path: str, input: str, out: str, num_sequences: PositiveInt = 8
     """
     from .analysis import analyze_attention, headline, write_analysis
     from .checkpoints import load_model
-    from .corpus import is_prepared_dir
+    from .prepared import is_prepared_dir
     from .proteins import read_proteins
 
     if not 0 < threshold <= 1:

@@ -86,7 +86,7 @@ class _Stderr(logging.Handler):
 
 
 _HANDLER = _Stderr()
-LOGGERS = ("protein_performer", "data_prep")  # the packages whose messages every command shows
+LOGGERS = ("protein_performer",)  # the package (prep included) whose messages every command shows
 
 
 def log_to_stderr(prog: str) -> None:

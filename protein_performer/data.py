@@ -1,4 +1,4 @@
-"""Dataset views over one split of a prepared directory (see corpus.py), and the batching helpers they share
+"""Dataset views over one split of a prepared directory (see prepared.py), and the batching helpers they share
 with inference.
 
 - SingleSequenceDataset: item i = [BOS] + sequence i clipped to max_len tokens in all (so at most max_len - 1
@@ -8,7 +8,7 @@ with inference.
   tokens (no BOS; a sequence may straddle two windows; the last partial window is dropped), as in the paper's
   L = 8192 task.
 
-Both are memory-mapped (through corpus.Split) with O(1) random access, picklable for DataLoader workers
+Both are memory-mapped (through prepared.Split) with O(1) random access, picklable for DataLoader workers
 without copying the corpus, and return int64 torch tensors.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .corpus import Split
+from .prepared import Split
 from .vocab import BOS
 
 

@@ -1,18 +1,25 @@
-"""The prepared-data format, read in one place: every tool that reads a directory written by
-`protein-performer-prep` (dataset views, the data module, inference inputs, notebooks) goes through PreparedDir.
+"""The prepared format: what `protein-performer-prep` writes and training reads, in one place (file names, the
+reader, the writer of one split and of the manifest).
 
     DIR/manifest.json          written last: its presence marks a complete directory
     DIR/<split>/tokens.bin     uint8 token ids; every sequence is followed by EOS; no BOS, no padding
     DIR/<split>/offsets.npy    int64 start of each sequence in tokens.bin
 
-Opening checks what is cheap (manifest, vocabulary, file sizes and counts against the manifest, offsets);
-`Split.token_counts` scans the stream and checks every byte is a token id (the data module runs it on the
-splits it uses). Problems are UserErrors naming the file.
+Reading: every tool that reads a prepared directory (dataset views, the data module, inference inputs, notebooks)
+goes through PreparedDir. Opening checks what is cheap (manifest, vocabulary, file sizes and counts against the
+manifest, offsets); `Split.token_counts` scans the stream and checks every byte is a token id (the data module runs
+it on the splits it uses). Problems are UserErrors naming the file.
+
+Writing (protein_performer.prep, which decides what goes in): SplitWriter appends a split's sequences, with their
+offsets and de-duplication digests in side files; rewrite_split / commit_rewrite move sequences between splits;
+finish_split turns the side files into offsets.npy and returns the split's statistics; write_manifest comes last.
+The manifest's content is built by prep.manifest.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +29,14 @@ from .errors import UserError
 
 SPLITS = ("train", "valid", "test", "ood")
 FORMAT_VERSION = 1
-# The file names of the format: every reader and writer (data_prep, the tests) takes them from here.
+# The file names of the format: everything that reads or writes the files (prep, the tests) takes them from here.
 MANIFEST_FILE = "manifest.json"
 TOKENS_FILE = "tokens.bin"
 OFFSETS_FILE = "offsets.npy"
 _SCAN = 1 << 26  # bytes (or offsets) per step of a full scan: bounded memory at TrEMBL scale
+
+
+# Reading: every reader goes through these
 
 
 def is_prepared_dir(path: str | Path) -> bool:
@@ -171,3 +181,138 @@ class Split:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_tokens": None, "_offsets": None, "_lengths": None}
+
+
+# Writing: a prep run writes every file through these
+
+_COPY = 1 << 26  # bytes per copy step when rewriting a split
+
+
+def _runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and last index of each run of consecutive values in sorted `idx`."""
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    return np.concatenate([idx[:1], idx[breaks + 1]]), np.concatenate([idx[breaks], idx[-1:]])
+
+
+class SplitWriter:
+    """Appends sequences to DIR/<split>/tokens.bin; offsets and 128-bit digests go to side files."""
+
+    def __init__(self, root: Path, name: str):
+        self.dir = root / name
+        self.dir.mkdir()
+        # open across appends, closed by close() (the run's temporary directory goes if anything fails)
+        self.tokens = open(self.dir / TOKENS_FILE, "wb", buffering=1 << 22)  # noqa: SIM115
+        self.offsets = open(self.dir / "offsets.tmp", "wb", buffering=1 << 20)  # noqa: SIM115
+        self.digests = open(self.dir / "digests.tmp", "wb", buffering=1 << 20)  # noqa: SIM115
+        self.position = 0
+        self.count = 0
+
+    def append(
+        self, tokens: memoryview, starts: np.ndarray, lengths: np.ndarray, idx: np.ndarray, digests: np.ndarray
+    ) -> None:
+        """Write sequences `idx` of a block (tokens[starts[i] : starts[i] + lengths[i] + 1] ends with EOS)."""
+        if idx.size == 0:
+            return
+        # Consecutive records are written as one slice: the common case (all train) is a handful of writes.
+        first, last = _runs(idx)
+        for a, b in zip(starts[first].tolist(), (starts[last] + lengths[last] + 1).tolist()):
+            self.tokens.write(tokens[a:b])
+        sizes = lengths[idx] + 1
+        ends = self.position + np.cumsum(sizes)
+        self.offsets.write((ends - sizes).astype("<i8").tobytes())
+        self.digests.write(np.ascontiguousarray(digests[idx]).astype("<u8").tobytes())
+        self.position = int(ends[-1])
+        self.count += idx.size
+
+    def close(self) -> None:
+        for f in (self.tokens, self.offsets, self.digests):
+            f.close()
+
+
+def read_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, offsets, digests) of a split being finalised, memory-mapped."""
+    tokens = (
+        np.memmap(split_dir / TOKENS_FILE, dtype=np.uint8, mode="r")
+        if (split_dir / TOKENS_FILE).stat().st_size
+        else np.zeros(0, np.uint8)
+    )
+    offsets = np.fromfile(split_dir / "offsets.tmp", dtype="<i8")
+    digests = np.fromfile(split_dir / "digests.tmp", dtype="<u8").reshape(-1, 2)
+    return tokens, offsets, digests
+
+
+def rewrite_split(
+    split_dir: Path, keep: np.ndarray, incoming: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+) -> None:
+    """Rebuild a split from its sequences `keep` (sorted indices) plus `incoming` sequences.
+
+    `incoming` holds (tokens, offsets, digests, indices) of other splits; the new files are written
+    beside the old ones and renamed over them by `commit_rewrite` once every split is rebuilt.
+    """
+    tokens, offsets, digests = read_split(split_dir)
+    ends = np.append(offsets[1:], len(tokens))
+    parts = [(tokens, offsets, ends, digests, keep)] + [
+        (t, o, np.append(o[1:], len(t)), d, i) for t, o, d, i in incoming
+    ]
+    new_offsets, new_digests, position = [], [], 0
+    with open(split_dir / f"{TOKENS_FILE}.new", "wb") as out:
+        for tok, off, end, dig, idx in parts:
+            if idx.size == 0:
+                continue
+            first, last = _runs(idx)
+            for a, b in zip(off[first].tolist(), end[last].tolist()):
+                out.writelines(tok[s : min(b, s + _COPY)].tobytes() for s in range(a, b, _COPY))
+            sizes = end[idx] - off[idx]
+            new_offsets.append(position + np.cumsum(sizes) - sizes)
+            new_digests.append(dig[idx])
+            position += int(sizes.sum())
+    np.concatenate(new_offsets or [np.zeros(0, np.int64)]).astype("<i8").tofile(split_dir / "offsets.tmp.new")
+    np.concatenate(new_digests or [np.zeros((0, 2), np.uint64)]).astype("<u8").tofile(split_dir / "digests.tmp.new")
+
+
+def commit_rewrite(split_dir: Path) -> None:
+    for name in (TOKENS_FILE, "offsets.tmp", "digests.tmp"):
+        os.replace(split_dir / f"{name}.new", split_dir / name)
+
+
+def length_stats(lengths: np.ndarray) -> dict:
+    """The paper's Table 1 columns; std is the population std (ddof=0), median as numpy's."""
+    if lengths.size == 0:
+        return {"count": 0, "residues": 0, "min": None, "max": None, "mean": None, "std": None, "median": None}
+    return {
+        "count": int(lengths.size),
+        "residues": int(lengths.sum()),
+        "min": int(lengths.min()),
+        "max": int(lengths.max()),
+        "mean": float(lengths.mean()),
+        "std": float(lengths.std()),
+        "median": float(np.median(lengths)),
+    }
+
+
+def finish_split(split_dir: Path) -> dict:
+    """Turn the side files into offsets.npy, check the EOS layout, return the split's statistics."""
+    offsets = np.fromfile(split_dir / "offsets.tmp", dtype="<i8")
+    n_tokens = (split_dir / TOKENS_FILE).stat().st_size
+    lengths = np.diff(np.append(offsets, n_tokens)) - 1
+    if offsets.size:
+        tokens = np.memmap(split_dir / TOKENS_FILE, dtype=np.uint8, mode="r")
+        # Cheap self-check of the layout (one byte per sequence): every sequence ends with EOS.
+        if (lengths < 1).any() or not (tokens[offsets + lengths] == vocab.EOS).all():
+            raise RuntimeError(f"{split_dir}: internal error: token stream does not match its offsets")
+        del tokens
+    np.save(split_dir / OFFSETS_FILE, offsets)
+    for name in ("offsets.tmp", "digests.tmp"):
+        (split_dir / name).unlink()
+    stats = length_stats(lengths)
+    stats["tokens"] = int(n_tokens)
+    return stats
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """DIR/manifest.json, synced to disk: written last, it marks the directory complete."""
+    with open(root / MANIFEST_FILE, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -12,9 +12,9 @@ import numpy as np
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 from . import vocab
-from .corpus import TOKENS_FILE, PreparedDir, is_prepared_dir
 from .errors import UserError
 from .fasta import open_text, parse_title
+from .prepared import TOKENS_FILE, PreparedDir, is_prepared_dir
 
 log = logging.getLogger(__name__)
 DEFAULT_SPLIT = "test"  # held out from training and in distribution: what the model has not seen

@@ -20,8 +20,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from data_prep.writer import write_prepared  # noqa: E402
 from protein_performer import vocab  # noqa: E402
+from protein_performer.prep.pipeline import write_prepared  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -70,7 +70,7 @@ def prepared(tmp_path_factory):
 def prep_sample(out: Path) -> Path:
     """The bundled UniProt sample prepared by `protein-performer-prep`, three Pfam families held out (as the demo)."""
     subprocess.run(
-        [sys.executable, "-m", "data_prep", str(SAMPLE_FASTA), str(SAMPLE / "emboss_swiss_seq.dat.gz"),
+        [sys.executable, "-m", "protein_performer.prep", str(SAMPLE_FASTA), str(SAMPLE / "emboss_swiss_seq.dat.gz"),
          "--out", str(out), "--ood_families", "PF00258", "PF00001", "PF00022", "--workers", "1", "--no_progress"],
         check=True, capture_output=True, cwd=REPO,
     )
@@ -110,7 +110,7 @@ def tiny_run(tmp_path_factory) -> dict[str, Path]:
     plain FASTA of its first 12 records."""
     root = tmp_path_factory.mktemp("tiny-run")
     paths = {"prepared": root / "prepared", "run": root / "run", "fasta": root / "small.fasta"}
-    subprocess.run([sys.executable, "-m", "data_prep", str(SAMPLE_FASTA), "--out", str(paths["prepared"]),
+    subprocess.run([sys.executable, "-m", "protein_performer.prep", str(SAMPLE_FASTA), "--out", str(paths["prepared"]),
                     "--workers", "1", "--no_progress"], check=True, capture_output=True, cwd=REPO)
     code, err = run_cli(["fit", "--config", TINY, "--data.data_dir", paths["prepared"], "--trainer.max_steps", "4",
                          "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",

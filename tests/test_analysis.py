@@ -397,7 +397,7 @@ def test_a_run_directory_resolves_to_its_newest_last_checkpoint(tmp_path, ckpt):
 
 def test_split_table_reads_table_1_from_the_manifest(sample_dir):
     from protein_performer.analysis import overview
-    from protein_performer.corpus import PreparedDir
+    from protein_performer.prepared import PreparedDir
 
     table, corpus = overview.split_table(sample_dir), PreparedDir(sample_dir)
     assert list(table.index) == corpus.splits

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from protein_performer.corpus import TOKENS_FILE
+from protein_performer.prepared import TOKENS_FILE
 from protein_performer.training.cli import auto_precision, build_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from Bio import SeqIO, SwissProt
 
-from data_prep import records as R
-from data_prep.__main__ import main
-from data_prep.dedup import HashSet, accession_keys, seed_key
-from data_prep.pipeline import Settings, run
-from data_prep.records import parse_fasta, parse_fasta_biopython
-from data_prep.splits import read_ood_accessions
-from protein_performer.corpus import MANIFEST_FILE, OFFSETS_FILE, SPLITS, TOKENS_FILE
 from protein_performer.fasta import parse_title
+from protein_performer.prep import records as R
+from protein_performer.prep.__main__ import main
+from protein_performer.prep.dedup import HashSet, accession_keys, seed_key
+from protein_performer.prep.pipeline import Settings, run
+from protein_performer.prep.records import parse_fasta, parse_fasta_biopython
+from protein_performer.prep.splits import read_ood_accessions
+from protein_performer.prepared import MANIFEST_FILE, OFFSETS_FILE, SPLITS, TOKENS_FILE
 from protein_performer.vocab import EOS, LETTERS, decode
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -348,13 +348,14 @@ def test_console_entry_point_without_traceback(tmp_path):
     bad = tmp_path / "x.fasta"
     bad.write_text("junk\n>a\nMKV\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "data_prep", str(bad), "--out", str(tmp_path / "o")],
+        [sys.executable, "-m", "protein_performer.prep", str(bad), "--out", str(tmp_path / "o")],
         capture_output=True,
         text=True,
         check=False,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "text before the first '>'" in proc.stderr
-    helped = subprocess.run([sys.executable, "-m", "data_prep", "--help"], capture_output=True, text=True, check=False)
+    helped = subprocess.run([sys.executable, "-m", "protein_performer.prep", "--help"],
+                            capture_output=True, text=True, check=False)
     assert helped.returncode == 0 and "--ood_families" in helped.stdout
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data_prep.__main__ import main
-from protein_performer.corpus import MANIFEST_FILE, OFFSETS_FILE, TOKENS_FILE, PreparedDir
 from protein_performer.data import ConcatenatedDataset, SingleSequenceDataset
 from protein_performer.errors import UserError
+from protein_performer.prep.__main__ import main
+from protein_performer.prepared import MANIFEST_FILE, OFFSETS_FILE, TOKENS_FILE, PreparedDir
 from protein_performer.vocab import BOS, EOS, encode
 
 _RNG = np.random.default_rng(0)

@@ -11,9 +11,9 @@ from unittest import mock
 import pytest
 from conftest import REPO, TINY
 
-from data_prep.__main__ import prep
 from protein_performer.cli import COMMANDS
 from protein_performer.commands import RENAMED, build_parser, option_strings
+from protein_performer.prep.__main__ import prep
 
 # Spellings of one concept: at most one of each row may appear in all the command lines together.
 SYNONYMS = [

@@ -22,10 +22,9 @@ import numpy as np
 import pytest
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
-from data_prep import records
-from data_prep.__main__ import main
-from data_prep.writer import SplitWriter
-from protein_performer.corpus import MANIFEST_FILE, OFFSETS_FILE, TOKENS_FILE
+from protein_performer.prep import records
+from protein_performer.prep.__main__ import main
+from protein_performer.prepared import MANIFEST_FILE, OFFSETS_FILE, TOKENS_FILE, SplitWriter
 from protein_performer.vocab import EOS, encode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +56,7 @@ def start_prep():
     procs: list[subprocess.Popen] = []
 
     def start(*args: str) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "data_prep", *args, "--workers", "1", "--no_progress"]
+        cmd = [sys.executable, "-m", "protein_performer.prep", *args, "--workers", "1", "--no_progress"]
         procs.append(
             subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )
@@ -129,7 +128,7 @@ def test_overwrite_refuses_a_folder_with_the_input_and_other_files(tmp_path):
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     # exactly as reported: run inside the folder with --out .
     proc = subprocess.run(
-        [sys.executable, "-m", "data_prep", "my_proteins.fasta", "--out", ".", "--overwrite"],
+        [sys.executable, "-m", "protein_performer.prep", "my_proteins.fasta", "--out", ".", "--overwrite"],
         cwd=folder,
         env=env(),
         capture_output=True,
@@ -330,7 +329,7 @@ def test_file_size_limit_of_the_operating_system_is_a_one_line_error(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # tokens.bin of the sample is 1.4 MB
 
     proc = subprocess.run(
-        [sys.executable, "-m", "data_prep", str(FASTA), "--out", str(out), "--no_progress"],
+        [sys.executable, "-m", "protein_performer.prep", str(FASTA), "--out", str(out), "--no_progress"],
         cwd=ROOT,
         env=env(),
         capture_output=True,
@@ -479,7 +478,8 @@ def test_pipe_inputs_are_read_once(tmp_path):
     """`prep <(cat x.fasta.gz)`: gzip recognised on the pipe, size and SHA-256 those of the bytes read."""
     out_file, out_pipe = tmp_path / "from_file", tmp_path / "from_pipe"
     assert prep(str(FASTA), "--out", str(out_file)) == 0
-    command = f'"{sys.executable}" -m data_prep <(cat "{FASTA}") --out "{out_pipe}" --workers 1 --no_progress'
+    command = (f'"{sys.executable}" -m protein_performer.prep <(cat "{FASTA}") --out "{out_pipe}" '
+               "--workers 1 --no_progress")
     proc = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env(), capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     entry = json.loads((out_pipe / MANIFEST_FILE).read_text())["inputs"][0]

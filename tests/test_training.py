@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from protein_performer import vocab
-from protein_performer.corpus import PreparedDir
 from protein_performer.masking import EVAL_STREAM, FILLER_STREAM, IGNORE, Collator
 from protein_performer.model import Config, derive_seed
+from protein_performer.prepared import PreparedDir
 from protein_performer.training import BestAndLastCheckpoint, FeatureRedraw, ProteinDataModule, ProteinLMModule
 from protein_performer.training.metrics import LMMetrics, unigram_log_probs
 from protein_performer.training.module import MODEL_FIELDS, lr_factor

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 
 from .. import vocab
-from ..corpus import PreparedDir
 from ..errors import UserError
 from ..outputs import by_age
+from ..prepared import PreparedDir
 
 
 def split_lengths(root: str | Path) -> dict[str, np.ndarray]:

@@ -1,5 +1,5 @@
-"""Command line: protein-performer-prep INPUT [INPUT ...] --out DIR [options] (or python -m data_prep), generated
-from `prep`'s signature and docstring by protein_performer.commands."""
+"""Command line: protein-performer-prep INPUT [INPUT ...] --out DIR [options] (or python -m protein_performer.prep),
+generated from `prep`'s signature and docstring by protein_performer.commands."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from typing import Literal
 
 from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
 
-from data_prep import PROG
-from data_prep.inputs import Format
-from data_prep.parallel import default_workers
-from data_prep.pipeline import Settings, run
-from data_prep.splits import PAPER_OOD_FAMILIES, normalize_family, read_family_file
 from protein_performer import commands
 from protein_performer.errors import UserError
+from protein_performer.prep import PROG
+from protein_performer.prep.inputs import Format
+from protein_performer.prep.parallel import default_workers
+from protein_performer.prep.pipeline import Settings, run
+from protein_performer.prep.splits import PAPER_OOD_FAMILIES, normalize_family, read_family_file
 from protein_performer.vocab import UnknownPolicy
 
 Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)])

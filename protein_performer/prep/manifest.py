@@ -1,20 +1,17 @@
-"""manifest.json: everything a later step needs to trust and describe a prepared directory; written last, so its
-presence marks a complete directory (protein_performer.corpus reads it)."""
+"""What manifest.json holds: everything a later step needs to trust and describe a prepared directory (written
+last by protein_performer.prepared.write_manifest, so its presence marks a complete directory)."""
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
 import protein_performer
-from data_prep.inputs import InputFile
-from data_prep.records import NUCLEOTIDE_LETTERS, NUCLEOTIDE_MIN_LENGTH, NUCLEOTIDE_PERCENT
-from protein_performer.corpus import FORMAT_VERSION, MANIFEST_FILE, OFFSETS_FILE, TOKENS_FILE
+from protein_performer.prep.inputs import InputFile
+from protein_performer.prep.records import NUCLEOTIDE_LETTERS, NUCLEOTIDE_MIN_LENGTH, NUCLEOTIDE_PERCENT
+from protein_performer.prepared import FORMAT_VERSION, OFFSETS_FILE, TOKENS_FILE
 from protein_performer.vocab import BOS, EOS, MASK, PAD, TOKENS
 
 REJECT_REASONS = (
@@ -86,11 +83,3 @@ def build_manifest(
         "parameters": {**parameters, "hash": HASH, "nucleotide": NUCLEOTIDE_RULE},
         "versions": _versions(),
     }
-
-
-def write_manifest(root: Path, manifest: dict) -> None:
-    with open(root / MANIFEST_FILE, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())

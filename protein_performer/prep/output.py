@@ -23,9 +23,9 @@ import time
 import uuid
 from pathlib import Path
 
-from data_prep import PROG
-from protein_performer.corpus import MANIFEST_FILE, OFFSETS_FILE, SPLITS, TOKENS_FILE
 from protein_performer.errors import UserError
+from protein_performer.prep import PROG
+from protein_performer.prepared import MANIFEST_FILE, OFFSETS_FILE, SPLITS, TOKENS_FILE
 
 PREPARED_ENTRIES = frozenset({MANIFEST_FILE, *SPLITS})
 SPLIT_FILES = frozenset({TOKENS_FILE, OFFSETS_FILE})

@@ -14,8 +14,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-from data_prep.records import WorkerConfig, configure
 from protein_performer.errors import UserError
+from protein_performer.prep.records import WorkerConfig, configure
 
 
 def default_workers() -> int:

@@ -10,17 +10,20 @@ import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.dedup import HashSet, seed_key
-from data_prep.inputs import InputFile, TruncatedInput
-from data_prep.manifest import build_manifest, write_manifest
-from data_prep.output import OutputDir
-from data_prep.parallel import ordered_map, prefetch, worker_pool
-from data_prep.records import (
+from protein_performer.commands import progress_bar
+from protein_performer.errors import UserError
+from protein_performer.prep.dedup import HashSet, seed_key
+from protein_performer.prep.inputs import InputFile, TruncatedInput
+from protein_performer.prep.manifest import build_manifest
+from protein_performer.prep.output import OutputDir
+from protein_performer.prep.parallel import ordered_map, prefetch, worker_pool
+from protein_performer.prep.records import (
     NUCLEOTIDE_LETTERS,
     NUCLEOTIDE_PERCENT,
     BlockResult,
@@ -28,11 +31,17 @@ from data_prep.records import (
     WorkerConfig,
     process_block,
 )
-from data_prep.splits import OOD, assign_split, promotion_targets, read_ood_accessions, split_thresholds
-from data_prep.writer import SplitWriter, commit_rewrite, finish_split, read_split, rewrite_split
-from protein_performer.commands import progress_bar
-from protein_performer.corpus import SPLITS
-from protein_performer.errors import UserError
+from protein_performer.prep.splits import OOD, assign_split, promotion_targets, read_ood_accessions, split_thresholds
+from protein_performer.prepared import (
+    SPLITS,
+    SplitWriter,
+    commit_rewrite,
+    finish_split,
+    read_split,
+    rewrite_split,
+    write_manifest,
+)
+from protein_performer.vocab import EOS
 
 MAX_WARNINGS = 5  # per reason; the rest are only counted
 log = logging.getLogger(__name__)
@@ -287,3 +296,23 @@ def run(s: Settings) -> dict:
         file=sys.stderr,
     )
     return manifest
+
+
+def write_prepared(root: Path, splits: dict[str, Sequence[np.ndarray]]) -> Path:
+    """A prepared directory from residue ids per split, written the way a prep run writes it (SplitWriter,
+    finish_split, the manifest), for sequences that are already tokens: the tests build their corpora with it."""
+    root.mkdir(parents=True, exist_ok=True)
+    stats = {}
+    for name, seqs in splits.items():
+        writer = SplitWriter(root, name)
+        lengths = np.array([len(seq) for seq in seqs], dtype=np.int64)
+        stream = np.concatenate([np.append(seq, EOS) for seq in seqs] or [np.zeros(0)]).astype(np.uint8)
+        starts = np.cumsum(lengths + 1) - (lengths + 1)
+        writer.append(memoryview(stream), starts, lengths, np.arange(len(seqs)), np.zeros((len(seqs), 2), np.uint64))
+        writer.close()
+        stats[name] = finish_split(root / name)
+    kept = sum(st["count"] for st in stats.values())
+    records = {"read": kept, "residues_read": sum(st["residues"] for st in stats.values()),
+               "moved_to_ood_by_duplicate": 0}
+    write_manifest(root, build_manifest({}, [], stats, records, Counter(), Counter()))
+    return root

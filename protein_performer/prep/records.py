@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep.dedup import ACCESSION_PACKED, accession_keys, pack_key, sequence_digests
 from protein_performer.fasta import parse_title
+from protein_performer.prep.dedup import ACCESSION_PACKED, accession_keys, pack_key, sequence_digests
 from protein_performer.vocab import BYTE_TO_ID, EOS, LETTERS, NOT_A_LETTER, X
 
 # Biopython is imported where it is used: importing Bio.SwissProt / Bio.SeqIO costs 0.2 s of start-up, and the

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from protein_performer.corpus import SPLITS
 from protein_performer.errors import UserError
 from protein_performer.fasta import open_text
+from protein_performer.prepared import SPLITS
 
 # docs/paper_notes.md section 1 (App. C.1 of arXiv 2009.14794).
 # fmt: off

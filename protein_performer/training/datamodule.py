@@ -14,10 +14,10 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from ..corpus import PreparedDir
 from ..data import ConcatenatedDataset, SingleSequenceDataset
 from ..errors import UserError
 from ..masking import EVAL_STREAM, TRAIN_STREAM, Collator, Objective
+from ..prepared import PreparedDir
 from .sampler import EpochOrder, Keyed, ShardedBatchSampler
 
 # The train loader resumes mid-epoch through this module's state_dict, which Lightning's check cannot see.
