@@ -36,7 +36,7 @@ OFFSETS_FILE = "offsets.npy"
 _SCAN = 1 << 26  # bytes (or offsets) per step of a full scan: bounded memory at TrEMBL scale
 
 
-# Reading: every reader goes through these
+# Reading
 
 
 def is_prepared_dir(path: str | Path) -> bool:
@@ -183,7 +183,7 @@ class Split:
         return {**self.__dict__, "_tokens": None, "_offsets": None, "_lengths": None}
 
 
-# Writing: a prep run writes every file through these
+# Writing (protein_performer.prep decides what goes in)
 
 _COPY = 1 << 26  # bytes per copy step when rewriting a split
 
