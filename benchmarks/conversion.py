@@ -5,6 +5,9 @@ scripts/reproduce_conversion.sh, which trains the runs it reads:
     RUNS/exact/                 the parent: an exact (softmax) causal Transformer
     RUNS/step0/m<M>-seed<S>/    `validate` of the parent's weights with favor-softmax attention of M random
                                 features drawn from feature seed S, no training
+    RUNS/step0/favor-relu/      the same with favor-relu attention
+    RUNS/step0/uniform/         the parent with uniform attention (q = k = 0): what its perplexity owes to where
+                                its attention looks, the yardstick of the swaps
     RUNS/converted/             favor-softmax fine-tuned from the parent (--model.init_from)
     RUNS/scratch/               favor-softmax trained from scratch, as many steps as the fine-tune
 
@@ -82,7 +85,8 @@ def agreement_rows(runs: Path, held_out: str, features: int, num_sequences: int)
     return pd.DataFrame(rows)
 
 
-def figure(curves: dict[str, pd.DataFrame], step0: pd.DataFrame, parent_ppl: float, fine_tune_features: int):
+def figure(curves: dict[str, pd.DataFrame], step0: pd.DataFrame, parent_ppl: float, fine_tune_features: int,
+           uniform: float | None):
     fig = plots.new_figure(7, 4.2)
     ax = fig.subplots()
     for (name, frame), color in zip(curves.items(), ("C0", "C1", "C7")):
@@ -90,6 +94,8 @@ def figure(curves: dict[str, pd.DataFrame], step0: pd.DataFrame, parent_ppl: flo
     at0 = step0.groupby("features")["val/ppl"].mean()
     ax.scatter([0] * len(at0), at0.values, color="C0", marker="x", zorder=3,
                label="no training, m = " + ", ".join(map(str, at0.index)))
+    if uniform is not None:
+        ax.axhline(uniform, color="C3", linestyle="--", label=f"the parent with uniform attention ({uniform:.2f})")
     ax.axhspan(parent_ppl, (1 + WITHIN) * parent_ppl, color="C2", alpha=0.25,
                label=f"within {WITHIN:.0%} of the exact parent ({parent_ppl:.2f})")
     ax.set(xlabel="training steps of this run", ylabel="validation perplexity",
@@ -117,23 +123,35 @@ def main() -> None:
     curves = {"converted from the exact parent": converted, "favor-softmax from scratch": scratch,
               "exact parent (from scratch)": parent}
 
+    controls = {name: float(validations(args.runs / "step0" / name)["val/ppl"].iloc[-1])
+                for name in ("favor-relu", "uniform") if (args.runs / "step0" / name).is_dir()}
+    notes = []
+    if "favor-relu" in controls:
+        notes.append(f"\nSwapped to favor-relu, no training: {controls['favor-relu']:.3f}.")
+    if "uniform" in controls:
+        kept = (controls["uniform"] - step0["val/ppl"].mean()) / (controls["uniform"] - parent_ppl)
+        notes.append(f"\nThe parent with uniform attention (q = k = 0), the yardstick: {controls['uniform']:.3f}. "
+                     f"The favor-softmax swap keeps {kept:.0%} of the parent's gain over it (mean over m and seeds).")
     lines = [f"# Softmax Transformer -> Performer by fine-tuning\n\n{machine_line()}\n",
              f"Exact parent: {find_checkpoint(args.runs / 'exact')}, {int(parent['step'].iloc[-1])} steps, "
              f"validation perplexity **{parent_ppl:.3f}**.\n",
              "## Swapped to favor-softmax, no training (validation perplexity over feature seeds)\n",
              markdown(step0.groupby("features")["val/ppl"].agg(["mean", "min", "max", "count"]).round(3).reset_index()),
+             *notes,
              f"\n## Steps to come within {WITHIN:.0%} of the parent ({(1 + WITHIN) * parent_ppl:.3f})\n",
-             "| run | steps run | first step within 2% | final validation perplexity |", "| --- | --- | --- | --- |"]
+             "| run | steps run | first step within 2% | first step below the uniform-attention parent | "
+             "final validation perplexity |", "| --- | --- | --- | --- | --- |"]
     for name, frame in curves.items():
         hit = first_within(frame, parent_ppl)
-        lines.append(f"| {name} | {int(frame['step'].iloc[-1])} | {hit if hit is not None else 'not reached'} | "
-                     f"{frame['val/ppl'].iloc[-1]:.3f} |")
+        below = first_within(frame, controls["uniform"] / (1 + WITHIN)) if "uniform" in controls else None
+        lines.append(f"| {name} | {int(frame['step'].iloc[-1])} | {'not reached' if hit is None else hit} | "
+                     f"{'-' if below is None else below} | {frame['val/ppl'].iloc[-1]:.3f} |")
     if args.held_out:
         table = agreement_rows(args.runs, args.held_out, features, args.num_sequences)
         lines += [f"\n## Attention vs BLOSUM62 ({args.num_sequences} proteins of {Path(args.held_out).name}, "
                   "128-token windows from residue 51)\n", markdown(table.round(4))]
     pd.concat([f.assign(run=n) for n, f in curves.items()]).to_csv(out / "conversion.csv", index=False)
-    plots.save(figure(curves, step0, parent_ppl, features), out / "conversion.png")
+    plots.save(figure(curves, step0, parent_ppl, features, controls.get("uniform")), out / "conversion.png")
     (out / "conversion.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines) + f"\n\nwrote {out}/conversion.md, conversion.csv, conversion.png")
 
