@@ -107,12 +107,12 @@ def _sync(device: str) -> None:
 
 def run_one(args, method: str, length: int, causal: bool) -> dict:
     cmd = [sys.executable, __file__, "--worker", method, str(length), str(int(causal)), "--batch", str(args.batch),
-           "--heads", str(args.heads), "--d-head", str(args.d_head), "--features", str(args.features),
+           "--heads", str(args.heads), "--d_head", str(args.d_head), "--nb_features", str(args.nb_features),
            "--repeats", str(args.repeats), "--device", args.device, "--precision", args.precision]
     if args.baseline:
         cmd += ["--baseline", str(args.baseline)]
     if args.cpu_time:
-        cmd.append("--cpu-time")
+        cmd.append("--cpu_time")
     return run_worker(cmd, args.timeout)
 
 
@@ -123,22 +123,22 @@ def main(argv=None):
     p.add_argument("--modes", nargs="+", default=["bidirectional", "causal"], choices=["bidirectional", "causal"])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--d-head", type=int, default=64)
-    p.add_argument("--features", type=int, default=256)
+    p.add_argument("--d_head", type=int, default=64)
+    p.add_argument("--nb_features", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per process, after one warm-up run")
     p.add_argument("--rounds", type=int, default=1,
                    help="processes per (method, mode, length), interleaved across methods and modes; the fastest "
                         "counts (a shared machine's slow spells then hit every method alike)")
     p.add_argument("--device", default=default_device())
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: under bf16 autocast")
-    p.add_argument("--cpu-time", action="store_true",
+    p.add_argument("--cpu_time", action="store_true",
                    help="time with the process's CPU clock instead of the wall clock: for OMP_NUM_THREADS=1 runs on "
                         "a machine shared with other work, where waiting for a core would otherwise count")
     p.add_argument("--baseline", type=Path,
                    help="a checkout of protein_performer (e.g. `git worktree add DIR OLD_COMMIT`): its FAVOR methods "
                         "run too, as METHOD@baseline, interleaved with this checkout's")
     p.add_argument("--timeout", type=float, default=300, help="seconds per (method, length) before giving up")
-    p.add_argument("--skip-after", type=float, default=60,
+    p.add_argument("--skip_after", type=float, default=60,
                    help="stop growing L for a method once one run took longer than this many seconds")
     p.add_argument("--out", type=Path, default=RESULTS / "attention.csv")
     p.add_argument("--worker", nargs=3, metavar=("METHOD", "LENGTH", "CAUSAL"), help=argparse.SUPPRESS)
@@ -146,7 +146,7 @@ def main(argv=None):
 
     if args.worker:
         method, length, causal = args.worker[0], int(args.worker[1]), bool(int(args.worker[2]))
-        print(json.dumps(worker(method, length, causal, args.batch, args.heads, args.d_head, args.features,
+        print(json.dumps(worker(method, length, causal, args.batch, args.heads, args.d_head, args.nb_features,
                                 args.repeats, args.device, args.precision, args.baseline and str(args.baseline),
                                 args.cpu_time)))
         return
@@ -158,7 +158,7 @@ def main(argv=None):
         methods += [m + BASELINE for m in methods if m.startswith("favor-")]
     rows = []
     print(machine_line())
-    print(f"B={args.batch} H={args.heads} d_head={args.d_head} m={args.features}, forward+backward, "
+    print(f"B={args.batch} H={args.heads} d_head={args.d_head} m={args.nb_features}, forward+backward, "
           f"device={args.device}, precision={args.precision}, torch threads={_threads()}, {args.rounds} round(s), "
           f"{'CPU' if args.cpu_time else 'wall'} clock")
     print(f"{'mode':<14}{'method':<27}{'L':>7}{'seconds':>10}{'peak MiB':>10}")

@@ -25,8 +25,6 @@ SYNONYMS = [
     ("nb_features", "features", "num_features"),  # random features m
     ("out", "output", "out_dir", "output_dir"),
 ]
-# A benchmark whose flags are being renamed elsewhere (issue 18): strict, so the mark goes once it complies.
-PENDING = {"attention"}
 BENCHMARKS = sorted(p for p in (REPO / "benchmarks").glob("*.py") if p.stem != "results_io")
 
 
@@ -67,7 +65,7 @@ def command_flags(tmp_path_factory) -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def benchmark_flags(monkeypatch_module) -> dict[str, set[str]]:
-    return {f"benchmarks/{p.name}": option_strings(benchmark_parser(p)) for p in BENCHMARKS if p.stem not in PENDING}
+    return {f"benchmarks/{p.name}": option_strings(benchmark_parser(p)) for p in BENCHMARKS}
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +95,6 @@ def test_one_spelling_per_concept_in_every_command_line(command_flags, benchmark
     assert "--model.max_len" in command_flags["protein-performer fit"]  # the training CLI's names are the model
     assert "--data.max_tokens" in command_flags["protein-performer fit"]
     check({**command_flags, **benchmark_flags})
-
-
-@pytest.mark.parametrize("name", sorted(PENDING))
-@pytest.mark.xfail(strict=True, reason="flags renamed by whoever edits these benchmarks next (issue 18)")
-def test_pending_benchmarks(name, monkeypatch_module):
-    check({name: option_strings(benchmark_parser(REPO / "benchmarks" / f"{name}.py"))})
 
 
 def test_unknown_letters_have_one_default():
