@@ -7,6 +7,7 @@ ranks) inherit OMP_NUM_THREADS.
 """
 
 import gzip
+import math
 import os
 import subprocess
 import sys
@@ -133,3 +134,23 @@ def ckpt(tiny_run) -> Path:
 def offline_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """torch.empty, torch.empty_like and Tensor.new_empty give NaN-filled floating-point tensors (as
+    flash-linear-attention's tests do), so that code reading a buffer it has not fully written gives NaN."""
+
+    def filled(make):
+        def make_filled(*args, **kwargs):
+            t = make(*args, **kwargs)
+            if t.is_floating_point():
+                with torch.no_grad():  # also a leaf made with requires_grad=True
+                    t.fill_(math.nan)
+            return t
+
+        return make_filled
+
+    monkeypatch.setattr(torch, "empty", filled(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", filled(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", filled(torch.Tensor.new_empty))

@@ -29,6 +29,16 @@ F64, F32 = torch.float64, torch.float32
 KINDS = [("softmax", True), ("trig", True), ("relu", True), ("relu", False)]  # (kernel, uses a projection)
 FAST_KINDS = [k for k in KINDS if k[0] != "trig"]  # the kernels of the hand-written Functions
 
+# Every test here runs with NaN-filled torch.empty / empty_like / new_empty buffers (conftest.nan_empty): a buffer the
+# attention code reads before writing all of it turns the outputs or gradients NaN and fails the comparison.
+pytestmark = pytest.mark.usefixtures("nan_empty")
+
+
+def test_unwritten_buffers_are_nan_here():
+    half = torch.empty(4)
+    half[:2] = 1.0
+    assert half[2:].isnan().all() and torch.empty_like(half).isnan().all() and half.new_empty(3).isnan().all()
+
 
 def rand(*shape, seed=0, scale=1.0, dtype=F64, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
