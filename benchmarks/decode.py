@@ -3,7 +3,7 @@
 A causal model with the concatenated-task size (6 layers, d_model 512, 8 heads, d_ff 2048, m = 256) decodes
 `--steps` tokens after a prefix of each length, batch 1. FAVOR carries a constant-size state, so its time
 per token must not grow with the prefix; the exact model attends over its whole cache at every step. For FAVOR
-the last column is one attention layer's decoding step alone (favor_decode_step: H = 8, d_head = 64, m = 256).
+the last column is one attention layer's decoding step alone (FavorAttention.decode: H = 8, d_head = 64, m = 256).
 
     python benchmarks/decode.py --prefixes 100 10000
     OMP_NUM_THREADS=1 python benchmarks/decode.py --cpu_time --rounds 3    # on a machine shared with other work
@@ -37,7 +37,7 @@ def tokens_per_second(model: ProteinLM, prefix: int, steps: int, clock=time.perf
 
 @torch.no_grad()
 def attention_step_us(kernel: str, steps: int, clock=time.perf_counter) -> float:
-    """Microseconds per favor_decode_step of one layer, after a 100-token prefix."""
+    """Microseconds per decoding step of one FAVOR layer (FavorAttention.decode), after a 100-token prefix."""
     attn = FavorAttention(64, 256, kernel=kernel, causal=True)
     _, state = attn.decode(*(torch.randn(1, 8, 100, 64) for _ in range(3)), None)
     x = [torch.randn(1, 8, 1, 64) for _ in range(3)]

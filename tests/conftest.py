@@ -20,6 +20,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.utils._device  # noqa: E402
 
 from protein_performer import vocab  # noqa: E402
 from protein_performer.prep.pipeline import write_prepared  # noqa: E402
@@ -139,7 +140,8 @@ def offline_wandb(tmp_path, monkeypatch):
 @pytest.fixture
 def nan_empty(monkeypatch):
     """torch.empty, torch.empty_like and Tensor.new_empty give NaN-filled floating-point tensors (as
-    flash-linear-attention's tests do), so that code reading a buffer it has not fully written gives NaN."""
+    flash-linear-attention's tests do), so that code reading a buffer it has not fully written, in forward or in
+    backward, gives NaN. (A TorchFunctionMode would be cleaner but does not reach autograd's backward.)"""
 
     def filled(make):
         def make_filled(*args, **kwargs):
@@ -151,6 +153,9 @@ def nan_empty(monkeypatch):
 
         return make_filled
 
+    # `with torch.device(...)` looks factory functions up in a cached list built on first use: build it from the
+    # real ones now, or a first use inside this fixture would cache the wrappers for the rest of the process.
+    getattr(torch.utils._device, "_device_constructors", lambda: None)()
     monkeypatch.setattr(torch, "empty", filled(torch.empty))
     monkeypatch.setattr(torch, "empty_like", filled(torch.empty_like))
     monkeypatch.setattr(torch.Tensor, "new_empty", filled(torch.Tensor.new_empty))

@@ -12,7 +12,6 @@ from protein_performer.attention import (
     FavorAttention,
     attention_matrix,
     favor_attention,
-    favor_decode_step,
     orthogonal_gaussian_matrix,
     softmax_attention,
 )
@@ -38,6 +37,19 @@ def test_unwritten_buffers_are_nan_here():
     half = torch.empty(4)
     half[:2] = 1.0
     assert half[2:].isnan().all() and torch.empty_like(half).isnan().all() and half.new_empty(3).isnan().all()
+
+    class Unwritten(torch.autograd.Function):  # backward's buffers too
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.empty_like(grad)
+
+    x = torch.ones(3, requires_grad=True)
+    Unwritten.apply(x).sum().backward()
+    assert x.grad.isnan().all()
 
 
 def rand(*shape, seed=0, scale=1.0, dtype=F64, requires_grad=False):
@@ -218,10 +230,12 @@ def test_decode_prefill_and_steps_equal_full_causal(kernel, projected):
     q, k, v = qkv(length=90)
     k[:, :, 60:] *= 4  # later keys raise the running maximum: the carried state must be rescaled
     full = favor_attention(q, k, v, w, kernel=kernel, causal=True, chunk_size=16)
-    out, state = favor_decode_step(q[:, :, :50], k[:, :, :50], v[:, :, :50], w, None, kernel=kernel)
+    out, state = favor_attention(q[:, :, :50], k[:, :, :50], v[:, :, :50], w, kernel=kernel,
+                                 causal=True, output_final_state=True)
     outs = [out]
     for t in range(50, 90):
-        out, state = favor_decode_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], w, state, kernel=kernel)
+        out, state = favor_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], w, kernel=kernel,
+                                     causal=True, initial_state=state, output_final_state=True)
         outs.append(out)
     assert isinstance(state, DecodeState)
     features = w.shape[0] * (2 if kernel == "trig" else 1) if projected else 16
@@ -519,8 +533,9 @@ def test_functions_read_no_values_and_stay_on_the_inputs_device(scan):
                               blocking=Blocking(block=16, span=32, scan=scan))
         grads = torch.autograd.grad(out.sum(), (q, k, v))
         assert out.device.type == "meta" and all(g.device.type == "meta" for g in grads)
-    _, state = favor_decode_step(q[:, :, :5], k[:, :, :5], v[:, :, :5], w, None)
-    out, state = favor_decode_step(q[:, :, 5:6], k[:, :, 5:6], v[:, :, 5:6], w, state)
+    _, state = favor_attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], w, causal=True, output_final_state=True)
+    out, state = favor_attention(q[:, :, 5:6], k[:, :, 5:6], v[:, :, 5:6], w,
+                                 causal=True, initial_state=state, output_final_state=True)
     assert state.kv.device.type == "meta"
     with pytest.raises(RuntimeError):  # the premise: a value read on meta raises
         bool(mask.any())

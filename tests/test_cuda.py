@@ -10,11 +10,10 @@ from protein_performer import vocab
 from protein_performer.attention import (
     Blocking,
     favor_attention,
-    favor_decode_step,
     orthogonal_gaussian_matrix,
     softmax_attention,
 )
-from protein_performer.attention.favor import blocking_for
+from protein_performer.attention.blocking import blocking_for
 from protein_performer.attention.naive import linear_attention, plain_softmax_features
 from protein_performer.model import ATTENTION_KINDS, Config, ProteinLM
 
@@ -67,8 +66,10 @@ def test_no_host_device_sync_in_forward_backward_and_decode():
             out = favor_attention(q, k, v, w, causal=causal, key_padding_mask=mask)
             torch.autograd.grad(out.sum(), (q, k, v))
         with torch.no_grad():
-            _, state = favor_decode_step(q[:, :, :100], k[:, :, :100], v[:, :, :100], w, None)
-            favor_decode_step(q[:, :, 100:101], k[:, :, 100:101], v[:, :, 100:101], w, state)
+            _, state = favor_attention(q[:, :, :100], k[:, :, :100], v[:, :, :100], w,
+                                       causal=True, output_final_state=True)
+            favor_attention(q[:, :, 100:101], k[:, :, 100:101], v[:, :, 100:101], w,
+                            causal=True, initial_state=state, output_final_state=True)
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
@@ -78,10 +79,11 @@ def test_decode_equals_full_causal_on_gpu():
     q, k, v = (torch.randn(1, 4, 300, 32, generator=g, dtype=torch.float64).cuda() * 0.5 for _ in range(3))
     w = orthogonal_gaussian_matrix(128, 32, generator=g, dtype=torch.float64).cuda()
     full = favor_attention(q, k, v, w, causal=True)
-    out, state = favor_decode_step(q[:, :, :250], k[:, :, :250], v[:, :, :250], w, None)
+    out, state = favor_attention(q[:, :, :250], k[:, :, :250], v[:, :, :250], w, causal=True, output_final_state=True)
     outs = [out]
     for t in range(250, 300):
-        out, state = favor_decode_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], w, state)
+        out, state = favor_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], w,
+                                     causal=True, initial_state=state, output_final_state=True)
         outs.append(out)
     torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-10, atol=1e-10)  # float64 round-off
 

@@ -1,4 +1,4 @@
-"""FAVOR+ attention: favor_attention, favor_decode_step, attention_matrix.
+"""FAVOR+ attention: favor_attention (with an initial and a final state when causal), attention_matrix.
 
 Both directions compute D^-1 phi(Q) (phi(K)^T [V, 1]): the denominator D is the last column of the same products.
 Softmax and ReLU features run in two hand-written autograd Functions (bidirectional.py, causal.py) that work on
@@ -15,41 +15,14 @@ exponents, maxima, the division by D and the carried sums (kv, chunk states) sta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from .bidirectional import BidirectionalFavor
+from .blocking import DEFAULT_CHUNK, Blocking, blocking_for
 from .causal import CausalFavor, causal_step
 from .features import PAD_LOG_SCALE, Kernel, check_feature_args, no_autocast, whole_features
-
-DEFAULT_CHUNK = 64  # causal chunk C: of 32 / 64 / 128 (spans of 256 or 512), 64 was fastest on the 2-core CPUs
-
-
-@dataclass(frozen=True)
-class Blocking:
-    """How the Functions cut the sequence: rows per bidirectional block, rows per causal span (a multiple of the
-    chunk), and the causal state scan: a Python loop over chunks, or one product with a decay matrix."""
-
-    block: int = 512
-    span: int = 256  # CPU: 3-7% faster than 512 on the 2-core EPYC at L = 4096 and 8192, fp32 and bf16
-    scan: Literal["loop", "matmul"] = "loop"
-
-
-CPU_BLOCKING = Blocking()
-CUDA_SPAN = 4096  # 64 chunks per span: the matmul scan's (65 x 65) decay product stays small
-CUDA_BUFFER_BYTES = 2**30  # one (B, H, block, m) feature buffer: the whole sequence where it fits
-
-
-def blocking_for(q: torch.Tensor, m: int) -> Blocking:
-    """CPU: blocks of 512 rows, spans of 256, loop scan. CUDA: one block for the whole sequence when a (B, H, L, m)
-    buffer fits in CUDA_BUFFER_BYTES, spans of CUDA_SPAN rows, matmul scan (no per-chunk launches)."""
-    if q.device.type != "cuda":
-        return CPU_BLOCKING
-    b, h, length, _ = q.shape
-    block = max(512, min(length, CUDA_BUFFER_BYTES // (b * h * m * q.element_size())))
-    return Blocking(block=block, span=CUDA_SPAN, scan="matmul")
 
 
 class DecodeState(NamedTuple):
@@ -71,61 +44,50 @@ def favor_attention(
     key_padding_mask: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     blocking: Blocking | None = None,
-) -> torch.Tensor:
+    initial_state: DecodeState | None = None,
+    output_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, DecodeState]:
     """FAVOR+ attention (B, H, L, d_v) for q, k (B, H, L, d), v (B, H, L, d_v); key_padding_mask (B, L), True = real.
 
     kernel "softmax": positive random features for softmax(q k^T / sqrt(d)); "relu": the generalized ReLU kernel
     (projection=None: the deterministic relu(x) + 1e-3); "trig": the sin/cos estimator (an ablation). The output
     has v's dtype; for softmax and relu it is a view of a (B, L, H, d_v) tensor that autograd saves (clone it
     before modifying it in place). blocking: None = blocking_for(q, m).
+
+    Causal attention carries a constant-size state, as flash-linear-attention's kernels do: `initial_state` is the
+    state after a prefix (the positions given then continue it), and output_final_state=True returns
+    (output, state after the last position), which a next call continues: decoding is a prompt's call, then one
+    call per token, each O(1) in the prefix length. A single position without gradients runs the recurrence itself
+    (causal_step) instead of the chunked Function. Neither goes with a key_padding_mask.
     """
+    stateful = initial_state is not None or output_final_state
+    if stateful and not causal:
+        raise ValueError("initial_state / output_final_state need causal=True")
+    if stateful and key_padding_mask is not None:
+        raise ValueError("initial_state / output_final_state work on unpadded sequences: no key_padding_mask")
     low = _product_dtype(q)
+    state = None
     with no_autocast(q.device):
         q, k, v_work, w = _work(q, k, v, projection)
         check_feature_args(q.shape[-1], w, kernel)
         real = None if key_padding_mask is None else key_padding_mask[:, None, :].to(torch.bool)  # (B, 1, L)
         if kernel == "trig":
-            out, _ = _whole_sequence(q, k, v_work, w, kernel, causal, real)
-        else:
-            plan = blocking or blocking_for(q, q.shape[-1] if w is None else w.shape[0])
-            if causal:
-                out, _, _ = CausalFavor.apply(q, k, v_work, w, kernel, real, None, None, chunk_size, plan.span,
-                                              plan.scan, low)
-            else:
-                out = BidirectionalFavor.apply(q, k, v_work, w, kernel, real, plan.block, low)
-    return out.to(v.dtype)
-
-
-def favor_decode_step(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    projection: torch.Tensor | None,
-    state: DecodeState | None,
-    *,
-    kernel: Kernel = "softmax",
-) -> tuple[torch.Tensor, DecodeState]:
-    """Causal FAVOR for the next T positions (q, k, v (B, H, T, d)) after the prefix summarised by `state`: their
-    outputs (B, H, T, d_v), equal to favor_attention(..., causal=True) over prefix + new positions, and the state
-    after them. O(1) time and memory per token; T > 1 (or gradients) runs the causal Function, a single position
-    without gradients its recurrence written out (causal_step)."""
-    low = _product_dtype(q)
-    with no_autocast(q.device):
-        q, k, v_work, w = _work(q, k, v, projection)
-        check_feature_args(q.shape[-1], w, kernel)
-        if kernel == "trig":
-            out, state = _whole_sequence(q, k, v_work, w, kernel, True, None, state, final_state=True)
-        else:
-            kv0, g0 = (None, None) if state is None else state
+            out, state = _whole_sequence(q, k, v_work, w, kernel, causal, real, initial_state,
+                                         final_state=output_final_state)
+        elif causal:
+            kv0, g0 = (None, None) if initial_state is None else initial_state
             tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v_work, w, kv0))
-            if q.shape[2] == 1 and not tracked:  # a sampling step: the recurrence itself, no autograd
+            if stateful and q.shape[2] == 1 and not tracked:  # a sampling step: the recurrence itself, no autograd
                 out, kv, g = causal_step(q, k, v_work, w, kernel, kv0, g0, low)
             else:
-                plan = blocking_for(q, q.shape[-1] if w is None else w.shape[0])
-                out, kv, g = CausalFavor.apply(q, k, v_work, w, kernel, None, kv0, g0, DEFAULT_CHUNK, plan.span,
+                plan = blocking or blocking_for(q, q.shape[-1] if w is None else w.shape[0])
+                out, kv, g = CausalFavor.apply(q, k, v_work, w, kernel, real, kv0, g0, chunk_size, plan.span,
                                                plan.scan, low)
-            state = DecodeState(kv, g)
-    return out.to(v.dtype), state
+            state = DecodeState(kv, g) if output_final_state else None
+        else:
+            plan = blocking or blocking_for(q, q.shape[-1] if w is None else w.shape[0])
+            out = BidirectionalFavor.apply(q, k, v_work, w, kernel, real, plan.block, low)
+    return (out.to(v.dtype), state) if output_final_state else out.to(v.dtype)
 
 
 def attention_matrix(

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocking import DEFAULT_CHUNK
 from .exact import softmax_attention
-from .favor import DEFAULT_CHUNK, DecodeState, favor_attention, favor_decode_step
+from .favor import DecodeState, favor_attention
 from .features import Kernel, orthogonal_gaussian_matrix
 
 
@@ -67,7 +68,8 @@ class FavorAttention(nn.Module):
 
     def decode(self, q, k, v, state: DecodeState | None):
         """Causal decoding: outputs of the next positions and the constant-size state after them."""
-        return favor_decode_step(q, k, v, self.random_projection, state, kernel=self.kernel)
+        return favor_attention(q, k, v, self.random_projection, kernel=self.kernel, causal=True,
+                               chunk_size=self.chunk_size, initial_state=state, output_final_state=True)
 
     def extra_repr(self) -> str:
         features = self.nb_features if self.projection.numel() else 0
