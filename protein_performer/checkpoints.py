@@ -2,7 +2,7 @@
 
 They are read with weights_only=True (tensors and plain types only: no code runs on load), and refused with a
 UserError naming the file when empty, truncated, from a newer release, or holding non-finite weights (a
-diverged run). Checkpoints of earlier 0.x releases are upgraded (Config.from_dict; MLP key names in model.py).
+diverged run). Checkpoints of earlier 0.x releases are upgraded on reading, in one place: upgrade_checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .errors import UserError
-from .model import LEGACY_ATTENTION, Config, ProteinLM
+from .model import Config, ProteinLM
 from .outputs import by_age
 
 
@@ -68,16 +68,34 @@ def read_checkpoint(path: str | Path) -> dict:
         raise UserError(f"{path}: cannot be read as a torch checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise UserError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return upgrade_checkpoint(ckpt)
+
+
+LEGACY_ATTENTION = {"softmax": "exact"}  # how protein_performer 0.1 named exact attention
+LEGACY_MLP = {".mlp.0.": ".mlp.fc.", ".mlp.2.": ".mlp.proj."}  # 0.1 held the MLP as an nn.Sequential
+
+
+def upgrade_checkpoint(ckpt: dict) -> dict:
+    """A checkpoint of any 0.x release in this release's form, changed in place: the one place that knows earlier
+    releases. Run on every checkpoint read (read_checkpoint) and on Lightning's own resume
+    (ProteinLMModule.on_load_checkpoint). 0.1 kept model fields in hyper_parameters["model_args"], named exact
+    attention "softmax" and held the MLP as an nn.Sequential (mlp.0 = fc, mlp.2 = proj)."""
+    hparams = ckpt.get("hyper_parameters")
+    if isinstance(hparams, dict):
+        hparams.update(hparams.pop("model_args", None) or {})
+    meta = ckpt.get("protein_performer")
+    model_config = meta.get("model_config") if isinstance(meta, dict) else None
+    for fields in (hparams, model_config):
+        if isinstance(fields, dict) and "attention" in fields:
+            fields["attention"] = LEGACY_ATTENTION.get(fields["attention"], fields["attention"])
+    weights = ckpt.get("state_dict")
+    if isinstance(weights, dict):
+        for key in [k for k in weights if any(old in k for old in LEGACY_MLP)]:
+            new = key
+            for old, current in LEGACY_MLP.items():
+                new = new.replace(old, current)
+            weights[new] = weights.pop(key)
     return ckpt
-
-
-def upgrade_hparams(hparams: dict) -> dict:
-    """ProteinLMModule hyperparameters saved by any 0.x release, in this release's form: 0.1 kept model fields
-    in a `model_args` dict and named exact attention "softmax"."""
-    hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
-    hparams.update(hparams.pop("model_args", None) or {})
-    hparams["attention"] = LEGACY_ATTENTION.get(hparams.get("attention"), hparams.get("attention"))
-    return hparams if "preset" in hparams else {}
 
 
 def non_finite(named_tensors: Iterable[tuple[str, object]]) -> list[str]:

@@ -11,8 +11,8 @@ import csv
 import json
 from pathlib import Path
 
+from .checkpoints import LEGACY_ATTENTION
 from .errors import UserError
-from .model import LEGACY_ATTENTION
 
 COLUMN = {"exact": "Transformer", "favor-relu": "Performer (ReLU)", "favor-softmax": "Performer (softmax)"}
 

@@ -22,7 +22,6 @@ from .attention import DEFAULT_CHUNK, ExactAttention, FavorAttention, attention_
 
 AttentionKind = Literal["exact", "favor-softmax", "favor-relu"]
 ATTENTION_KINDS: tuple[str, ...] = ("exact", "favor-softmax", "favor-relu")
-LEGACY_ATTENTION = {"softmax": "exact"}  # names in checkpoints of protein_performer 0.1
 PresetName = Literal["paper-36l", "paper-concat-6l", "paper-concat-transformer", "small", "tiny"]
 
 
@@ -89,9 +88,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> Config:
-        """A Config from to_dict() output, including that of earlier releases (attention "softmax" = "exact")."""
-        values = dict(values)
-        values["attention"] = LEGACY_ATTENTION.get(values.get("attention"), values.get("attention"))
+        """A Config from to_dict() output (checkpoints.upgrade_checkpoint brings earlier releases' to this form)."""
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown Config fields {sorted(unknown)}")
@@ -157,17 +154,9 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self._register_load_state_dict_pre_hook(_rename_legacy_mlp_keys)
 
     def forward(self, x):
         return self.drop(GeluLinear.apply(self.fc(x), self.proj.weight, self.proj.bias))
-
-
-def _rename_legacy_mlp_keys(state_dict, prefix, *args):
-    """Checkpoints of protein_performer 0.1 held the MLP as an nn.Sequential: mlp.0 = fc, mlp.2 = proj."""
-    for old, new in (("0.", "fc."), ("2.", "proj.")):
-        for key in [k for k in state_dict if k.startswith(prefix + old)]:
-            state_dict[prefix + new + key.removeprefix(prefix + old)] = state_dict.pop(key)
 
 
 class GeluLinear(torch.autograd.Function):

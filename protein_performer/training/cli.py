@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..checkpoints import read_checkpoint, upgrade_hparams
+from ..checkpoints import read_checkpoint
 from ..machine import cpu_bf16
 from .callbacks import BestAndLastCheckpoint
 from .datamodule import ProteinDataModule
@@ -76,14 +76,15 @@ class ProteinCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """LightningCLI's own version loads --ckpt_path's hyperparameters into the model's config with a bare
         torch.load; this one reads the file through checkpoints.read_checkpoint (clear errors for an empty or
-        truncated file) and upgrades the hyperparameters of 0.1 checkpoints (model_args, "softmax"). A private
+        truncated file) and upgrades those of earlier releases (checkpoints.upgrade_checkpoint). A private
         method, called before any public hook: tests/test_lightning_private.py checks it is still called."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path in (None, "last", "best", "hpc", "registry"):
             return
-        hparams = upgrade_hparams(read_checkpoint(ckpt_path).get("hyper_parameters", {}))
-        if hparams:
+        hparams = {k: v for k, v in read_checkpoint(ckpt_path).get("hyper_parameters", {}).items()
+                   if k != "_instantiator"}
+        if "preset" in hparams:  # written by ProteinLMModule
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
 

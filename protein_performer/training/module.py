@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from .. import __version__, vocab
-from ..checkpoints import check_finite, init_from_checkpoint
+from ..checkpoints import check_finite, init_from_checkpoint, upgrade_checkpoint
 from ..errors import UserError
 from ..evaluate import format_table, write_report
 from ..masking import Objective
@@ -174,6 +174,7 @@ class ProteinLMModule(L.LightningModule):
                                            "objective": self.hparams.objective}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        upgrade_checkpoint(checkpoint)  # Lightning's own resume reads the file itself: earlier releases' names
         try:
             path = self.trainer.ckpt_path
         except RuntimeError:  # loaded outside a Trainer
