@@ -56,7 +56,7 @@ log "test"
 "${CLI[@]}" test "${FIT[@]}" --trainer.default_root_dir "$OUT/masked" --trainer.logger.init_args.save_dir "$OUT/masked" \
   --trainer.logger.init_args.version test --ckpt_path "$OUT/masked/checkpoints/last.ckpt"
 log "a causal model for generate"
-"${CLI[@]}" fit "${FIT[@]}" --model.objective causal --model.attention favor-relu --trainer.max_steps "$STEPS" \
+"${CLI[@]}" fit "${FIT[@]}" --model.objective causal --model.config.attention favor-relu --trainer.max_steps "$STEPS" \
   --trainer.default_root_dir "$OUT/causal" --trainer.logger.init_args.save_dir "$OUT/causal"
 
 (zcat data/sample/mmseqs2_DB_first3000.fasta.gz || true) | head -n $((2 * RECORDS)) > "$OUT/first.fasta"  # SIGPIPE

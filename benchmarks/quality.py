@@ -88,8 +88,8 @@ def run_one(objective: str, attention: str, precision: str, seed: int, train_dir
             args) -> dict:
     name = f"{objective}-{attention}-{precision}-seed{seed}"
     L.seed_everything(seed)
-    module = ProteinLMModule("small", objective=objective, attention=attention, lr=args.lr, warmup_steps=100,
-                             redraw_every=args.redraw_every, d_model=args.d_model, d_ff=args.d_ff, seed=seed)
+    module = ProteinLMModule("small", objective=objective, lr=args.lr, warmup_steps=100, redraw_every=args.redraw_every,
+                             seed=seed, config={"attention": attention, "d_model": args.d_model, "d_ff": args.d_ff})
     dm = ProteinDataModule(str(train_dir), objective=objective, max_len=args.max_len, max_tokens=args.max_tokens,
                            num_workers=1, seed=seed)
     trainer = L.Trainer(

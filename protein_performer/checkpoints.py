@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -72,6 +72,7 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 LEGACY_ATTENTION = {"softmax": "exact"}  # how protein_performer 0.1 named exact attention
+CONFIG_FIELDS = {f.name for f in fields(Config)}
 LEGACY_MLP = {".mlp.0.": ".mlp.fc.", ".mlp.2.": ".mlp.proj."}  # 0.1 held the MLP as an nn.Sequential
 
 
@@ -79,15 +80,20 @@ def upgrade_checkpoint(ckpt: dict) -> dict:
     """A checkpoint of any 0.x release in this release's form, changed in place: the one place that knows earlier
     releases. Run on every checkpoint read (read_checkpoint) and on Lightning's own resume
     (ProteinLMModule.on_load_checkpoint). 0.1 kept model fields in hyper_parameters["model_args"], named exact
-    attention "softmax" and held the MLP as an nn.Sequential (mlp.0 = fc, mlp.2 = proj)."""
+    attention "softmax" and held the MLP as an nn.Sequential (mlp.0 = fc, mlp.2 = proj); up to 0.2 the model's
+    fields were hyperparameters of their own, now gathered in hyper_parameters["config"]."""
     hparams = ckpt.get("hyper_parameters")
     if isinstance(hparams, dict):
         hparams.update(hparams.pop("model_args", None) or {})
+        # up to 0.2 the model's fields were arguments of their own (--model.d_model); now they are `config`'s
+        flat = {k: hparams.pop(k) for k in [k for k in hparams if k in CONFIG_FIELDS]}
+        if flat:
+            hparams["config"] = {**{k: v for k, v in flat.items() if v is not None}, **hparams.get("config", {})}
     meta = ckpt.get("protein_performer")
     model_config = meta.get("model_config") if isinstance(meta, dict) else None
-    for fields in (hparams, model_config):
-        if isinstance(fields, dict) and "attention" in fields:
-            fields["attention"] = LEGACY_ATTENTION.get(fields["attention"], fields["attention"])
+    for values in (hparams and hparams.get("config"), model_config):
+        if isinstance(values, dict) and "attention" in values:
+            values["attention"] = LEGACY_ATTENTION.get(values["attention"], values["attention"])
     weights = ckpt.get("state_dict")
     if isinstance(weights, dict):
         for key in [k for k in weights if any(old in k for old in LEGACY_MLP)]:
@@ -170,7 +176,7 @@ def init_from_checkpoint(model: ProteinLM, objective: str, ckpt_path: str | Path
     for field in SHAPE_FIELDS:
         theirs, ours = getattr(parent, field), getattr(model.cfg, field)
         if theirs != ours:
-            raise UserError(refuse + f"its {field} is {theirs}, this model's is {ours} (--model.{field})")
+            raise UserError(refuse + f"its {field} is {theirs}, this model's is {ours} (--model.config.{field})")
     missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if not _is_projection(k)},
                                                 strict=False)
     missing = [k for k in missing if not _is_projection(k)]

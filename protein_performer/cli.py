@@ -1,6 +1,6 @@
 """`protein-performer`: one entry point for training, evaluation, analysis and using trained models.
 
-    protein-performer fit | validate | test --config CONFIG.yaml [--trainer.max_steps 10 --model.d_model 128 ...]
+    protein-performer fit | validate | test --config CONFIG.yaml [--trainer.max_steps 10 --model.config.d_model 128 ...]
     protein-performer report    RUN_A/report/report.json RUN_B/report/report.json
     protein-performer analyze   --ckpt_path CKPT --input FASTA_OR_DIR --out DIR
     protein-performer agreement RUN [RUN ...] --input FASTA_OR_DIR --out DIR
@@ -267,7 +267,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         commands.run(COMMANDS[args[0]], args[1:], f"protein-performer {args[0]}")
         return
     from .training.cli import build_cli
+    from .training.module import RENAMED_FLAGS
 
+    if args and args[0] in ("fit", "validate", "test"):
+        commands.refuse_renamed(args[1:], set(RENAMED_FLAGS.values()), f"protein-performer {args[0]}", RENAMED_FLAGS)
     try:
         build_cli(None if argv is None else args, other_commands=list(COMMANDS))
     except UserError as e:  # a missing or broken data directory or checkpoint, a diverged run

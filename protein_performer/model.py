@@ -67,8 +67,9 @@ class Config:
             raise ValueError(f"unknown attention kind {self.attention!r}; choose one of {ATTENTION_KINDS}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if min(self.d_model, self.n_heads, self.n_layers, self.d_ff, self.max_len, self.nb_features) < 1:
-            raise ValueError(f"model sizes must be positive: {self}")
+        for size in ("d_model", "n_heads", "n_layers", "d_ff", "max_len", "nb_features"):
+            if getattr(self, size) < 1:
+                raise ValueError(f"{size} = {getattr(self, size)}: model sizes must be positive")
 
     @property
     def d_head(self) -> int:

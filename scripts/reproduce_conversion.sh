@@ -29,10 +29,10 @@ protein-performer-prep "$DATA"/UP000000625-*.fasta.gz "$DATA"/UP000002311-*.fast
 # One thread each: two runs side by side on a 2-core machine
 echo "== train the exact parent ($PARENT_STEPS steps) and favor-softmax from scratch ($FINE_TUNE_STEPS steps); logs in $OUT/*.log"
 mkdir -p "$OUT"
-OMP_NUM_THREADS=1 protein-performer fit --config $RECIPE --data.data_dir "$OUT/prepared" --model.attention exact \
+OMP_NUM_THREADS=1 protein-performer fit --config $RECIPE --data.data_dir "$OUT/prepared" --model.config.attention exact \
   --trainer.max_steps $PARENT_STEPS --trainer.val_check_interval $(( PARENT_STEPS < 100 ? PARENT_STEPS : 100 )) $(run_dir exact) > "$OUT/exact.log" 2>&1 &
 parent=$!
-OMP_NUM_THREADS=1 protein-performer fit --config $RECIPE --data.data_dir "$OUT/prepared" --model.attention favor-softmax \
+OMP_NUM_THREADS=1 protein-performer fit --config $RECIPE --data.data_dir "$OUT/prepared" --model.config.attention favor-softmax \
   --trainer.max_steps $FINE_TUNE_STEPS --trainer.val_check_interval $(( FINE_TUNE_STEPS < 25 ? FINE_TUNE_STEPS : 25 )) $(run_dir scratch) > "$OUT/scratch.log" 2>&1 &
 scratch=$!
 wait $parent || { echo "training the exact parent failed: see $OUT/exact.log" >&2; exit 1; }
@@ -41,12 +41,12 @@ echo "== the parent's weights under favor-softmax, no training"
 for m in 32 64 128 256; do
   for seed in 0 1; do
     OMP_NUM_THREADS=1 protein-performer validate --config $RECIPE --data.data_dir "$OUT/prepared" \
-      --model.attention favor-softmax --model.nb_features $m --model.feature_seed $seed --model.init_from "$OUT/exact" \
+      --model.config.attention favor-softmax --model.config.nb_features $m --model.config.feature_seed $seed --model.init_from "$OUT/exact" \
       $(run_dir "step0/m$m-seed$seed") > "$OUT/step0.log" 2>&1 || { echo "see $OUT/step0.log" >&2; exit 1; }
   done
 done
 # another kernel than softmax: the swap changes what attention computes
-OMP_NUM_THREADS=1 protein-performer validate --config $RECIPE --data.data_dir "$OUT/prepared" --model.attention favor-relu \
+OMP_NUM_THREADS=1 protein-performer validate --config $RECIPE --data.data_dir "$OUT/prepared" --model.config.attention favor-relu \
   --model.init_from "$OUT/exact" $(run_dir step0/favor-relu) > "$OUT/step0.log" 2>&1 || { echo "see $OUT/step0.log" >&2; exit 1; }
 
 # The yardstick: the parent with uniform attention (q = k = 0: every position averages its prefix), i.e. what the
@@ -61,7 +61,7 @@ for key, w in ckpt["state_dict"].items():
         w[: 2 * w.shape[1]] = 0  # the q and k rows of the fused projection
 torch.save(ckpt, sys.argv[1] + "/uniform-attention.ckpt")
 PY
-OMP_NUM_THREADS=1 protein-performer validate --config $RECIPE --data.data_dir "$OUT/prepared" --model.attention exact \
+OMP_NUM_THREADS=1 protein-performer validate --config $RECIPE --data.data_dir "$OUT/prepared" --model.config.attention exact \
   --ckpt_path "$OUT/uniform-attention.ckpt" $(run_dir step0/uniform) > "$OUT/step0.log" 2>&1 || { echo "see $OUT/step0.log" >&2; exit 1; }
 
 echo "== fine-tune favor-softmax from the parent (configs/cpu/conversion.yaml)"

@@ -30,7 +30,7 @@ pids=()
 for kind in "${kinds[@]}"; do
   mkdir -p "$OUT/$kind"
   OMP_NUM_THREADS=1 protein-performer fit --config configs/cpu/similarity.yaml --data.data_dir "$OUT/prepared" \
-    --model.attention "$kind" --trainer.default_root_dir "$OUT/$kind" --trainer.logger.init_args.save_dir "$OUT/$kind" \
+    --model.config.attention "$kind" --trainer.default_root_dir "$OUT/$kind" --trainer.logger.init_args.save_dir "$OUT/$kind" \
     "$@" > "$OUT/$kind.log" 2>&1 &
   pids+=($!)
 done

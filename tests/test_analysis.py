@@ -176,7 +176,7 @@ def test_identity_values_trick_equals_direct_maps(kind, causal):
 def test_load_model_rebuilds_the_trained_network(ckpt):
     loaded = load_model(ckpt)
     state = torch.load(ckpt, weights_only=True)
-    assert loaded.config.attention == "favor-softmax" == state["hyper_parameters"]["attention"]
+    assert loaded.config.attention == "favor-softmax" == state["hyper_parameters"]["config"]["attention"]
     assert loaded.objective == "masked"
     assert loaded.step == 4 and not loaded.model.training
     for name, value in loaded.model.state_dict().items():

@@ -71,14 +71,15 @@ def test_unknown_attention_kind_is_a_clear_error(tmp_path, cli):
     config = tmp_path / "bad.yaml"
     config.write_text(Path(TINY).read_text().replace("attention: favor-softmax", "attention: linformer"))
     code, err = cli(["fit", "--config", config, "--data.data_dir", tmp_path])
-    assert code == 2 and "model.attention" in err and "linformer" in err
+    assert code == 2 and "model.config.attention" in err and "linformer" in err
 
 
 @pytest.mark.parametrize("override, words", [
     (["--model.d_modl", "128"], ["d_modl"]),  # a typo inside the model options
-    (["--model.d_model", "wide"], ["model.d_model", "wide"]),  # a wrong type
-    (["--model.d_model", "0"], ["model.d_model"]),  # a value out of range
+    (["--model.config.d_model", "wide"], ["model.config.d_model", "wide"]),  # a wrong type
+    (["--model.config.d_model", "0"], ["--model.config", "d_model = 0", "positive"]),  # a value out of range
     (["--model.preset", "huge"], ["model.preset", "huge"]),  # an unknown preset
+    (["--model.d_model", "128"], ["--model.d_model was renamed --model.config.d_model"]),  # the 0.2 spelling
 ])
 def test_model_option_errors_are_argument_errors(tmp_path, cli, override, words):
     code, err = cli(fit_args(tmp_path, tmp_path, *override))
@@ -86,10 +87,11 @@ def test_model_option_errors_are_argument_errors(tmp_path, cli, override, words)
 
 
 def test_per_field_model_overrides_are_typed(tmp_path):
-    """`--model.d_model 128` reaches the model as an int (0.1's untyped model_args dict broke on strings)."""
+    """`--model.config.d_model 128` reaches the model as an int (0.1's untyped model_args dict broke on strings)."""
     with torch.device("meta"):
-        built = build_cli(["--config", TINY, "--model.d_model", "128", "--model.n_heads", "8", "--model.dropout",
-                           "0.25", "--model.attention", "exact", "--data.data_dir", str(tmp_path)], run=False)
+        built = build_cli(["--config", TINY, "--model.config.d_model", "128", "--model.config.n_heads", "8",
+                           "--model.config.dropout", "0.25", "--model.config.attention", "exact",
+                           "--data.data_dir", str(tmp_path)], run=False)
     cfg = built.model.config
     assert (cfg.d_model, cfg.n_heads, cfg.dropout, cfg.attention, cfg.n_layers) == (128, 8, 0.25, "exact", 2)
 

@@ -58,7 +58,7 @@ def test_ddp_two_cpu_processes_stay_identical(tmp_path, sample_dir):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     # The projections were redrawn at step 10 (not the construction-time matrices any more).
-    fresh = ProteinLMModule("tiny", attention="favor-softmax").state_dict()
+    fresh = ProteinLMModule("tiny", config={"attention": "favor-softmax"}).state_dict()
     assert not torch.equal(fresh[projections[0]], a[projections[0]])
     # Every validation target counted once: the two ranks' sum equals a single-process count.
     dm = ProteinDataModule(str(sample_dir), max_len=512, batch_size=8, num_workers=0)

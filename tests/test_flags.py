@@ -76,7 +76,7 @@ def monkeypatch_module():
 
 
 def concept(flag: str) -> str:
-    """The name a flag gives its concept: the last component of --model.max_len, without --."""
+    """The name a flag gives its concept: the last component of --model.config.max_len, without --."""
     return flag.lstrip("-").rsplit(".", 1)[-1]
 
 
@@ -92,7 +92,7 @@ def check(flags: dict[str, set[str]]) -> None:
 
 
 def test_one_spelling_per_concept_in_every_command_line(command_flags, benchmark_flags):
-    assert "--model.max_len" in command_flags["protein-performer fit"]  # the training CLI's names are the model
+    assert "--model.config.max_len" in command_flags["protein-performer fit"]  # the training CLI's names are the model
     assert "--data.max_tokens" in command_flags["protein-performer fit"]
     check({**command_flags, **benchmark_flags})
 

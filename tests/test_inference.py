@@ -20,7 +20,7 @@ KINDS = ("exact", "favor-softmax", "favor-relu")
 def make_ckpt(path, objective, attention):
     """A real Lightning checkpoint of an untrained tiny model (training is tested elsewhere)."""
     torch.manual_seed(0)
-    module = ProteinLMModule(preset="tiny", objective=objective, attention=attention, dropout=0.0)
+    module = ProteinLMModule(preset="tiny", objective=objective, config={"attention": attention, "dropout": 0.0})
     trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", devices=1,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.strategy.connect(module)

@@ -32,7 +32,7 @@ def parents(tmp_path_factory, prepared) -> dict[tuple[str, str], str]:
     out = {}
     for attention, objective in [("exact", "masked"), ("exact", "causal"), ("favor-softmax", "masked")]:
         root = tmp_path_factory.mktemp(f"{attention}-{objective}")
-        code, err = fit(run_cli, prepared, root, "--model.attention", attention, "--model.objective", objective)
+        code, err = fit(run_cli, prepared, root, "--model.config.attention", attention, "--model.objective", objective)
         assert code == 0, err
         out[attention, objective] = str(next(root.rglob("last.ckpt")))
     return out
@@ -58,7 +58,7 @@ def test_every_weight_carries_over_and_features_stay_the_childs(parents, parent_
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"d_model": 128}, "its d_model is 64, this model's is 128 (--model.d_model)"),
+    ({"d_model": 128}, "its d_model is 64, this model's is 128 (--model.config.d_model)"),
     ({"n_layers": 3}, "its n_layers is 2, this model's is 3"),
     ({"max_len": 256}, "its max_len is 512, this model's is 256"),
     ({"causal": True}, "its objective is masked, this run's is causal"),
@@ -137,12 +137,12 @@ def test_validate_at_step_0_and_a_short_fine_tune_through_the_cli(parents, prepa
     parent = parents["exact", "masked"]
     # exact -> exact: the converted model is its parent, so validation agrees to the last bit
     reference = tmp_path / "reference"
-    code, err = cli(["validate", "--config", TINY, "--data.data_dir", prepared, "--model.attention", "exact",
+    code, err = cli(["validate", "--config", TINY, "--data.data_dir", prepared, "--model.config.attention", "exact",
                      "--trainer.default_root_dir", reference, "--trainer.logger.init_args.save_dir", reference,
                      "--trainer.limit_val_batches", "2", "--data.max_len", "128", "--ckpt_path", parent])
     assert code == 0, err
     same = tmp_path / "same"
-    code, err = cli(["validate", "--config", TINY, "--data.data_dir", prepared, "--model.attention", "exact",
+    code, err = cli(["validate", "--config", TINY, "--data.data_dir", prepared, "--model.config.attention", "exact",
                      "--model.init_from", parent, "--trainer.default_root_dir", same,
                      "--trainer.logger.init_args.save_dir", same, "--trainer.limit_val_batches", "2",
                      "--data.max_len", "128"])
@@ -157,7 +157,7 @@ def test_validate_at_step_0_and_a_short_fine_tune_through_the_cli(parents, prepa
 
     # exact -> favor-softmax, fine-tuned 2 steps: a fresh run (step 2, not the parent's 2 + 2) from its weights
     tuned = tmp_path / "tuned"
-    code, err = fit(cli, prepared, tuned, "--model.attention", "favor-softmax", "--model.init_from", parent)
+    code, err = fit(cli, prepared, tuned, "--model.config.attention", "favor-softmax", "--model.init_from", parent)
     assert code == 0, err
     last = read_checkpoint(next(tuned.rglob("last.ckpt")))
     assert last["global_step"] == 2
@@ -168,8 +168,8 @@ def test_validate_at_step_0_and_a_short_fine_tune_through_the_cli(parents, prepa
 
 
 def test_a_mismatched_init_from_is_one_line_and_exit_2(parents, prepared, tmp_path, cli):
-    code, err = fit(cli, prepared, tmp_path, "--model.init_from", parents["exact", "masked"], "--model.d_model", "128",
-                    "--model.n_heads", "4")
+    code, err = fit(cli, prepared, tmp_path, "--model.init_from", parents["exact", "masked"],
+                    "--model.config.d_model", "128", "--model.config.n_heads", "4")
     assert code == 2
     assert "cannot initialise this model from it: its d_model is 64, this model's is 128" in err
     assert not list(tmp_path.rglob("*.ckpt"))
@@ -184,7 +184,7 @@ def test_init_from_through_ddp_gives_every_rank_the_parents_weights(parents, pre
     cmd = [sys.executable, "-m", "protein_performer.cli", "fit", "--config", str(TINY), "--data.data_dir",
            str(prepared), "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir",
            str(tmp_path), "--trainer.devices", "2", "--trainer.strategy", "ddp", *FIT_FLAGS, "--model.lr", "0",
-           "--model.attention", "exact", "--model.init_from", parent,
+           "--model.config.attention", "exact", "--model.init_from", parent,
            "--trainer.callbacks+=test_ddp.DumpRankState", f"--trainer.callbacks.dirpath={tmp_path}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -54,7 +54,7 @@ def test_skip_mode_drops_the_bad_step_and_counts_it(prepared, tmp_path):
             snapshots[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]
 
     guard = NonFiniteGuard("skip")
-    module = NaNAtStep("tiny", attention="favor-relu", on_nonfinite="skip", dropout=0.0)
+    module = NaNAtStep("tiny", on_nonfinite="skip", config={"attention": "favor-relu", "dropout": 0.0})
     dm = ProteinDataModule(str(prepared), max_len=64, batch_size=4, num_workers=0)
     trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -72,7 +72,7 @@ def test_last_checkpoint_after_every_validation(prepared, tmp_path, cli):
     """lr 0: validation perplexity never improves, yet last.ckpt follows every validation (and the end of fit)."""
     code, err = cli(fit_args(prepared, tmp_path, "--model.lr", "0", "--trainer.max_steps", "25",
                              "--trainer.val_check_interval", "10", "--model.redraw_every", "0",
-                             "--model.dropout", "0"))
+                             "--model.config.dropout", "0"))
     assert code == 0, err
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 25
@@ -128,11 +128,11 @@ def test_a_diverged_checkpoint_is_refused_by_test(prepared, tmp_path, cli):
 def test_a_checkpoint_of_release_0_1_is_evaluated(prepared, tmp_path, cli):
     """0.1 saved model fields in a model_args dict, named exact attention "softmax" and the MLP layers mlp.0/mlp.2;
     `test --ckpt_path` reads its hyperparameters into the config, so they must upgrade too."""
-    assert cli(fit_args(prepared, tmp_path, "--trainer.max_steps", "2", "--model.attention", "exact"))[0] == 0
+    assert cli(fit_args(prepared, tmp_path, "--trainer.max_steps", "2", "--model.config.attention", "exact"))[0] == 0
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     hp = ckpt["hyper_parameters"]
-    ckpt["hyper_parameters"] = {**{k: v for k, v in hp.items() if k not in ("dropout", "on_nonfinite")},
-                                "attention": "softmax", "model_args": {"dropout": hp["dropout"]}}
+    ckpt["hyper_parameters"] = {**{k: v for k, v in hp.items() if k not in ("config", "on_nonfinite", "init_from")},
+                                "attention": "softmax", "model_args": {"dropout": hp["config"]["dropout"]}}
     ckpt["protein_performer"]["version"] = "0.1.0"
     ckpt["protein_performer"]["model_config"]["attention"] = "softmax"
     for key in [k for k in ckpt["state_dict"] if ".mlp." in k]:
@@ -163,7 +163,7 @@ def test_damaged_data_is_one_clear_line(tmp_path, cli, prepared_from, damage):
 def small_fit(prepared, tmp_path, callbacks=(), **trainer_kw):
     from protein_performer.training import BestAndLastCheckpoint
 
-    module = ProteinLMModule("tiny", attention="favor-relu", dropout=0.0, redraw_every=0)
+    module = ProteinLMModule("tiny", redraw_every=0, config={"attention": "favor-relu", "dropout": 0.0})
     dm = ProteinDataModule(str(prepared), max_len=64, batch_size=16, num_workers=0)
     every = trainer_kw.pop("every_n_train_steps", None)  # a series of step checkpoints, as for `agreement`
     ckpt = BestAndLastCheckpoint(dirpath=tmp_path / "checkpoints", monitor=None if every else "val/ppl", mode="min",

@@ -1,12 +1,14 @@
 """Training: batching and sharding, metrics by hand, every variant learning, redraw, resume."""
 
 import math
+import re
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY
 from lightning.pytorch.callbacks import Callback
 
 from protein_performer import vocab
@@ -15,7 +17,7 @@ from protein_performer.model import Config, derive_seed
 from protein_performer.prepared import PreparedDir
 from protein_performer.training import BestAndLastCheckpoint, FeatureRedraw, ProteinDataModule, ProteinLMModule
 from protein_performer.training.metrics import LMMetrics, unigram_log_probs
-from protein_performer.training.module import MODEL_FIELDS, lr_factor
+from protein_performer.training.module import FIXED_FIELDS, lr_factor
 from protein_performer.training.sampler import EpochOrder, Keyed, ShardedBatchSampler
 
 
@@ -142,7 +144,7 @@ def test_metrics_never_drop_nan():
 def test_module_metrics_match_direct_computation(prepared):
     dm = ProteinDataModule(str(prepared), max_len=256, batch_size=4, num_workers=0)
     dm.setup("validate")
-    module = ProteinLMModule("tiny", attention="exact").eval()
+    module = ProteinLMModule("tiny", config={"attention": "exact"}).eval()
     counts = dm.train_token_counts()
     module.unigram_counts.copy_(torch.from_numpy(counts))
     batch = next(iter(dm.val_dataloader()))
@@ -183,7 +185,8 @@ def test_lr_schedule_and_weight_decay_groups():
 def test_every_variant_learns(prepared, tmp_path, objective, attention):
     torch.manual_seed(0)
     dm = ProteinDataModule(str(prepared), objective=objective, max_len=256, batch_size=16, num_workers=0)
-    module = ProteinLMModule("tiny", objective=objective, attention=attention, redraw_every=5, dropout=0.0, lr=3e-3)
+    module = ProteinLMModule("tiny", objective=objective, redraw_every=5, lr=3e-3,
+                             config={"attention": attention, "dropout": 0.0})
     rec = LossRecorder()
     trainer(tmp_path, 30, callbacks=[rec], limit_val_batches=0).fit(module, dm)
     losses = [rec.loss[s] for s in sorted(rec.loss)]
@@ -192,7 +195,7 @@ def test_every_variant_learns(prepared, tmp_path, objective, attention):
 
 def test_concatenated_mode_trains(prepared, tmp_path):
     dm = ProteinDataModule(str(prepared), mode="concatenated", window=128, batch_size=8, num_workers=0)
-    module = ProteinLMModule("tiny", attention="favor-relu", dropout=0.0, lr=3e-3)
+    module = ProteinLMModule("tiny", lr=3e-3, config={"attention": "favor-relu", "dropout": 0.0})
     rec = LossRecorder()
     trainer(tmp_path, 20, callbacks=[rec]).fit(module, dm)
     losses = [rec.loss[s] for s in sorted(rec.loss)]
@@ -204,7 +207,7 @@ def test_redraw_is_a_function_of_step(prepared, tmp_path):
     def run():
         rec = LossRecorder()
         dm = ProteinDataModule(str(prepared), max_len=256, batch_size=16, num_workers=0)
-        module = ProteinLMModule("tiny", attention="favor-softmax", redraw_every=3, seed=5)
+        module = ProteinLMModule("tiny", redraw_every=3, seed=5, config={"attention": "favor-softmax"})
         trainer(tmp_path, 7, callbacks=[rec], limit_val_batches=0).fit(module, dm)
         return module, rec
 
@@ -212,7 +215,7 @@ def test_redraw_is_a_function_of_step(prepared, tmp_path):
     p = rec.projection
     assert torch.equal(p[0], p[1]) and torch.equal(p[1], p[2]) and not torch.equal(p[2], p[3])
     assert torch.equal(p[3], p[5]) and not torch.equal(p[5], p[6])
-    reference = ProteinLMModule("tiny", attention="favor-softmax").model
+    reference = ProteinLMModule("tiny", config={"attention": "favor-softmax"}).model
     reference.redraw_features(derive_seed(5, 6))
     assert torch.equal(reference.blocks[0].attn.core.projection, p[6])
     assert torch.equal(run()[1].projection[6], p[6])  # a second run draws the same matrices
@@ -229,8 +232,8 @@ def test_resume_continues_as_if_uninterrupted(prepared, tmp_path):
     def run(max_steps, root, val_every, ckpt_path=None):
         torch.manual_seed(0)  # the initial weights (the CLI calls seed_everything)
         dm = ProteinDataModule(str(prepared), max_len=256, max_tokens=1200, num_workers=1, seed=3)
-        module = ProteinLMModule("tiny", attention="favor-softmax", redraw_every=4, seed=3, warmup_steps=5,
-                                 decay="cosine", decay_steps=50)
+        module = ProteinLMModule("tiny", redraw_every=4, seed=3, warmup_steps=5, decay="cosine", decay_steps=50,
+                                 config={"attention": "favor-softmax"})
         rec = LossRecorder()
         ckpt = BestAndLastCheckpoint(dirpath=root, save_last=True, monitor="val/ppl", mode="min")
         t = trainer(root, max_steps, callbacks=[rec, ckpt], enable_checkpointing=True, val_check_interval=val_every,
@@ -254,22 +257,23 @@ def test_resume_continues_as_if_uninterrupted(prepared, tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_model_fields_on_the_command_line_match_config():
-    """Every Config field a user may set is a typed argument of ProteinLMModule, with Config's type."""
-    import inspect
-    import typing
+def test_every_config_field_is_a_model_option_with_configs_help(tmp_path, capsys):
+    """--model.config.<field> is generated from Config: every field a run sets (all but FIXED_FIELDS), typed and
+    documented as Config declares it, and nothing else."""
     from dataclasses import fields
 
-    settable = {f.name for f in fields(Config)} - {"name", "vocab_size", "causal"}
-    assert set(MODEL_FIELDS) == settable
-    params = inspect.signature(ProteinLMModule).parameters
-    hints = typing.get_type_hints(ProteinLMModule.__init__)
-    config_hints = typing.get_type_hints(Config)
-    for name in MODEL_FIELDS:
-        assert params[name].default is None, name
-        (hint,) = set(typing.get_args(hints[name])) - {type(None)}  # X | None
-        same = hint == config_hints[name] or (isinstance(hint, type) and issubclass(hint, config_hints[name]))
-        assert same, (name, hint, config_hints[name])  # PositiveInt narrows int
+    from protein_performer.training.cli import build_cli
+
+    with pytest.raises(SystemExit):
+        build_cli(["--config", str(TINY), "--data.data_dir", str(tmp_path), "--help"], run=False)
+    text = " ".join(capsys.readouterr().out.split())
+    offered = set(re.findall(r"--model\.config\.(\w+)", text))
+    assert offered == {f.name for f in fields(Config)} - set(FIXED_FIELDS)
+    assert "Width of the residual stream." in text and "Random features m" in text  # Config's own docstrings
+    with torch.device("meta"):
+        built = build_cli(["--config", str(TINY), "--data.data_dir", str(tmp_path), "--model.config.n_layers", "3"],
+                          run=False)
+    assert (built.model.config.n_layers, built.model.config.d_model) == (3, 64)  # the rest is the preset's
 
 
 @pytest.mark.parametrize("mode, eos", [("single", False), ("concatenated", True)])
@@ -277,7 +281,7 @@ def test_causal_baseline_counts_eos_only_where_it_is_a_target(prepared, tmp_path
     """Single sequences end without EOS, so its probability would only dilute the letters' in the baseline."""
     dm = ProteinDataModule(str(prepared), objective="causal", mode=mode, max_len=64, window=64, batch_size=16,
                            num_workers=0)
-    module = ProteinLMModule("tiny", objective="causal", attention="favor-relu", max_len=64)
+    module = ProteinLMModule("tiny", objective="causal", config={"attention": "favor-relu", "max_len": 64})
     trainer(tmp_path, 1, limit_val_batches=0).fit(module, dm)
     assert module.eos_is_target == eos
     targets = torch.cat([b["targets"].flatten() for b in dm.val_dataloader()])

@@ -1,4 +1,4 @@
-"""LightningCLI for fit / validate / test: configs in configs/, any key overridable (`--model.d_model 128`),
+"""LightningCLI for fit / validate / test: configs in configs/, any key overridable (`--model.config.d_model 128`),
 precision picked by the machine, checkpoints that can be trusted (training/callbacks.py)."""
 
 from __future__ import annotations

@@ -9,10 +9,12 @@ feature matrix without communicating.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, fields, make_dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional, get_type_hints
 
+import docstring_parser
 import lightning as L
 import torch
 import torch.distributed as dist
@@ -26,7 +28,7 @@ from ..checkpoints import check_finite, init_from_checkpoint, upgrade_checkpoint
 from ..errors import UserError
 from ..evaluate import format_table, write_report
 from ..masking import Objective
-from ..model import AttentionKind, Config, PresetName, ProteinLM, derive_seed
+from ..model import Config, PresetName, ProteinLM, derive_seed
 from .callbacks import FeatureRedraw, NonFiniteGuard, ResumeCSVLogs, Throughput
 from .datamodule import ProteinDataModule
 from .metrics import LMMetrics, target_stats, unigram_log_probs
@@ -43,11 +45,26 @@ def lr_factor(step: int, *, warmup: int, total: int | None, decay: str, min_rati
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-# Config fields a run may override on the command line (`--model.d_model 128`); the others follow from these
-# or from the objective. tests/test_training.py checks that this list and the signature below match Config.
-MODEL_FIELDS = ("attention", "d_model", "n_heads", "n_layers", "d_ff", "dropout", "max_len", "nb_features",
-                "relu_random_features", "orthogonal_features", "feature_scaling", "chunk_size", "feature_seed",
-                "activation_checkpointing")
+# Config fields a run does not set: a label, and what the vocabulary and the objective decide.
+FIXED_FIELDS = ("name", "vocab_size", "causal")
+
+
+def _config_overrides() -> type:
+    """A dataclass of every other Config field as an optional override (None: the preset's), typed and documented
+    as Config declares it: the type of the module's `config` argument, which jsonargparse turns into
+    --model.config.<field>. Generated, so that Config stays the one declaration of the model's fields."""
+    hints = get_type_hints(Config)
+    docs = {p.arg_name: p.description for p in docstring_parser.parse_from_object(Config).params}
+    names = [f.name for f in fields(Config) if f.name not in FIXED_FIELDS]
+    doc = "Model fields replacing the preset's (None: the preset's).\n\nArgs:\n" + "\n".join(
+        f"    {name}: {docs.get(name, '')}" for name in names)
+    return make_dataclass("ConfigOverrides", [(n, Optional[hints[n]], None) for n in names],  # noqa: UP045
+                          frozen=True, namespace={"__doc__": doc, "__module__": __name__})
+
+
+ConfigOverrides = _config_overrides()
+# Up to release 0.2 each field was an option of its own: `--model.d_model` now stops with "was renamed".
+RENAMED_FLAGS = {f"--model.{f.name}": f"--model.config.{f.name}" for f in fields(ConfigOverrides)}
 
 
 class ProteinLMModule(L.LightningModule):
@@ -55,22 +72,10 @@ class ProteinLMModule(L.LightningModule):
     weights only) and metrics (perplexity and accuracy beside the unigram baseline).
 
     Args:
-        preset: model.Config preset the fields below start from.
+        preset: model.Config preset the model starts from.
         objective: "masked" (bidirectional, loss on selected positions) or "causal" (next token).
-        attention: exact, favor-softmax or favor-relu (None: the preset's).
-        d_model: width of the residual stream (None: the preset's).
-        n_heads: attention heads per layer (None: the preset's).
-        n_layers: transformer blocks (None: the preset's).
-        d_ff: hidden width of each MLP (None: the preset's).
-        dropout: dropout rate (None: the preset's).
-        max_len: longest input in tokens (None: the preset's).
-        nb_features: random features m (None: the preset's).
-        relu_random_features: favor-relu with m random features instead of the deterministic map.
-        orthogonal_features: orthogonal (True) or IID random features.
-        feature_scaling: row norms of the projection: "chi" or "sqrt_d".
-        chunk_size: causal FAVOR chunk length.
-        feature_seed: seed of the projections drawn at construction.
-        activation_checkpointing: recompute each block in backward (the longest lengths).
+        config: Config fields replacing the preset's (`--model.config.n_heads 16`; in Python a dict or a
+            ConfigOverrides); None keeps the preset's.
         lr: AdamW learning rate.
         betas: AdamW betas.
         eps: AdamW epsilon.
@@ -92,20 +97,7 @@ class ProteinLMModule(L.LightningModule):
         self,
         preset: PresetName = "small",
         objective: Objective = "masked",
-        attention: AttentionKind | None = None,
-        d_model: PositiveInt | None = None,
-        n_heads: PositiveInt | None = None,
-        n_layers: PositiveInt | None = None,
-        d_ff: PositiveInt | None = None,
-        dropout: float | None = None,
-        max_len: PositiveInt | None = None,
-        nb_features: PositiveInt | None = None,
-        relu_random_features: bool | None = None,
-        orthogonal_features: bool | None = None,
-        feature_scaling: Literal["chi", "sqrt_d"] | None = None,
-        chunk_size: PositiveInt | None = None,
-        feature_seed: int | None = None,
-        activation_checkpointing: bool | None = None,
+        config: ConfigOverrides = ConfigOverrides(),  # noqa: B008 (frozen: one shared empty value)
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: PositiveFloat = 1e-9,
@@ -120,11 +112,16 @@ class ProteinLMModule(L.LightningModule):
         init_from: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        config = ConfigOverrides(**config) if isinstance(config, dict) else config
+        self.save_hyperparameters(ignore=["config"])
+        overrides = {k: v for k, v in asdict(config).items() if v is not None}
+        self.hparams["config"] = overrides  # plain types in checkpoints (read with weights_only=True)
         if objective not in ("masked", "causal"):
             raise ValueError(f"objective must be 'masked' or 'causal', not {objective!r}")
-        overrides = {k: self.hparams[k] for k in MODEL_FIELDS if self.hparams[k] is not None}
-        self.config = Config.from_name(preset, causal=objective == "causal", **overrides)
+        try:
+            self.config = Config.from_name(preset, causal=objective == "causal", **overrides)
+        except ValueError as e:
+            raise UserError(f"--model.config: {e}") from None
         self.model = ProteinLM(self.config)
         # Training-split token counts for the unigram baseline; int64 so precision plugins never cast it.
         self.register_buffer("unigram_counts", torch.zeros(vocab.VOCAB_SIZE, dtype=torch.int64))
@@ -150,7 +147,7 @@ class ProteinLMModule(L.LightningModule):
                             f"{self.hparams.objective}")
         if dm.example_length > self.config.max_len:
             raise UserError(f"data examples of {dm.example_length} tokens (--data.max_len or --data.window) exceed "
-                            f"the model's max_len {self.config.max_len} (--model.max_len)")
+                            f"the model's max_len {self.config.max_len} (--model.config.max_len)")
         # EOS is a target only in the concatenated stream; single sequences end without one
         self.eos_is_target = self.hparams.objective == "causal" and dm.mode == "concatenated"
         if stage == "fit" and self.trainer.ckpt_path is None:  # the baseline belongs to the training data;
