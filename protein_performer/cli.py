@@ -6,7 +6,7 @@
     protein-performer agreement RUN [RUN ...] --input FASTA_OR_DIR --out DIR
     protein-performer embed | score | generate --ckpt_path CKPT ...
 
-fit/validate/test are LightningCLI (training/cli.py). The other subcommands are the functions below: their
+fit/validate/test are LightningCLI (training/lightning_cli.py). The other subcommands are the functions below: their
 command lines are generated from the signatures and docstrings (commands.py), they read what the user gives,
 call the library, and write through outputs.py. Bad input: `PROG: error: ...` and exit status 2.
 """
@@ -266,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args and args[0] in COMMANDS:
         commands.run(COMMANDS[args[0]], args[1:], f"protein-performer {args[0]}")
         return
-    from .training.cli import build_cli
+    from .training.lightning_cli import build_cli
     from .training.module import RENAMED_FLAGS
 
     if args and args[0] in ("fit", "validate", "test"):

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from protein_performer.prepared import TOKENS_FILE
-from protein_performer.training.cli import auto_precision, build_cli
+from protein_performer.training.lightning_cli import auto_precision, build_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

@@ -5,7 +5,7 @@ import torch
 
 from protein_performer import vocab
 from protein_performer.model import ATTENTION_KINDS, Config, ProteinLM
-from protein_performer.training.cli import auto_precision
+from protein_performer.training.lightning_cli import auto_precision
 from protein_performer.training.metrics import target_stats
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

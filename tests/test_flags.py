@@ -53,7 +53,7 @@ def benchmark_parser(path: Path) -> argparse.ArgumentParser:
 @pytest.fixture(scope="module")
 def command_flags(tmp_path_factory) -> dict[str, set[str]]:
     """Flags of every protein-performer subcommand and of protein-performer-prep."""
-    from protein_performer.training.cli import build_cli
+    from protein_performer.training.lightning_cli import build_cli
 
     flags = {name: option_strings(build_parser(fn, f"protein-performer {name}")) for name, fn in COMMANDS.items()}
     flags["protein-performer-prep"] = option_strings(build_parser(prep, "protein-performer-prep"))

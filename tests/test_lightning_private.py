@@ -1,7 +1,7 @@
 """The private Lightning methods the project overrides or calls still exist with the signatures it relies on.
 
-ProteinCLI._parse_ckpt_path (training/cli.py), BestAndLastCheckpoint (training/callbacks.py) and the CSV logger's
-writer (training/loggers.py) replace or call methods Lightning does not promise to keep; pyproject.toml pins
+ProteinCLI._parse_ckpt_path (training/lightning_cli.py), BestAndLastCheckpoint (training/callbacks.py) and the CSV
+logger's writer (training/loggers.py) replace or call methods Lightning does not promise to keep; pyproject.toml pins
 lightning below the next minor release, and this test fails loudly, naming the method, if a release in the pinned
 range (or a raised bound) changes one of them.
 """

@@ -14,7 +14,7 @@ import yaml
 from conftest import TINY
 
 from protein_performer import machine
-from protein_performer.training.cli import auto_precision, build_cli
+from protein_performer.training.lightning_cli import auto_precision, build_cli
 
 
 @pytest.fixture(autouse=True)

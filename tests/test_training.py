@@ -262,7 +262,7 @@ def test_every_config_field_is_a_model_option_with_configs_help(tmp_path, capsys
     documented as Config declares it, and nothing else."""
     from dataclasses import fields
 
-    from protein_performer.training.cli import build_cli
+    from protein_performer.training.lightning_cli import build_cli
 
     with pytest.raises(SystemExit):
         build_cli(["--config", str(TINY), "--data.data_dir", str(tmp_path), "--help"], run=False)

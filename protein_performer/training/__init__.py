@@ -1,5 +1,6 @@
 """Lightning training, by concern: the data module (datamodule.py) and its batch sampler (sampler.py), the
-language-model module (module.py), its metrics (metrics.py), callbacks (callbacks.py) and loggers (loggers.py)."""
+language-model module (module.py), its metrics (metrics.py), callbacks (callbacks.py) and loggers (loggers.py); the
+fit / validate / test command line, a LightningCLI (lightning_cli.py)."""
 
 from .callbacks import BestAndLastCheckpoint, FeatureRedraw, NonFiniteGuard, Throughput, TrainingDiverged
 from .datamodule import ProteinDataModule
