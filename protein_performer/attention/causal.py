@@ -20,6 +20,7 @@ from .features import (
     add_mm_,
     as_low,
     blocks,
+    causal_mask,
     grad_y,
     mm,
     new_output,
@@ -241,4 +242,4 @@ def _exp(x):
 
 @functools.lru_cache(maxsize=16)
 def _above_diagonal(n, device):
-    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+    return ~causal_mask(n, device=device)  # the future of each row, cached as a mask to fill

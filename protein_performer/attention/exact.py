@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .features import causal_mask
+
 
 def softmax_attention(
     q: torch.Tensor,
@@ -20,8 +22,7 @@ def softmax_attention(
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
     allowed = key_padding_mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, L)
     if causal:
-        length = q.shape[-2]
-        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        allowed = allowed & causal_mask(q.shape[-2], device=q.device)
     # A query with no real key to attend to (a padded position before any real token) would give NaN;
     # let it attend everywhere instead: its output is padding and is never read.
     allowed = allowed | ~allowed.any(-1, keepdim=True)

@@ -22,7 +22,7 @@ import torch
 from .bidirectional import BidirectionalFavor
 from .blocking import DEFAULT_CHUNK, Blocking, blocking_for
 from .causal import CausalFavor, causal_step
-from .features import PAD_LOG_SCALE, Kernel, check_feature_args, no_autocast, whole_features
+from .features import PAD_LOG_SCALE, Kernel, causal_mask, check_feature_args, no_autocast, whole_features
 
 
 class DecodeState(NamedTuple):
@@ -163,9 +163,10 @@ def _masked(x, real, value=float("-inf")):
 
 def _allowed(length, device, causal, real):
     """Which keys each row may see (B or 1, 1, L, L)."""
-    allowed = torch.ones(1, 1, length, length, dtype=torch.bool, device=device)
     if causal:
-        allowed = allowed.tril()
+        allowed = causal_mask(length, device=device)[None, None]
+    else:
+        allowed = torch.ones(1, 1, length, length, dtype=torch.bool, device=device)
     return allowed if real is None else allowed & real[:, :, None, :]
 
 

@@ -278,3 +278,10 @@ def without_autocast(backward):
             return backward(ctx, *grads)
 
     return wrapped
+
+
+def causal_mask(rows: int, cols: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """(rows, cols) bool, True where a query may see a key: the `rows` queries are the last of `cols` positions, so
+    query i sees keys j <= i + cols - rows (square: the lower triangle)."""
+    cols = rows if cols is None else cols
+    return torch.ones(rows, cols, dtype=torch.bool, device=device).tril(cols - rows)

@@ -11,7 +11,7 @@ from torch import nn
 from .blocking import DEFAULT_CHUNK
 from .exact import softmax_attention
 from .favor import DecodeState, favor_attention
-from .features import Kernel, orthogonal_gaussian_matrix
+from .features import Kernel, causal_mask, orthogonal_gaussian_matrix
 
 
 class FavorAttention(nn.Module):
@@ -93,7 +93,7 @@ class ExactAttention(nn.Module):
             k, v = torch.cat([state[0], k], 2), torch.cat([state[1], v], 2)
         new, total = q.shape[2], k.shape[2]
         # new position i (absolute total - new + i) sees every cached key and the new keys up to itself
-        allowed = torch.ones(new, total, dtype=torch.bool, device=q.device).tril(total - new)
+        allowed = causal_mask(new, total, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed), (k, v)
 
     def extra_repr(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .features import RELU_EPS
+from .features import RELU_EPS, causal_mask
 
 
 def plain_softmax_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ def naive_softmax_attention(q, k, v, *, causal=False, key_padding_mask=None) -> 
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     length = q.shape[-2]
     if causal:
-        scores = scores.masked_fill(~torch.ones(length, length, dtype=torch.bool, device=q.device).tril(), -torch.inf)
+        scores = scores.masked_fill(~causal_mask(length, device=q.device), -torch.inf)
     if key_padding_mask is not None:
         scores = scores.masked_fill(~key_padding_mask[:, None, None, :].bool(), float("-inf"))
     return torch.softmax(scores, -1) @ v
