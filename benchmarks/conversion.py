@@ -119,7 +119,9 @@ def main() -> None:
     features = load_model(args.runs / "converted").config.nb_features
     step0 = step0_table(args.runs)
     start = step0[(step0["features"] == features) & (step0["seed"] == 0)]["val/ppl"]  # the fine-tune's own draw
-    converted = pd.concat([pd.DataFrame({"step": [0], "val/ppl": start.values[:1]}), converted], ignore_index=True)
+    if len(start):
+        converted = pd.concat([pd.DataFrame({"step": [0], "val/ppl": start.values[:1]}), converted],
+                              ignore_index=True)
     curves = {"converted from the exact parent": converted, "favor-softmax from scratch": scratch,
               "exact parent (from scratch)": parent}
 

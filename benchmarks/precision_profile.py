@@ -108,5 +108,6 @@ def main() -> None:
           f"{projected:.3f} s per step, {fp32_step / projected:.2f}x fp32; the rest alone ({rest:.3f} s) caps bf16 "
           f"at {fp32_step / rest:.2f}x")
 
+
 if __name__ == "__main__":
     main()

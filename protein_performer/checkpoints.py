@@ -2,7 +2,8 @@
 
 They are read with weights_only=True (tensors and plain types only: no code runs on load), and refused with a
 UserError naming the file when empty, truncated, from a newer release, or holding non-finite weights (a
-diverged run). Checkpoints of earlier 0.x releases are upgraded on reading, in one place: upgrade_checkpoint.
+diverged run). Checkpoints of earlier 0.x releases are upgraded on reading, in one place: upgrade_checkpoint
+(reports of 0.1 are upgraded by evaluate.read_report).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from . import __version__
 from .errors import UserError
-from .model import Config, ProteinLM
+from .model import DERIVED_FIELDS, Config, ProteinLM
 from .outputs import by_age
 
 
@@ -72,20 +73,20 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 LEGACY_ATTENTION = {"softmax": "exact"}  # how protein_performer 0.1 named exact attention
-CONFIG_FIELDS = {f.name for f in fields(Config)}
+CONFIG_FIELDS = {f.name for f in fields(Config)} - set(DERIVED_FIELDS)  # what a run sets
 LEGACY_MLP = {".mlp.0.": ".mlp.fc.", ".mlp.2.": ".mlp.proj."}  # 0.1 held the MLP as an nn.Sequential
 
 
 def upgrade_checkpoint(ckpt: dict) -> dict:
     """A checkpoint of any 0.x release in this release's form, changed in place: the one place that knows earlier
-    releases. Run on every checkpoint read (read_checkpoint) and on Lightning's own resume
+    releases' checkpoints. Run on every checkpoint read (read_checkpoint) and on Lightning's own resume
     (ProteinLMModule.on_load_checkpoint). 0.1 kept model fields in hyper_parameters["model_args"], named exact
     attention "softmax" and held the MLP as an nn.Sequential (mlp.0 = fc, mlp.2 = proj); up to 0.2 the model's
     fields were hyperparameters of their own, now gathered in hyper_parameters["config"]."""
     hparams = ckpt.get("hyper_parameters")
     if isinstance(hparams, dict):
         hparams.update(hparams.pop("model_args", None) or {})
-        # up to 0.2 the model's fields were arguments of their own (--model.d_model); now they are `config`'s
+        # up to 0.2.0 the model's fields were arguments of their own (--model.d_model); now they are `config`'s
         flat = {k: hparams.pop(k) for k in [k for k in hparams if k in CONFIG_FIELDS]}
         if flat:
             hparams["config"] = {**{k: v for k, v in flat.items() if v is not None}, **hparams.get("config", {})}
@@ -177,8 +178,11 @@ def init_from_checkpoint(model: ProteinLM, objective: str, ckpt_path: str | Path
         theirs, ours = getattr(parent, field), getattr(model.cfg, field)
         if theirs != ours:
             raise UserError(refuse + f"its {field} is {theirs}, this model's is {ours} (--model.config.{field})")
-    missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if not _is_projection(k)},
-                                                strict=False)
+    try:
+        missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if not _is_projection(k)},
+                                                    strict=False)
+    except RuntimeError as e:  # a size that SHAPE_FIELDS does not decide
+        raise UserError(refuse + f"weights do not match ({str(e).splitlines()[-1].strip()})") from None
     missing = [k for k in missing if not _is_projection(k)]
     if missing or unexpected:
         raise UserError(refuse + f"weights do not match ({(missing + unexpected)[0]})")

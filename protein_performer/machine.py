@@ -4,7 +4,7 @@ Read by the precision choice (training/cli.py) and recorded by every benchmark (
 `cpu_bf16()` is the one reader of the capability that choice needs: do bf16 matrix products beat fp32 on this
 CPU? Yes with AMX-BF16 matrix units (6.9x fp32 measured on an Intel Xeon); otherwise it is measured, because the
 instruction flags do not tell: with AVX512-BF16 alone an Intel Xeon ran them at 0.58x fp32 and an AMD EPYC (Zen 4)
-at 2.1-2.7x. The environment variable PROTEIN_PERFORMER_CPU_BF16=fast (or slow) overrides the answer, so that any
+at 2.1-2.8x. The environment variable PROTEIN_PERFORMER_CPU_BF16=fast (or slow) overrides the answer, so that any
 machine can run what `precision: null` does on the other kind (the tests; subprocesses inherit it);
 machine_info() and machine_line() then say it is forced.
 """
@@ -18,6 +18,8 @@ import platform
 import time
 
 import torch
+
+from .errors import UserError
 
 
 def cpu() -> tuple[str, set[str]]:
@@ -46,10 +48,16 @@ def has_amx_bf16(flags: set[str] | None = None) -> bool:
     return "amx_bf16" in (cpu()[1] if flags is None else flags)
 
 
+MEASURED_ENV = "PROTEIN_PERFORMER_BF16_SPEEDUP"  # the measurement, inherited by the processes this one starts
+
+
 @functools.cache
 def bf16_matmul_speedup(n: int = 512) -> float:
     """bf16 / fp32 rate of an (n x n) @ (n x n) product on this CPU: one thread, the fastest of 5 by the process's
-    CPU clock, so other work on a shared machine does not skew it (about 0.15 s, once per process)."""
+    CPU clock, so other work on a shared machine does not skew it (about 0.15 s, once per process). The result is
+    left in the environment for the processes this one starts (DDP ranks), so that they all choose alike."""
+    if os.environ.get(MEASURED_ENV):
+        return float(os.environ[MEASURED_ENV])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -65,7 +73,9 @@ def bf16_matmul_speedup(n: int = 512) -> float:
             seconds[dtype] = max(best, 1e-9)
     finally:
         torch.set_num_threads(threads)
-    return seconds[torch.float32] / seconds[torch.bfloat16]
+    speedup = seconds[torch.float32] / seconds[torch.bfloat16]
+    os.environ[MEASURED_ENV] = repr(speedup)
+    return speedup
 
 
 def bf16_forced() -> bool | None:
@@ -74,7 +84,7 @@ def bf16_forced() -> bool | None:
     if not value:
         return None
     if value not in ("fast", "slow"):
-        raise ValueError(f"{BF16_ENV}={value!r}: use fast (act as a CPU whose bf16 products beat fp32), slow, "
+        raise UserError(f"{BF16_ENV}={value!r}: use fast (act as a CPU whose bf16 products beat fp32), slow, "
                          "or leave it unset")
     return value == "fast"
 

@@ -22,6 +22,8 @@ from .attention import DEFAULT_CHUNK, ExactAttention, FavorAttention, attention_
 
 AttentionKind = Literal["exact", "favor-softmax", "favor-relu"]
 ATTENTION_KINDS: tuple[str, ...] = ("exact", "favor-softmax", "favor-relu")
+# Config fields no run sets: a label, and what the vocabulary and the training objective decide.
+DERIVED_FIELDS = ("name", "vocab_size", "causal")
 PresetName = Literal["paper-36l", "paper-concat-6l", "paper-concat-transformer", "small", "tiny"]
 
 
@@ -65,11 +67,13 @@ class Config:
     def __post_init__(self):
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"unknown attention kind {self.attention!r}; choose one of {ATTENTION_KINDS}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        for size in ("d_model", "n_heads", "n_layers", "d_ff", "max_len", "nb_features"):
+        for size in ("d_model", "n_heads", "n_layers", "d_ff", "max_len", "nb_features", "chunk_size"):
             if getattr(self, size) < 1:
                 raise ValueError(f"{size} = {getattr(self, size)}: model sizes must be positive")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout = {self.dropout}: must lie in [0, 1)")
 
     @property
     def d_head(self) -> int:

@@ -35,6 +35,7 @@ parent=$!
 OMP_NUM_THREADS=1 protein-performer fit --config $RECIPE --data.data_dir "$OUT/prepared" --model.config.attention favor-softmax \
   --trainer.max_steps $FINE_TUNE_STEPS --trainer.val_check_interval $(( FINE_TUNE_STEPS < 25 ? FINE_TUNE_STEPS : 25 )) $(run_dir scratch) > "$OUT/scratch.log" 2>&1 &
 scratch=$!
+trap 'kill $scratch 2>/dev/null || true' EXIT  # a failed step stops the run in the background too
 wait $parent || { echo "training the exact parent failed: see $OUT/exact.log" >&2; exit 1; }
 
 echo "== the parent's weights under favor-softmax, no training"
@@ -42,12 +43,12 @@ for m in 32 64 128 256; do
   for seed in 0 1; do
     OMP_NUM_THREADS=1 protein-performer validate --config $RECIPE --data.data_dir "$OUT/prepared" \
       --model.config.attention favor-softmax --model.config.nb_features $m --model.config.feature_seed $seed --model.init_from "$OUT/exact" \
-      $(run_dir "step0/m$m-seed$seed") > "$OUT/step0.log" 2>&1 || { echo "see $OUT/step0.log" >&2; exit 1; }
+      $(run_dir "step0/m$m-seed$seed") >> "$OUT/step0.log" 2>&1 || { echo "see $OUT/step0.log" >&2; exit 1; }
   done
 done
 # another kernel than softmax: the swap changes what attention computes
 OMP_NUM_THREADS=1 protein-performer validate --config $RECIPE --data.data_dir "$OUT/prepared" --model.config.attention favor-relu \
-  --model.init_from "$OUT/exact" $(run_dir step0/favor-relu) > "$OUT/step0.log" 2>&1 || { echo "see $OUT/step0.log" >&2; exit 1; }
+  --model.init_from "$OUT/exact" $(run_dir step0/favor-relu) >> "$OUT/step0.log" 2>&1 || { echo "see $OUT/step0.log" >&2; exit 1; }
 
 # The yardstick: the parent with uniform attention (q = k = 0: every position averages its prefix), i.e. what the
 # parent's perplexity owes to where its attention looks
@@ -62,7 +63,7 @@ for key, w in ckpt["state_dict"].items():
 torch.save(ckpt, sys.argv[1] + "/uniform-attention.ckpt")
 PY
 OMP_NUM_THREADS=1 protein-performer validate --config $RECIPE --data.data_dir "$OUT/prepared" --model.config.attention exact \
-  --ckpt_path "$OUT/uniform-attention.ckpt" $(run_dir step0/uniform) > "$OUT/step0.log" 2>&1 || { echo "see $OUT/step0.log" >&2; exit 1; }
+  --ckpt_path "$OUT/uniform-attention.ckpt" $(run_dir step0/uniform) >> "$OUT/step0.log" 2>&1 || { echo "see $OUT/step0.log" >&2; exit 1; }
 
 echo "== fine-tune favor-softmax from the parent (configs/cpu/conversion.yaml)"
 OMP_NUM_THREADS=1 protein-performer fit --config configs/cpu/conversion.yaml --data.data_dir "$OUT/prepared" \

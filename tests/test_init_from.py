@@ -194,3 +194,31 @@ def test_init_from_through_ddp_gives_every_rank_the_parents_weights(parents, pre
         for key, value in expected.items():
             if not key.endswith("projection"):
                 assert torch.equal(state["model." + key], value), (rank, key)
+
+
+def test_a_converted_run_resumes_from_its_own_checkpoint_without_its_parent(parents, prepared, tmp_path, cli):
+    """--ckpt_path continues the converted run (step count and weights from its checkpoint): the parent is not read
+    again, and may be gone; a module loaded from that checkpoint keeps its own weights when validated too."""
+    import shutil
+
+    from protein_performer.training import ProteinDataModule, ProteinLMModule
+
+    parent = tmp_path / "parent.ckpt"
+    shutil.copy(parents["exact", "masked"], parent)
+    run = tmp_path / "run"
+    assert fit(cli, prepared, run, "--model.config.attention", "favor-softmax", "--model.init_from", parent)[0] == 0
+    parent.unlink()
+    code, err = fit(cli, prepared, run, "--model.config.attention", "favor-softmax", "--model.init_from", parent,
+                    "--trainer.max_steps", "4", "--ckpt_path", "last")
+    assert code == 0, err
+    last = next(run.rglob("last.ckpt"))
+    assert read_checkpoint(last)["global_step"] == 4
+    module = ProteinLMModule.load_from_checkpoint(last, weights_only=True)
+    trained = {k: v.clone() for k, v in module.state_dict().items()}
+    import lightning as L
+
+    dm = ProteinDataModule(str(prepared), max_len=128, batch_size=4, num_workers=0)
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              limit_val_batches=1).validate(module, dm)
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, trained[key]), key

@@ -14,6 +14,7 @@ import yaml
 from conftest import TINY
 
 from protein_performer import machine
+from protein_performer.errors import UserError
 from protein_performer.training.lightning_cli import auto_precision, build_cli
 
 
@@ -35,8 +36,18 @@ def test_the_capability_is_measured_unless_forced_and_reported(monkeypatch):
         assert machine.cpu_bf16()[0] is fast and info["bf16_fast"] is fast and info["bf16_forced"]
         assert f"(taken as {value}: forced by {machine.BF16_ENV})" in machine.machine_line(info)
     monkeypatch.setenv(machine.BF16_ENV, "yes")
-    with pytest.raises(ValueError, match=machine.BF16_ENV):
+    with pytest.raises(UserError, match=machine.BF16_ENV):
         machine.cpu_bf16()
+
+
+@pytest.mark.parametrize("amx, speedup, fast", [(False, 0.58, False), (False, 1.49, False), (False, 2.3, True),
+                                                (True, 0.58, True)])
+def test_unforced_choice_is_amx_or_the_measured_speedup(amx, speedup, fast, monkeypatch):
+    monkeypatch.delenv(machine.BF16_ENV, raising=False)
+    monkeypatch.setattr(machine, "bf16_matmul_speedup", lambda: speedup)
+    monkeypatch.setattr(machine, "has_amx_bf16", lambda flags=None: amx)
+    assert machine.cpu_bf16()[0] is fast
+    assert auto_precision("cpu")[0] == ("bf16-mixed" if fast else "32-true")
 
 
 @pytest.mark.parametrize("kind, expected", [("fast", "bf16-mixed"), ("slow", "32-true")])

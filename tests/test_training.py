@@ -13,11 +13,11 @@ from lightning.pytorch.callbacks import Callback
 
 from protein_performer import vocab
 from protein_performer.masking import EVAL_STREAM, FILLER_STREAM, IGNORE, Collator
-from protein_performer.model import Config, derive_seed
+from protein_performer.model import DERIVED_FIELDS, Config, derive_seed
 from protein_performer.prepared import PreparedDir
 from protein_performer.training import BestAndLastCheckpoint, FeatureRedraw, ProteinDataModule, ProteinLMModule
 from protein_performer.training.metrics import LMMetrics, unigram_log_probs
-from protein_performer.training.module import FIXED_FIELDS, lr_factor
+from protein_performer.training.module import lr_factor
 from protein_performer.training.sampler import EpochOrder, Keyed, ShardedBatchSampler
 
 
@@ -258,7 +258,7 @@ def test_resume_continues_as_if_uninterrupted(prepared, tmp_path):
 
 
 def test_every_config_field_is_a_model_option_with_configs_help(tmp_path, capsys):
-    """--model.config.<field> is generated from Config: every field a run sets (all but FIXED_FIELDS), typed and
+    """--model.config.<field> is generated from Config: every field a run sets (all but DERIVED_FIELDS), typed and
     documented as Config declares it, and nothing else."""
     from dataclasses import fields
 
@@ -268,7 +268,7 @@ def test_every_config_field_is_a_model_option_with_configs_help(tmp_path, capsys
         build_cli(["--config", str(TINY), "--data.data_dir", str(tmp_path), "--help"], run=False)
     text = " ".join(capsys.readouterr().out.split())
     offered = set(re.findall(r"--model\.config\.(\w+)", text))
-    assert offered == {f.name for f in fields(Config)} - set(FIXED_FIELDS)
+    assert offered == {f.name for f in fields(Config)} - set(DERIVED_FIELDS)
     assert "Width of the residual stream." in text and "Random features m" in text  # Config's own docstrings
     with torch.device("meta"):
         built = build_cli(["--config", str(TINY), "--data.data_dir", str(tmp_path), "--model.config.n_layers", "3"],

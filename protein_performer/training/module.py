@@ -28,7 +28,7 @@ from ..checkpoints import check_finite, init_from_checkpoint, upgrade_checkpoint
 from ..errors import UserError
 from ..evaluate import format_table, write_report
 from ..masking import Objective
-from ..model import Config, PresetName, ProteinLM, derive_seed
+from ..model import DERIVED_FIELDS, Config, PresetName, ProteinLM, derive_seed
 from .callbacks import FeatureRedraw, NonFiniteGuard, ResumeCSVLogs, Throughput
 from .datamodule import ProteinDataModule
 from .metrics import LMMetrics, target_stats, unigram_log_probs
@@ -45,17 +45,13 @@ def lr_factor(step: int, *, warmup: int, total: int | None, decay: str, min_rati
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-# Config fields a run does not set: a label, and what the vocabulary and the objective decide.
-FIXED_FIELDS = ("name", "vocab_size", "causal")
-
-
 def _config_overrides() -> type:
     """A dataclass of every other Config field as an optional override (None: the preset's), typed and documented
     as Config declares it: the type of the module's `config` argument, which jsonargparse turns into
     --model.config.<field>. Generated, so that Config stays the one declaration of the model's fields."""
     hints = get_type_hints(Config)
     docs = {p.arg_name: p.description for p in docstring_parser.parse_from_object(Config).params}
-    names = [f.name for f in fields(Config) if f.name not in FIXED_FIELDS]
+    names = [f.name for f in fields(Config) if f.name not in DERIVED_FIELDS]
     doc = "Model fields replacing the preset's (None: the preset's).\n\nArgs:\n" + "\n".join(
         f"    {name}: {docs.get(name, '')}" for name in names)
     return make_dataclass("ConfigOverrides", [(n, Optional[hints[n]], None) for n in names],  # noqa: UP045
@@ -63,7 +59,7 @@ def _config_overrides() -> type:
 
 
 ConfigOverrides = _config_overrides()
-# Up to release 0.2 each field was an option of its own: `--model.d_model` now stops with "was renamed".
+# Up to release 0.2.0 each field was an option of its own: `--model.d_model` now stops with "was renamed".
 RENAMED_FLAGS = {f"--model.{f.name}": f"--model.config.{f.name}" for f in fields(ConfigOverrides)}
 
 
@@ -113,9 +109,11 @@ class ProteinLMModule(L.LightningModule):
     ):
         super().__init__()
         config = ConfigOverrides(**config) if isinstance(config, dict) else config
-        self.save_hyperparameters(ignore=["config"])
         overrides = {k: v for k, v in asdict(config).items() if v is not None}
-        self.hparams["config"] = overrides  # plain types in checkpoints (read with weights_only=True)
+        self.save_hyperparameters(ignore=["config"])
+        # again with the overrides as a plain dict: checkpoints are read with weights_only=True, and the logged
+        # hparams (hparams_initial) include them
+        self.save_hyperparameters({**self.hparams, "config": overrides})
         if objective not in ("masked", "causal"):
             raise ValueError(f"objective must be 'masked' or 'causal', not {objective!r}")
         try:
@@ -129,16 +127,10 @@ class ProteinLMModule(L.LightningModule):
         self.test_metrics = nn.ModuleList()
         self.test_results: dict[str, dict[str, float]] = {}
         self.eos_is_target = False  # set by setup() from the data module's mode
-        self.initialised_from: Path | None = None  # the init_from checkpoint once its weights are in
+        self.weights_given = False  # set once init_from or a checkpoint has put weights in
 
     # -- wiring to the data module
     def setup(self, stage: str) -> None:
-        if self.hparams.init_from and self.initialised_from is None and self.trainer.ckpt_path is None:
-            # Before DDP wraps the model: every rank reads the same file, so all start from the same weights.
-            self.initialised_from, parent = init_from_checkpoint(self.model, self.hparams.objective,
-                                                                 self.hparams.init_from)
-            rank_zero_info(f"weights from {self.initialised_from} (attention {parent.attention} -> "
-                           f"{self.config.attention}); optimiser state and step start fresh")
         dm = getattr(self.trainer, "datamodule", None)
         if not isinstance(dm, ProteinDataModule):
             return
@@ -154,6 +146,16 @@ class ProteinLMModule(L.LightningModule):
             self.unigram_counts.copy_(torch.from_numpy(dm.train_token_counts()))  # a resumed run restores it
         if stage == "test":
             self.test_metrics = nn.ModuleList(LMMetrics() for _ in dm.test_split_names).to(self.device)
+
+    def _init_from(self) -> None:
+        """Weights from --model.init_from, unless a checkpoint has put the run's own in (a resume, or a module
+        loaded from a checkpoint): called at the start of fit, validate and test, after Lightning restored any
+        --ckpt_path. Every DDP rank reads the same file, so all hold the same weights."""
+        if self.hparams.init_from and not self.weights_given:
+            path, parent = init_from_checkpoint(self.model, self.hparams.objective, self.hparams.init_from)
+            self.weights_given = True
+            rank_zero_info(f"weights from {path} (attention {parent.attention} -> {self.config.attention}); "
+                           "optimiser state and step start fresh")
 
     def _ensure_baseline(self) -> None:
         """A model evaluated without training here (no checkpoint, or one without counts) takes the data's."""
@@ -172,6 +174,7 @@ class ProteinLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         upgrade_checkpoint(checkpoint)  # Lightning's own resume reads the file itself: earlier releases' names
+        self.weights_given = True  # a module loaded from a run's checkpoint never goes back to init_from
         try:
             path = self.trainer.ckpt_path
         except RuntimeError:  # loaded outside a Trainer
@@ -202,7 +205,11 @@ class ProteinLMModule(L.LightningModule):
             self.log("train/lr", self.optimizers().param_groups[0]["lr"])  # copy that waits, so not every step
         return loss
 
+    def on_fit_start(self) -> None:
+        self._init_from()
+
     def on_validation_start(self) -> None:
+        self._init_from()
         self._ensure_baseline()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -214,6 +221,7 @@ class ProteinLMModule(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in results.items()})
 
     def on_test_start(self) -> None:
+        self._init_from()
         self._ensure_baseline()
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
