@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-DEFAULT_CHUNK = 64  # causal chunk C: of 32 / 64 / 128 (spans of 256 or 512), 64 was fastest on the 2-core CPUs
+DEFAULT_CHUNK = 64  # causal chunk C; the measurement behind it: docs/performance.md, "Causal chunk and span"
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class Blocking:
     chunk), and the causal state scan: a Python loop over chunks, or one product with a decay matrix."""
 
     block: int = 512
-    span: int = 256  # CPU: 3-7% faster than 512 on the 2-core EPYC at L = 4096 and 8192, fp32 and bf16
+    span: int = 256  # CPU rows per causal span: docs/performance.md, "Causal chunk and span"
     scan: Literal["loop", "matmul"] = "loop"
 
 
