@@ -16,8 +16,8 @@ from Bio import SeqIO, SwissProt
 from protein_performer.fasta import parse_title
 from protein_performer.prep import records as R
 from protein_performer.prep.__main__ import main
+from protein_performer.prep.__main__ import prep as prepare
 from protein_performer.prep.dedup import HashSet, accession_keys, seed_key
-from protein_performer.prep.pipeline import Settings, run
 from protein_performer.prep.records import parse_fasta, parse_fasta_biopython
 from protein_performer.prep.splits import read_ood_accessions
 from protein_performer.prepared import MANIFEST_FILE, OFFSETS_FILE, SPLITS, TOKENS_FILE
@@ -222,7 +222,7 @@ def test_deterministic_across_workers_parsers_and_blocks(tmp_path):
     outs = []
     for i, extra in enumerate(runs):
         out = tmp_path / f"o{i}"
-        run(Settings(inputs, str(out), seed=7, progress=False, **extra))
+        prepare(inputs, str(out), seed=7, progress=False, **extra)
         outs.append(out)
     files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
     assert len(files) == 9
@@ -231,7 +231,7 @@ def test_deterministic_across_workers_parsers_and_blocks(tmp_path):
         for f in files:
             assert (outs[0] / f).read_bytes() == (other / f).read_bytes(), f
     out = tmp_path / "seed8"
-    run(Settings(inputs, str(out), seed=8, progress=False))
+    prepare(inputs, str(out), seed=8, progress=False)
     assert (out / "test" / TOKENS_FILE).read_bytes() != (outs[0] / "test" / TOKENS_FILE).read_bytes()
 
 
@@ -421,7 +421,7 @@ def test_duplicate_accession_across_block_paths(tmp_path):
         + ">tr|A1|Y\nwww\n>sp|LONGACCESSION_ABCDEF|Y\nPPP\n>B7\nQQQ\n"
     )
     out = tmp_path / "out"
-    records = run(Settings([str(fasta)], str(out), block_size=40, progress=False))["records"]
+    records = prepare([str(fasta)], str(out), block_size=40, progress=False)["records"]
     assert records["read"] == 6 and records["kept"] == 3 and records["rejected"]["duplicate_accession"] == 3
 
 

@@ -4,6 +4,7 @@ generated from `prep`'s signature and docstring by protein_performer.commands.""
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 from typing import Literal
 
 from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
@@ -36,6 +37,7 @@ def prep(
     workers: PositiveInt | None = None,
     unknown: UnknownPolicy = "reject",
     fasta_parser: Literal["fast", "biopython"] = "fast",
+    block_size: PositiveInt = 4 << 20,
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> dict:
@@ -63,6 +65,7 @@ def prep(
         unknown: letters outside the vocabulary (J, *, digits): skip the record (reject), map to X (x), or stop (error).
         fasta_parser: fast: a block-level equivalent of Biopython's SimpleFastaParser (4x faster); biopython:
             SimpleFastaParser itself.
+        block_size: bytes read from an input at a time; the output is identical for any value.
         overwrite: replace OUT if it is a prepared directory or empty (swapped in only when the run succeeds).
         progress: progress bar (default: on a terminal).
     """
@@ -74,25 +77,9 @@ def prep(
         families = [normalize_family(f) for f in (PAPER_OOD_FAMILIES if ood_families is None else ood_families)]
     if min(min_valid, min_test) < 0 or (workers is not None and workers < 1):
         raise UserError("--min_valid and --min_test must be >= 0, --workers >= 1")
-    return run(
-        Settings(
-            inputs=inputs,
-            out=out,
-            format=format,
-            pfam_labels=pfam_labels,
-            ood_families=families,
-            valid_fraction=valid_fraction,
-            test_fraction=test_fraction,
-            min_valid=min_valid,
-            min_test=min_test,
-            seed=seed,
-            unknown=unknown,
-            fasta_parser=fasta_parser,
-            workers=default_workers() if workers is None else workers,
-            overwrite=overwrite,
-            progress=progress,
-        )
-    )
+    resolved = {**locals(), "ood_families": families,
+                "workers": default_workers() if workers is None else workers}
+    return run(Settings(**{f.name: resolved[f.name] for f in fields(Settings)}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -47,41 +47,36 @@ MAX_WARNINGS = 5  # per reason; the rest are only counted
 log = logging.getLogger(__name__)
 
 
+OUTPUT = {"output": True}  # field metadata: the setting decides the output, so the manifest records it
+
+
 @dataclass
 class Settings:
-    """Everything that decides the output (and so goes into the manifest), plus run-only knobs."""
+    """One run's settings, resolved by `prep` (protein_performer/prep/__main__.py), whose signature declares their
+    types, defaults and meaning: those marked OUTPUT decide what is written and go into the manifest, the others
+    only how the run goes."""
 
     inputs: list[str]
     out: str
-    format: str = "auto"
-    pfam_labels: str | None = None
-    ood_families: list[str] = field(default_factory=list)
-    valid_fraction: float = 0.001
-    test_fraction: float = 0.01
-    min_valid: int = 100
-    min_test: int = 100
-    seed: int = 0
-    unknown: str = "reject"
-    fasta_parser: str = "fast"  # or "biopython": SimpleFastaParser itself (same output, slower)
-    workers: int = 1
-    overwrite: bool = False
-    block_size: int = 4 << 20
-    progress: bool | None = None  # None: only on a terminal
+    format: str = field(metadata=OUTPUT)
+    pfam_labels: str | None = field(metadata=OUTPUT)
+    ood_families: list[str] = field(metadata=OUTPUT)
+    valid_fraction: float = field(metadata=OUTPUT)
+    test_fraction: float = field(metadata=OUTPUT)
+    min_valid: int = field(metadata=OUTPUT)
+    min_test: int = field(metadata=OUTPUT)
+    seed: int = field(metadata=OUTPUT)
+    unknown: str = field(metadata=OUTPUT)
+    fasta_parser: str
+    workers: int
+    block_size: int
+    overwrite: bool
+    progress: bool | None
 
     def parameters(self, n_ood_accessions: int) -> dict:
         """The settings that decide the output, as the manifest lists them."""
-        return {
-            "format": self.format,
-            "pfam_labels": self.pfam_labels,
-            "pfam_labels_ood_accessions": n_ood_accessions,
-            "ood_families": sorted(self.ood_families),
-            "valid_fraction": self.valid_fraction,
-            "test_fraction": self.test_fraction,
-            "min_valid": self.min_valid,
-            "min_test": self.min_test,
-            "seed": self.seed,
-            "unknown": self.unknown,
-        }
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("output")}
+        return {**values, "ood_families": sorted(self.ood_families), "pfam_labels_ood_accessions": n_ood_accessions}
 
 
 class _Prep:
