@@ -161,14 +161,10 @@ def _is_projection(key: str) -> bool:
     return key.endswith(".attn.core.projection")
 
 
-def init_from_checkpoint(model: ProteinLM, objective: str, ckpt_path: str | Path) -> tuple[Path, Config]:
-    """Copy the weights of another run's checkpoint into `model`, whose attention kind and random features may
-    differ (a softmax Transformer made a Performer, or back): (checkpoint file, its config).
-
-    Every parameter is copied; FAVOR projections are not (each model keeps its own draw). A checkpoint of another
-    objective or shape is refused in one line naming the first difference. Only weights: optimiser state, step
-    and the unigram baseline start fresh (this is not a resume).
-    """
+def check_init_from(model: ProteinLM, objective: str, ckpt_path: str | Path) -> tuple[Path, Config, dict]:
+    """The one check that another run's checkpoint can start `model`: (checkpoint file, its config, the weights to
+    copy). A missing or unreadable file, or a checkpoint of another objective or shape, is refused in one line
+    naming the first difference. The CLI runs it before anything is written (training/lightning_cli.py)."""
     path = find_checkpoint(ckpt_path)
     _, parent, parent_objective, weights = _read_model(path)
     refuse = f"{path}: cannot initialise this model from it: "
@@ -178,14 +174,25 @@ def init_from_checkpoint(model: ProteinLM, objective: str, ckpt_path: str | Path
         theirs, ours = getattr(parent, field), getattr(model.cfg, field)
         if theirs != ours:
             raise UserError(refuse + f"its {field} is {theirs}, this model's is {ours} (--model.config.{field})")
-    try:
-        missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if not _is_projection(k)},
-                                                    strict=False)
-    except RuntimeError as e:  # a size that SHAPE_FIELDS does not decide
-        raise UserError(refuse + f"weights do not match ({str(e).splitlines()[-1].strip()})") from None
-    missing = [k for k in missing if not _is_projection(k)]
-    if missing or unexpected:
-        raise UserError(refuse + f"weights do not match ({(missing + unexpected)[0]})")
+    theirs = {k: v for k, v in weights.items() if not _is_projection(k)}
+    ours = {k: v for k, v in model.state_dict().items() if not _is_projection(k)}
+    differ = sorted(theirs.keys() ^ ours.keys())  # a name or size that SHAPE_FIELDS does not decide
+    differ = differ or [f"{k}: {tuple(v.shape)}, this model's {tuple(ours[k].shape)}" for k, v in theirs.items()
+                        if v.shape != ours[k].shape]
+    if differ:
+        raise UserError(refuse + f"weights do not match ({differ[0]})")
+    return path, parent, theirs
+
+
+def init_from_checkpoint(model: ProteinLM, objective: str, ckpt_path: str | Path) -> tuple[Path, Config]:
+    """Copy the weights of another run's checkpoint into `model`, whose attention kind and random features may
+    differ (a softmax Transformer made a Performer, or back): (checkpoint file, its config).
+
+    Every parameter is copied; FAVOR projections are not (each model keeps its own draw). The checkpoint must pass
+    check_init_from. Only weights: optimiser state, step and the unigram baseline start fresh (this is not a resume).
+    """
+    path, parent, weights = check_init_from(model, objective, ckpt_path)
+    model.load_state_dict(weights, strict=False)  # every key but the projections, each of the model's size
     return path, parent
 
 

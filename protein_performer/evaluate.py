@@ -15,6 +15,8 @@ from .checkpoints import LEGACY_ATTENTION
 from .errors import UserError
 
 COLUMN = {"exact": "Transformer", "favor-relu": "Performer (ReLU)", "favor-softmax": "Performer (softmax)"}
+# below every table of such cells: two bare numbers say nothing on a console
+LEGEND = "cells: accuracy % / perplexity; baseline: unigram frequencies of train, Laplace alpha = 1"
 
 
 def cell(results: dict[str, float]) -> str:
@@ -32,7 +34,7 @@ def format_table(results: dict[str, dict[str, float]], meta: dict) -> str:
     for split, r in results.items():
         baseline = {"acc": r["baseline_acc"], "ppl": r["baseline_ppl"]}
         lines.append(f"| {meta['objective']} | {split} | {cell(r)} | {cell(baseline)} | {int(r['tokens']):,} |")
-    return "\n".join(lines) + "\n\naccuracy % / perplexity; baseline: unigram frequencies of train, Laplace alpha = 1"
+    return "\n".join(lines) + "\n\n" + LEGEND
 
 
 def write_report(out_dir: str | Path, results: dict[str, dict[str, float]], meta: dict) -> Path:
@@ -74,7 +76,7 @@ def combine(reports: list[dict], names: list[str] | None = None) -> str:
     for (objective, task, split), row in sorted(rows.items()):
         cells = " | ".join(row.get(k, "-") for k in kinds)
         lines.append(f"| {objective} | {task} | {split} | {cells} | {row['baseline']} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + LEGEND
 
 
 def report_rows(reports: list[dict], names: list[str]) -> list[dict]:

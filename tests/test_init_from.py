@@ -167,12 +167,32 @@ def test_validate_at_step_0_and_a_short_fine_tune_through_the_cli(parents, prepa
     assert (last["state_dict"]["model.tok_emb.weight"] - start).abs().max() < 0.05  # ... 2 small steps away
 
 
-def test_a_mismatched_init_from_is_one_line_and_exit_2(parents, prepared, tmp_path, cli):
-    code, err = fit(cli, prepared, tmp_path, "--model.init_from", parents["exact", "masked"],
-                    "--model.config.d_model", "128", "--model.config.n_heads", "4")
-    assert code == 2
-    assert "cannot initialise this model from it: its d_model is 64, this model's is 128" in err
-    assert not list(tmp_path.rglob("*.ckpt"))
+def test_weights_of_another_size_are_refused_in_one_line(parents, tmp_path):
+    ckpt = read_checkpoint(parents["exact", "masked"])
+    ckpt["state_dict"]["model.tok_emb.weight"] = ckpt["state_dict"]["model.tok_emb.weight"][:, :32].clone()
+    torch.save(ckpt, tmp_path / "narrow.ckpt")
+    with pytest.raises(UserError, match=r"do not match \(tok_emb.weight: \(29, 32\), this model's \(29, 64\)\)"):
+        init_from_checkpoint(ProteinLM(Config.from_name("tiny")), "masked", tmp_path / "narrow.ckpt")
+
+
+@pytest.mark.parametrize("init_from, flags, words", [
+    (None, [], "--model.init_from: {init_from}: no such checkpoint file or run directory"),
+    (("exact", "masked"), ["--model.config.d_model", "128", "--model.config.n_heads", "4"],
+     "cannot initialise this model from it: its d_model is 64, this model's is 128"),
+], ids=["missing", "shape"])
+def test_a_bad_init_from_stops_before_anything_is_written(parents, prepared, tmp_path, init_from, flags, words):
+    """Exit 2 with one line, before the model summary and before the run directory (version_N/config.yaml)."""
+    init_from = parents[init_from] if init_from else tmp_path / "nowhere.ckpt"
+    root = tmp_path / "run"
+    cmd = [sys.executable, "-m", "protein_performer.cli", "fit", "--config", TINY, "--data.data_dir", prepared,
+           "--trainer.default_root_dir", root, "--trainer.logger.init_args.save_dir", root, "--data.max_len", "128",
+           "--model.init_from", init_from, *flags]
+    proc = subprocess.run([str(a) for a in cmd], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and words.format(init_from=init_from) in errors[0], proc.stderr
+    assert "Trainable params" not in proc.stdout + proc.stderr  # no model summary
+    assert not root.exists()  # no version_N/config.yaml, no checkpoints folder
 
 
 @pytest.mark.slow

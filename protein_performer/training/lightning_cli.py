@@ -3,15 +3,19 @@ precision picked by the machine, checkpoints that can be trusted (training/callb
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..checkpoints import read_checkpoint
+from ..checkpoints import check_init_from, read_checkpoint
+from ..errors import UserError
 from ..machine import cpu_bf16
 from .callbacks import BestAndLastCheckpoint
 from .datamodule import ProteinDataModule
@@ -73,6 +77,23 @@ class ProteinCLI(LightningCLI):
         if self.subcommand and config.get("weights_only") is None:  # checkpoints hold tensors and plain types only
             config.weights_only = True
 
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        # the model is built and nothing written yet: the trainer's run directory (config.yaml, logs) comes later
+        self._check_init_from()
+        return super().instantiate_trainer(**kwargs)
+
+    def _check_init_from(self) -> None:
+        """A bad --model.init_from (missing, unreadable, another objective or shape) stops the run before its run
+        directory and model summary, not at the start of fit. The weights themselves are copied then
+        (ProteinLMModule._init_from), after any --ckpt_path restore; with --ckpt_path the run's own checkpoint holds
+        its weights, so the parent is not needed (a converted run resumes without it) and not checked."""
+        hparams = self.model.hparams
+        if self.subcommand and hparams.init_from and self.config[self.subcommand].get("ckpt_path") is None:
+            try:
+                check_init_from(self.model.model, hparams.objective, hparams.init_from)
+            except UserError as e:
+                raise UserError(f"--model.init_from: {e}") from None
+
     def _parse_ckpt_path(self) -> None:
         """LightningCLI's own version loads --ckpt_path's hyperparameters into the model's config with a bare
         torch.load; this one reads the file through checkpoints.read_checkpoint (clear errors for an empty or
@@ -88,8 +109,24 @@ class ProteinCLI(LightningCLI):
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
 
+def _is_lightning_ad(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip: For seamless cloud")
+
+
+def quiet_library_noise() -> None:
+    """Silence, by name, what Lightning prints on every run that a user of this project cannot act on."""
+    # Lightning's utilities/_pytree.py builds torch's deprecated LeafSpec: a FutureWarning (torch 2.13) on every
+    # fit. Still so in Lightning 2.6.6 (the newest within pyproject's range) and on its master branch
+    # (Lightning-AI/pytorch-lightning#21326): drop this filter once a Lightning release calls treespec_leaf().
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+    # Lightning 2.6 advertises its cloud services (litlogger, litmodels) on every fit: nothing about this run
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_is_lightning_ad)
+
+
 def build_cli(args: Sequence[str] | None = None, run: bool = True, other_commands: Sequence[str] = ()) -> ProteinCLI:
     """The Lightning CLI; run=False parses `args` (no subcommand) and instantiates without running."""
+    quiet_library_noise()
     return ProteinCLI(
         ProteinLMModule,
         ProteinDataModule,
