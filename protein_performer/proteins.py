@@ -1,5 +1,6 @@
-"""Proteins the tools read (analyze, embed, score): the records of a FASTA file (plain or gzipped, or a pipe) or
-one split of a prepared directory, whose proteins are named "<split>/<index>" (it stores no accessions)."""
+"""Proteins the tools read (analyze, agreement, embed, score): the records of a FASTA file (plain or gzipped, or a
+pipe) or one split of a prepared directory, whose proteins are named "<split>/<index>" (it stores no accessions). A
+FASTA file goes through prep's nucleotide screen (fasta.NucleotideScreen): a DNA or RNA file is refused."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 from . import vocab
 from .errors import UserError
-from .fasta import open_text, parse_title
+from .fasta import NucleotideScreen, is_nucleotide_like, open_text, parse_title
 from .prepared import TOKENS_FILE, PreparedDir, is_prepared_dir
 
 log = logging.getLogger(__name__)
@@ -36,20 +37,26 @@ class Protein:
 
 
 def iter_proteins(path: str | Path, split: str = DEFAULT_SPLIT, unknown: vocab.UnknownPolicy = "reject",
-                  skipped: list[str] | None = None) -> Iterator[Protein]:
+                  skipped: list[str] | None = None, screen: NucleotideScreen | None = None) -> Iterator[Protein]:
     """Every usable protein of a FASTA file or of one split of a prepared directory, in file order.
 
     FASTA records without residues are skipped; letters outside the vocabulary (J, '*', digits) follow `unknown`:
     skip the record ("reject"), read them as X ("x"), or stop with a UserError ("error"). A description of each
-    skipped record is appended to `skipped`.
+    skipped record is appended to `skipped`. Every FASTA record goes through `screen` (a new one if None), which
+    refuses a nucleotide file after its first records and at its end: a caller that stops early calls
+    `screen.finish()` itself.
     """
     if is_prepared_dir(path):
         yield from _prepared_proteins(PreparedDir(path), split)
     else:
-        yield from _fasta_proteins(Path(path), unknown, [] if skipped is None else skipped)
+        path = Path(path)
+        screen = screen or NucleotideScreen(path)
+        yield from _fasta_proteins(path, unknown, [] if skipped is None else skipped, screen)
+        screen.finish()
 
 
-def _fasta_proteins(path: Path, unknown: vocab.UnknownPolicy, skipped: list[str]) -> Iterator[Protein]:
+def _fasta_proteins(path: Path, unknown: vocab.UnknownPolicy, skipped: list[str],
+                    screen: NucleotideScreen) -> Iterator[Protein]:
     with open_text(path, "FASTA input") as handle:
         try:
             for number, (title, seq) in enumerate(SimpleFastaParser(handle), start=1):
@@ -59,6 +66,8 @@ def _fasta_proteins(path: Path, unknown: vocab.UnknownPolicy, skipped: list[str]
                     tokens = vocab.encode(seq.replace(" ", ""), unknown=unknown)
                 except vocab.UnknownLetterError as e:
                     raise UserError(f"{path}: {where}: {e}") from None
+                vote = tokens is not None and not entry and is_nucleotide_like(tokens.tobytes())
+                screen.add(1, [0] if vote else [])
                 if tokens is None:
                     skipped.append(f"{where}: {vocab.count_unknown(seq)} letters outside the vocabulary")
                 elif tokens.size == 0:
@@ -87,13 +96,15 @@ def read_proteins(path: str | Path, limit: int | None = None, split: str = DEFAU
     "<split>/<index>"; None if not asked), found in the same single pass, so a pipe can be read. Skipped records
     are counted and the first few named on stderr; no usable protein, or `also` not found, is a UserError."""
     proteins, skipped, found = [], [], None
-    for protein in iter_proteins(path, split, unknown, skipped):
+    screen = NucleotideScreen(path)
+    for protein in iter_proteins(path, split, unknown, skipped, screen):
         if limit is None or len(proteins) < limit:
             proteins.append(protein)
         if also is not None and found is None and protein.matches(also):
             found = protein
         if limit is not None and len(proteins) >= limit and (also is None or found is not None):
             break
+    screen.finish()
     for line in skipped[:MAX_NAMED]:
         log.warning(f"{path}: {line}: skipped")
     if len(skipped) > MAX_NAMED:

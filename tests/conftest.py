@@ -31,6 +31,28 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 SAMPLE_FASTA = SAMPLE / "mmseqs2_DB_first3000.fasta.gz"
 TINY = REPO / "configs" / "cpu" / "tiny.yaml"
+# Real DNA for the nucleotide screen's tests: the first 480 nt of phage lambda's genome (NC_001416.1).
+LAMBDA_DNA = (
+    "GGGCGGCGACCTCGCGGGTTTTCGCTATTTATGAAAATTTTCCGGTTTAAGGCGTTTCCGTTCTTCTTCGTCATAACTTAATGTTTTTATTTAAAATACCCTCTGAAAAG"
+    "AAAGGAAACGACAGGTGCTGAAAGCGAGGCTTTTTGGCCTCTGTCGTTTCCTTTCTCTGTTTTTGTCCGTGGAATGAACAATGGAAGTCAACAAAAAGCAGCTGGCTGAC"
+    "ATTTTCGGTGCGAGTATCCGTACCATTCAGAACTGGCAGGAACAGGGAATGCCCGTTCTGCGAGGCGGTGGCAAGGGTAATGAGGTGCTTTATGACTCTGCCGCCGTCAT"
+    "AAAATGGTATGCCGAAAGGGATGCTGAAATTGAGAACGAAAAGCTGCGCCGGGAGGTTGAAGAACTGCGGCAGGCCAGCGAGGCAGATCTCCAGCCAGGAACTATTGAG"
+    "TACGAACGCCATCGACTTACGCGTGCGCAGGCCGACGCACA"
+)
+
+# Real proteins that nonetheless read as nucleotides (>= 90% A/C/G/T/U/N): antifreeze glycoprotein P02732 is (AAT)n,
+# 31 residues; poly-A and poly-G fragments; an asparagine run as in P. falciparum's proteins.
+LOW_COMPLEXITY_PROTEINS = {
+    "P02732": "AAT" * 10 + "A",
+    "POLYA": "A" * 24,
+    "POLYG": "G" * 40,
+    "NRICH": "MNNNNDNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNNK",
+}
+
+
+def lambda_reads(n: int) -> str:
+    """n FASTA records of 60-100 nt read off LAMBDA_DNA, as a sequencer's reads file would hold them."""
+    return "".join(f">read{i}\n{LAMBDA_DNA[i % 380 : i % 380 + 60 + i % 41]}\n" for i in range(n))
 
 
 def make_prepared_dir(root: Path, counts=(240, 48, 48, 24), seed=0) -> Path:

@@ -375,7 +375,7 @@ def _block_results(block: bytes, monkeypatch):
 
 
 def _assert_same(a, b) -> None:
-    for name in ("accessions", "rejected", "changed", "tokens", "residues"):
+    for name in ("accessions", "rejected", "changed", "nucleotide_like", "tokens", "residues"):
         assert getattr(a, name) == getattr(b, name), name
     for name in ("accession_keys", "accepted", "lengths", "digests", "ood"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
@@ -411,6 +411,20 @@ def test_block_path_equals_record_path(monkeypatch):
             n_fast += 1
             _assert_same(fast, records)
     assert n_fast >= 50  # the comparison ran on a good share of blocks
+
+
+def test_block_paths_agree_on_nucleotide_like_records(monkeypatch):
+    afgp, read, poly_g = b"AAT" * 10 + b"A", b"ACGTN\nACGTACGTACGTACGTACGT", b"G" * 30
+    block = b">sp|P02732|AFG_X\n%b\n>tr|Q1|Y\nMKV\n>read1 x\n%b\n>sp|Q2\n%b\n" % (afgp, read, poly_g)
+    fast, records, bio = _block_results(block, monkeypatch)
+    assert fast is not None and fast.nucleotide_like == [
+        (0, True, "100% of its 31 letters are A/C/G/T/U/N"),
+        (2, False, "100% of its 25 letters are A/C/G/T/U/N"),
+        (3, False, "100% of its 30 letters are A/C/G/T/U/N"),  # `sp|Q2` names no entry: not a UniProt title
+    ]
+    assert fast.nucleotide_votes == [2, 3]
+    _assert_same(fast, records)
+    _assert_same(fast, bio)
 
 
 def test_duplicate_accession_across_block_paths(tmp_path):

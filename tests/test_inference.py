@@ -1,17 +1,19 @@
 """embed / score / generate: batching invariance, pseudo-likelihood, decoding, outputs, errors."""
 
+import gzip
 import math
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import LAMBDA_DNA, LOW_COMPLEXITY_PROTEINS, lambda_reads
 
 from protein_performer import vocab
 from protein_performer.checkpoints import load_model
 from protein_performer.errors import UserError
 from protein_performer.inference import embed, generate, score
-from protein_performer.proteins import Protein
+from protein_performer.proteins import Protein, read_proteins
 from protein_performer.training import ProteinLMModule
 
 KINDS = ("exact", "favor-softmax", "favor-relu")
@@ -176,6 +178,37 @@ def test_rejected_records_are_reported(ckpts, tmp_path, cli):
     assert code == 0, err  # --unknown reject, the default of every command
     assert "record 2 (Q1)" in err and "record 3 (Q2)" in err and "skipped" in err
     assert len((tmp_path / "s.tsv").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("command", ["embed", "score", "analyze", "agreement"])
+def test_nucleotide_files_are_refused(ckpts, tmp_path, cli, command):
+    dna = tmp_path / "reads.fasta.gz"
+    dna.write_bytes(gzip.compress(lambda_reads(40).encode()))
+    ckpt, out = ckpts[("causal", "exact")], tmp_path / "out"
+    argv = ["agreement", ckpt] if command == "agreement" else [command, "--ckpt_path", ckpt]
+    code, err = cli([*argv, "--input", dna, "--out", out])
+    assert code == 2 and not out.exists()
+    assert f"error: {dna}: 40 of its 40 records are nucleotide sequences (>= 90% A/C/G/T/U/N): a DNA or RNA file" in err
+
+
+def test_nucleotide_screen_of_a_partly_read_file(tmp_path):
+    dna = tmp_path / "reads.fasta"
+    dna.write_text(lambda_reads(5))
+    with pytest.raises(UserError, match="1 of its 1 records are nucleotide sequences"):
+        read_proteins(dna, limit=1)  # stops after the first record: the screen judges what was read
+
+
+def test_nucleotide_like_records_of_a_protein_file_are_read(ckpts, fasta, tmp_path, cli):
+    alone = tmp_path / "afgp.fasta"  # UniProt entries: proteins, however they read
+    alone.write_text("".join(f">sp|{acc}|{acc}_FISH\n{seq}\n" for acc, seq in LOW_COMPLEXITY_PROTEINS.items()))
+    assert [p.name for p in read_proteins(alone)[0]] == list(LOW_COMPLEXITY_PROTEINS)
+    with open(fasta, "a") as f:
+        f.writelines(f">{acc}\n{seq}\n" for acc, seq in LOW_COMPLEXITY_PROTEINS.items())
+        f.write(f">lambda\n{LAMBDA_DNA}\n")  # 5 of 12 records: still a protein file, read whole
+    code, err = cli(["embed", "--ckpt_path", ckpts[("masked", "exact")], "--input", fasta, "--out", tmp_path / "e"])
+    assert code == 0, err
+    rows = (tmp_path / "e" / "index.tsv").read_text().splitlines()[1:]
+    assert [row.split("\t")[1] for row in rows] == [f"p{i}" for i in range(7)] + [*LOW_COMPLEXITY_PROTEINS, "lambda"]
 
 
 def test_errors_are_clear(ckpts, fasta, tmp_path, cli):

@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from Bio.SeqIO.FastaIO import SimpleFastaParser
+from conftest import LAMBDA_DNA, LOW_COMPLEXITY_PROTEINS, lambda_reads
 
+from protein_performer.errors import UserError
+from protein_performer.fasta import NucleotideScreen, is_nucleotide_like
 from protein_performer.prep import records
 from protein_performer.prep.__main__ import main
 from protein_performer.prepared import MANIFEST_FILE, OFFSETS_FILE, TOKENS_FILE, SplitWriter
@@ -376,20 +379,54 @@ def test_empty_input_file_is_named(tmp_path, capsys):
     assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
 
 
-# ---- 6. nucleotide records, wherever they are ----
+# ---- 6. nucleotide records and nucleotide files ----
 
 DNA = "ACGTTGCAAGGCTTACGATCGATCGGATCCATGCAAGCTTGACGTACGATNNACGT" * 5  # 280 nt
 
 
-def test_small_nucleotide_input_is_refused(tmp_path, capsys):
-    dna = tmp_path / "dna.fasta"
-    dna.write_text(f">s1\n{DNA}\n>s2\n{DNA[::-1]}\n")
+def manifest(out: Path) -> dict:
+    return json.loads((out / MANIFEST_FILE).read_text())
+
+
+@pytest.mark.parametrize("uniprot", [True, False])
+def test_low_complexity_proteins_are_kept(tmp_path, capsys, uniprot):
+    # alone, they are a UniProt file of proteins; among proteins, a protein file whatever their titles
+    path = tmp_path / "low.fasta"
+    if uniprot:
+        path.write_text("".join(f">sp|{acc}|{acc}_FISH\n{seq}\n" for acc, seq in LOW_COMPLEXITY_PROTEINS.items()))
+    else:
+        fasta(path, 100)
+        with open(path, "a") as f:
+            f.writelines(f">{acc}\n{seq}\n" for acc, seq in LOW_COMPLEXITY_PROTEINS.items())
+    out = tmp_path / "out"
+    code = prep(str(path), "--out", str(out), "--min_valid", "0", "--min_test", "0")
+    err = capsys.readouterr().err
+    assert code == 0, err
+    m = manifest(out)
+    assert m["records"]["flagged"] == {"nucleotide_like": 4} and sum(m["records"]["rejected"].values()) == 0
+    assert m["records"]["kept"] == m["records"]["read"] == (4 if uniprot else 104)
+    record = 1 if uniprot else 101
+    assert f"{path}: record {record} (P02732): nucleotide like: 100% of its 31 letters are A/C/G/T/U/N; kept" in err
+
+
+@pytest.mark.parametrize("records", [1, 40, 1500])
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_nucleotide_files_are_refused(tmp_path, capsys, records, gzipped):
+    text = f">NC_001416.1 Enterobacteria phage lambda\n{LAMBDA_DNA}\n" if records == 1 else lambda_reads(records)
+    dna = tmp_path / ("dna.fasta.gz" if gzipped else "dna.fasta")
+    dna.write_bytes(gzip.compress(text.encode()) if gzipped else text.encode())
     code = prep(str(dna), "--out", str(tmp_path / "out"))
     err = capsys.readouterr().err
-    assert code == 2 and f"error: {dna}: 2 of its 2 records are nucleotide sequences" in err
+    which = "first " if records > 1000 else ""
+    n = min(records, 1000)
+    assert code == 2 and err.strip().splitlines() == [
+        f"protein-performer-prep: error: {dna}: {n:,} of its {which}{n:,} records are nucleotide sequences "
+        "(>= 90% A/C/G/T/U/N): a DNA or RNA file, not protein"
+    ]
+    assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
 
 
-def test_nucleotide_records_after_proteins_are_skipped_and_counted(tmp_path, capsys):
+def test_nucleotide_records_among_proteins_are_kept_and_counted(tmp_path, capsys):
     mixed = tmp_path / "mixed.fasta"
     fasta(mixed, 100)
     with open(mixed, "a") as f:  # some soft-masked (lowercase)
@@ -398,19 +435,61 @@ def test_nucleotide_records_after_proteins_are_skipped_and_counted(tmp_path, cap
     code = prep(str(mixed), "--out", str(out))
     err = capsys.readouterr().err
     assert code == 0, err
-    m = json.loads((out / MANIFEST_FILE).read_text())
-    assert m["records"]["rejected"]["nucleotide"] == 50 and m["records"]["kept"] == 100
-    assert m["records"]["changed"]["lowercase"] == 0  # rejected records change nothing
-    assert f"{mixed}: record 101 (dna0): nucleotide: 100% of its 280 letters are A/C/G/T/U/N" in err
-    assert "further 'nucleotide' records are only counted" in err
+    m = manifest(out)
+    assert m["records"]["flagged"]["nucleotide_like"] == 50 and m["records"]["kept"] == 150
+    assert m["records"]["changed"]["lowercase"] == 49
+    assert f"{mixed}: record 101 (dna0): nucleotide like: 100% of its 280 letters are A/C/G/T/U/N; kept" in err
+    assert "further 'nucleotide_like' records are only counted" in err
+    assert "nucleotide like (kept) 50" in err  # the closing summary
 
 
-def test_mostly_nucleotide_input_is_refused(tmp_path, capsys):
-    mixed = fasta(tmp_path / "mixed.fasta", 10)
-    with open(mixed, "a") as f:
-        f.writelines(f">dna{i}\n{DNA[i:]}\n" for i in range(11))
-    code = prep(str(mixed), "--out", str(tmp_path / "out"))
-    assert code == 2 and f"{mixed}: 11 of its 21 records are nucleotide sequences" in capsys.readouterr().err
+def test_one_nucleotide_record_in_a_protein_file(tmp_path, capsys):
+    path = fasta(tmp_path / "in.fasta", 30)
+    with open(path, "a") as f:
+        f.write(f">NC_001416.1 lambda\n{LAMBDA_DNA}\n")
+    out = tmp_path / "out"
+    assert prep(str(path), "--out", str(out)) == 0
+    assert "record 31 (NC_001416.1): nucleotide like: 100% of its 480 letters" in capsys.readouterr().err
+    assert manifest(out)["records"]["flagged"]["nucleotide_like"] == 1 and manifest(out)["records"]["kept"] == 31
+
+
+@pytest.mark.parametrize(
+    ("proteins", "dna", "after", "refused"),
+    [
+        (10, 11, 0, "11 of its 21 records"),  # mostly nucleotide, decided at the end
+        (1000, 1001, 0, "1,001 of its 2,001 records"),  # DNA appended to proteins
+        (499, 501, 2000, "501 of its first 1,000 records"),  # decided on the first records, the rest unread
+        (500, 501, 2000, None),  # 500 of the first 1,000, 501 of 3,001: a protein file
+    ],
+)
+def test_the_file_rule_on_mixed_files(tmp_path, capsys, proteins, dna, after, refused):
+    path = fasta(tmp_path / "mixed.fasta", proteins + after)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[: 2 * proteins]) + lambda_reads(dna) + "".join(lines[2 * proteins :]))
+    for block_size in ("512", "4194304"):  # the first 1,000 records are counted exactly, across blocks
+        out = tmp_path / f"out{block_size}"
+        code = prep(str(path), "--out", str(out), "--block_size", block_size)
+        err = capsys.readouterr().err
+        if refused:
+            assert code == 2 and err.strip().splitlines()[-1] == (
+                f"protein-performer-prep: error: {path}: {refused} are nucleotide sequences (>= 90% A/C/G/T/U/N): "
+                "a DNA or RNA file, not protein"
+            )
+        else:
+            assert code == 0 and manifest(out)["records"]["flagged"]["nucleotide_like"] == dna
+
+
+def test_screen_counts_the_first_records_exactly():
+    for sizes in ([1000], [1, 999, 5], [999, 1], [400, 700], [1200]):
+        for votes_at, refused in ((range(501), True), (range(499, 1000), True), (range(500, 1500), False)):
+            screen, seen = NucleotideScreen("x.fasta"), 0
+            try:
+                for n in sizes:
+                    screen.add(n, [i - seen for i in votes_at if seen <= i < seen + n])
+                    seen += n
+                assert not refused, (sizes, votes_at)
+            except UserError as e:
+                assert refused and "of its first 1,000 records" in str(e)
 
 
 def test_nucleotide_rule_twins_agree():
@@ -444,13 +523,13 @@ def test_nucleotide_rule_twins_agree():
     joined = b"".join(t + bytes([EOS]) for t in tokens)
     lengths = np.array([len(t) for t in tokens])
     starts = np.cumsum(lengths + 1) - lengths - 1
-    flags = records.nucleotide_records(joined, starts, lengths)
-    assert flags.tolist() == [records.is_nucleotide(t) for t in tokens]
+    flags = records.nucleotide_like_records(joined, starts, lengths)
+    assert flags.tolist() == [is_nucleotide_like(t) for t in tokens]
     assert flags[1:7].tolist() == [True, False, True, True, True, False] and 10 < flags.sum() < len(seqs) - 10
 
 
 @pytest.mark.skipif(not PROTEOMES.is_dir(), reason="set PROTEOMES_DIR to a folder of UniProt proteomes (*.fasta.gz)")
-def test_no_real_protein_is_taken_for_nucleotide():
+def test_no_real_protein_is_nucleotide_like():
     tokens, n = [], 0
     for path in sorted(PROTEOMES.glob("*.fasta.gz")):
         with gzip.open(path, "rt") as f:
@@ -459,7 +538,7 @@ def test_no_real_protein_is_taken_for_nucleotide():
                 n += 1
     joined = b"".join(t + bytes([EOS]) for t in tokens)
     lengths = np.array([len(t) for t in tokens])
-    assert n > 0 and not records.nucleotide_records(joined, np.cumsum(lengths + 1) - lengths - 1, lengths).any()
+    assert n > 0 and not records.nucleotide_like_records(joined, np.cumsum(lengths + 1) - lengths - 1, lengths).any()
 
 
 # ---- 7. directories, devices and pipes as inputs ----

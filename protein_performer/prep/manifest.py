@@ -9,8 +9,8 @@ from collections import Counter
 import numpy as np
 
 import protein_performer
+from protein_performer.fasta import NUCLEOTIDE_RULE
 from protein_performer.prep.inputs import InputFile
-from protein_performer.prep.records import NUCLEOTIDE_LETTERS, NUCLEOTIDE_MIN_LENGTH, NUCLEOTIDE_PERCENT
 from protein_performer.prepared import FORMAT_VERSION, OFFSETS_FILE, TOKENS_FILE
 from protein_performer.vocab import BOS, EOS, MASK, PAD, TOKENS
 
@@ -19,19 +19,15 @@ REJECT_REASONS = (
     "no_sequence",
     "malformed",
     "unknown_letter",
-    "nucleotide",
     "duplicate_accession",
     "duplicate_sequence",
 )
 CHANGE_REASONS = ("lowercase", "unknown_to_x")
+FLAG_REASONS = ("nucleotide_like",)  # kept, but worth a look
 HASH = (
     "d = blake2b(token ids, digest_size=16); de-duplication key = d[:8] (little-endian uint64); "
     "split key = splitmix64(d[8:] xor blake2b(seed as 16 bytes little-endian, digest_size=8)); "
     "test if key < test_fraction * 2**64, valid if below (test_fraction + valid_fraction) * 2**64"
-)
-NUCLEOTIDE_RULE = (
-    f"rejected as nucleotide: >= {NUCLEOTIDE_MIN_LENGTH} letters, >= {NUCLEOTIDE_PERCENT}% of them "
-    f"{'/'.join(NUCLEOTIDE_LETTERS)}"
 )
 
 
@@ -49,7 +45,13 @@ def _versions() -> dict:
 
 
 def build_manifest(
-    parameters: dict, files: list[InputFile], stats: dict, records: dict, rejected: Counter, changed: Counter
+    parameters: dict,
+    files: list[InputFile],
+    stats: dict,
+    records: dict,
+    rejected: Counter,
+    changed: Counter,
+    flagged: Counter,
 ) -> dict:
     """The manifest; deterministic (no timestamps, no --workers). `parameters`: what decided the output;
     `records`: read, residues_read and moved_to_ood_by_duplicate counts."""
@@ -67,6 +69,7 @@ def build_manifest(
             "kept": sum(st["count"] for st in stats.values()),
             "rejected": {reason: rejected.get(reason, 0) for reason in REJECT_REASONS},
             "changed": {reason: changed.get(reason, 0) for reason in CHANGE_REASONS},
+            "flagged": {reason: flagged.get(reason, 0) for reason in FLAG_REASONS},
             "moved_to_ood_by_duplicate": records["moved_to_ood_by_duplicate"],
         },
         "inputs": [

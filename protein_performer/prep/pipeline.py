@@ -18,19 +18,13 @@ import numpy as np
 
 from protein_performer.commands import progress_bar
 from protein_performer.errors import UserError
+from protein_performer.fasta import NucleotideScreen
 from protein_performer.prep.dedup import HashSet, seed_key
 from protein_performer.prep.inputs import InputFile, TruncatedInput
 from protein_performer.prep.manifest import build_manifest
 from protein_performer.prep.output import OutputDir
 from protein_performer.prep.parallel import ordered_map, prefetch, worker_pool
-from protein_performer.prep.records import (
-    NUCLEOTIDE_LETTERS,
-    NUCLEOTIDE_PERCENT,
-    BlockResult,
-    RecordError,
-    WorkerConfig,
-    process_block,
-)
+from protein_performer.prep.records import BlockResult, RecordError, WorkerConfig, process_block
 from protein_performer.prep.splits import OOD, assign_split, promotion_targets, read_ood_accessions, split_thresholds
 from protein_performer.prepared import (
     SPLITS,
@@ -89,47 +83,63 @@ class _Prep:
         self.ood_keys: set[int] = set()
         self.late_ood: set[int] = set()  # OOD sequences first seen without a held-out family
         self.t_test, self.t_valid = split_thresholds(s.valid_fraction, s.test_fraction)
-        self.rejected, self.changed = Counter(), Counter()
+        self.rejected, self.changed, self.flagged = Counter(), Counter(), Counter()
         self.warned: Counter = Counter()
+        self.held: list[str] | None = None  # warnings of a file whose start may still refuse it
         self.records = self.residues_read = self.file_start = 0
         self.last_accession = ""
 
-    def warn(self, path: Path, r: BlockResult, base: int, i: int, reason: str, detail: str) -> None:
-        """Name the first few skipped records of each reason on stderr."""
+    def warn(
+        self, path: Path, r: BlockResult, base: int, i: int, reason: str, detail: str, outcome: str = "skipped"
+    ) -> None:
+        """Name the first few skipped (or kept but flagged) records of each reason on stderr."""
         self.warned[reason] += 1
         if self.warned[reason] <= MAX_WARNINGS:
             accession = r.accession(i)
             what = f"record {base + i + 1}" + (f" ({accession})" if accession else "")
-            log.warning(f"{path}: {what}: {reason.replace('_', ' ')}{': ' + detail if detail else ''}; skipped")
+            self.say(f"{path}: {what}: {reason.replace('_', ' ')}{': ' + detail if detail else ''}; {outcome}")
             if self.warned[reason] == MAX_WARNINGS:
-                log.warning(f"further '{reason}' records are only counted")
+                self.say(f"further '{reason}' records are only counted")
+
+    def say(self, message: str) -> None:
+        """A warning on stderr; held while the file's start may still refuse it, so a refusal is one line."""
+        if self.held is None:
+            log.warning(message)
+        else:
+            self.held.append(message)
+
+    def release(self) -> None:
+        for message in self.held or ():
+            log.warning(message)
+        self.held = None
 
     def read(self, f: InputFile, pool, bar) -> None:
         """Every block of one input through process_block and add_block; checks what only the whole file tells."""
         self.file_start = self.records
-        nucleotide_before = self.rejected["nucleotide"]
+        screen, self.held = NucleotideScreen(f.path), []
         try:
             # f.format is read after blocks() yields: "auto" is resolved by then.
             tasks = ((_parser_name(f.format, self.s.fasta_parser), block) for block in prefetch(f.blocks()))
             for result in ordered_map(pool, process_block, tasks, 2 * self.s.workers + 2):
+                screen.add(result.n_records, result.nucleotide_votes)
                 self.add_block(f.path, result)
+                if screen.decided:
+                    self.release()
                 bar.update(result.residues)
         except TruncatedInput as e:
+            self.release()
             done = self.records - self.file_start
             raise UserError(
                 f"{e} after record {done}" + (f" ({self.last_accession})" if done and self.last_accession else "")
             ) from None
         except RecordError as e:
+            self.release()
             raise UserError(
                 f"{f.path}: record {self.records - self.file_start + e.index + 1} ({e.accession}): {e.message}"
             ) from None
         f.records = self.records - self.file_start
-        nucleotide = self.rejected["nucleotide"] - nucleotide_before
-        if 2 * nucleotide > f.records:
-            raise UserError(
-                f"{f.path}: {nucleotide} of its {f.records} records are nucleotide sequences (>= "
-                f"{NUCLEOTIDE_PERCENT}% {'/'.join(NUCLEOTIDE_LETTERS)}), not protein"
-            )
+        screen.finish()
+        self.release()
 
     def add_block(self, path: Path, r: BlockResult) -> None:
         base = self.records - self.file_start  # records are numbered from 1 in each file
@@ -141,6 +151,9 @@ class _Prep:
         for i, reason, detail in r.rejected:
             self.rejected[reason] += 1
             self.warn(path, r, base, i, reason, detail)
+        for i, _, detail in r.nucleotide_like:
+            self.flagged["nucleotide_like"] += 1
+            self.warn(path, r, base, i, "nucleotide_like", detail, "kept")
 
         # Accessions: every record registers its accession; a repeat is skipped even if the first was rejected.
         acc = r.accession_keys
@@ -279,7 +292,9 @@ def run(s: Settings) -> dict:
             "residues_read": prep.residues_read,
             "moved_to_ood_by_duplicate": len(prep.late_ood),
         }
-        manifest = build_manifest(s.parameters(len(ood_accessions)), files, stats, records, prep.rejected, prep.changed)
+        manifest = build_manifest(
+            s.parameters(len(ood_accessions)), files, stats, records, prep.rejected, prep.changed, prep.flagged
+        )
         write_manifest(root, manifest)
     elapsed = time.perf_counter() - start
     print(
@@ -287,7 +302,9 @@ def run(s: Settings) -> dict:
         f"({prep.residues_read / elapsed / 1e6:.1f} M residues/s); kept {manifest['records']['kept']:,} "
         f"(train {stats['train']['count']:,}, valid {stats['valid']['count']:,}, test {stats['test']['count']:,}, "
         f"ood {stats['ood']['count']:,}); skipped {sum(prep.rejected.values()):,} "
-        f"{dict(sorted((k, v) for k, v in prep.rejected.items() if v))}; wrote {Path(s.out)}",
+        f"{dict(sorted((k, v) for k, v in prep.rejected.items() if v))}; "
+        + "".join(f"{reason.replace('_', ' ')} (kept) {n:,}; " for reason, n in sorted(prep.flagged.items()))
+        + f"wrote {Path(s.out)}",
         file=sys.stderr,
     )
     return manifest
@@ -309,5 +326,5 @@ def write_prepared(root: Path, splits: dict[str, Sequence[np.ndarray]]) -> Path:
     kept = sum(st["count"] for st in stats.values())
     records = {"read": kept, "residues_read": sum(st["residues"] for st in stats.values()),
                "moved_to_ood_by_duplicate": 0}
-    write_manifest(root, build_manifest({}, [], stats, records, Counter(), Counter()))
+    write_manifest(root, build_manifest({}, [], stats, records, Counter(), Counter(), Counter()))
     return root

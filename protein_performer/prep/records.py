@@ -1,5 +1,5 @@
 """Blocks of records -> token ids, in one place: FASTA and UniProt flat-file parsing, tokenisation, the
-record-level checks (empty, unknown letter, nucleotide) and the keys of every record.
+record-level checks (empty, unknown letter), the nucleotide-like records and the keys of every record.
 
 A block (whole records, from inputs.InputFile) is processed by `process_block`, in the main process or in a
 worker (parallel.py). Clean FASTA blocks take a whole-block path of a few C-level passes (`fast_fasta_block`);
@@ -17,9 +17,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protein_performer.fasta import parse_title
+from protein_performer.fasta import (
+    NUCLEOTIDE_IDS,
+    NUCLEOTIDE_MIN_LENGTH,
+    NUCLEOTIDE_PERCENT,
+    is_nucleotide_like,
+    nucleotide_detail,
+    parse_title,
+)
 from protein_performer.prep.dedup import ACCESSION_PACKED, accession_keys, pack_key, sequence_digests
-from protein_performer.vocab import BYTE_TO_ID, EOS, LETTERS, NOT_A_LETTER, X
+from protein_performer.vocab import BYTE_TO_ID, EOS, NOT_A_LETTER, X
 
 # Biopython is imported where it is used: importing Bio.SwissProt / Bio.SeqIO costs 0.2 s of start-up, and the
 # whole-block FASTA path never needs it.
@@ -35,40 +42,19 @@ _LOWER_BYTE, _UNKNOWN_BYTE, _EOS_BYTE = bytes([_LOWER_MARK]), bytes([NOT_A_LETTE
 # Whole-block path: NUL (its record separator; inputs never hold NUL) -> EOS.
 _EOS_TABLE = _EOS_BYTE + _STRICT_TABLE[1:]
 
-# ---- nucleotide records ----
-# A record is nucleotide when it has at least NUCLEOTIDE_MIN_LENGTH letters of which at least NUCLEOTIDE_PERCENT %
-# are A, C, G, T, U or N. Measured on the 18,543 real proteins of four UniProt reference proteomes (E. coli, yeast,
-# P. falciparum, S. elongatus): the highest share is 65.3% (GFCA_ECOLI, threonine-rich; then 61.9%, 57.6%), so no
-# real protein is flagged at 90%, a margin of 24.7 points; P. falciparum's asparagine (N) runs peak below 51%.
-NUCLEOTIDE_LETTERS = "ACGTUN"
-NUCLEOTIDE_PERCENT = 90
-NUCLEOTIDE_MIN_LENGTH = 20
-_NUCLEOTIDE_IDS = bytes(LETTERS.index(c) for c in NUCLEOTIDE_LETTERS)
-_NUCLEOTIDE_TABLE = bytes(int(b in _NUCLEOTIDE_IDS) for b in range(256))  # token id -> 1 if nucleotide letter
+# ---- nucleotide-like records (the rule and the file-level screen: protein_performer.fasta) ----
 
-
-def is_nucleotide(tokens: bytes) -> bool:
-    """The nucleotide rule for one record's token ids."""
-    n = len(tokens)
-    others = len(tokens.translate(None, _NUCLEOTIDE_IDS))
-    return n >= NUCLEOTIDE_MIN_LENGTH and 100 * (n - others) >= NUCLEOTIDE_PERCENT * n
-
-
-def nucleotide_detail(tokens: bytes) -> str:
-    share = 100 * (len(tokens) - len(tokens.translate(None, _NUCLEOTIDE_IDS))) / len(tokens)
-    return f"{share:.0f}% of its {len(tokens)} letters are {'/'.join(NUCLEOTIDE_LETTERS)}: a DNA or RNA sequence"
-
-
-_SCREEN_STRIDE = 4  # nucleotide_records looks at every 4th letter first
+_NUCLEOTIDE_TABLE = bytes(int(b in NUCLEOTIDE_IDS) for b in range(256))  # token id -> 1 if nucleotide letter
+_SCREEN_STRIDE = 4  # nucleotide_like_records looks at every 4th letter first
 _SCREEN_PAD = _EOS_BYTE * _SCREEN_STRIDE
 
 
-def nucleotide_records(tokens: bytes, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """is_nucleotide of every record tokens[start : start + length] at once (bool), for the whole-block path.
+def nucleotide_like_records(tokens: bytes, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """is_nucleotide_like of every record tokens[start : start + length] at once (bool), for the whole-block path.
 
     Counting every letter added about 15% to the whole-block path; this exact screen on every 4th letter costs a
-    third of that. A nucleotide record has at most a tenth of its letters outside A/C/G/T/U/N, so at most that many
-    among its sampled letters: only records within that bound (21 of the 37,086 records of the prep benchmark's
+    third of that. A nucleotide-like record has at most a tenth of its letters outside A/C/G/T/U/N, so at most that
+    many among its sampled letters: only records within that bound (21 of the 37,086 records of the prep benchmark's
     input) are checked letter by letter.
     """
     k = _SCREEN_STRIDE
@@ -81,13 +67,20 @@ def nucleotide_records(tokens: bytes, starts: np.ndarray, lengths: np.ndarray) -
     maybe = np.flatnonzero((lengths >= NUCLEOTIDE_MIN_LENGTH) & (100 * (sampled - nucleotide) <= bound))
     flags = np.zeros(starts.size, dtype=bool)
     for i in maybe.tolist():
-        flags[i] = is_nucleotide(tokens[starts[i] : starts[i] + lengths[i]])
+        flags[i] = is_nucleotide_like(tokens[starts[i] : starts[i] + lengths[i]])
     return flags
 
 
-# ---- parsers: a parsed record is (accession or "", Pfam families from the entry, sequence bytes, error or None) ----
+# ---- parsers: a parsed record is (accession or "", whether it is a UniProt entry, Pfam families from the entry,
+# sequence bytes, error or None); UniProt entries: flat-file entries, FASTA titles `sp|ACC|NAME` / `tr|ACC|NAME` ----
 
-Parsed = tuple[str, tuple[str, ...], bytes, str | None]
+Parsed = tuple[str, bool, tuple[str, ...], bytes, str | None]
+
+
+def _fasta_record(title: str, sequence: bytes) -> Parsed:
+    accession, entry = parse_title(title)
+    return accession, bool(entry), (), sequence, None
+
 
 # Whitespace that str.rstrip() removes at line ends besides ' ' and '\r' (see parse_fasta).
 _RARE_SPACE = tuple(bytes([c]) for c in range(256) if chr(c).isspace() and c not in b" \r\n")
@@ -97,7 +90,7 @@ def parse_fasta_biopython(block: bytes) -> Iterator[Parsed]:
     from Bio.SeqIO.FastaIO import SimpleFastaParser
 
     for title, seq in SimpleFastaParser(io.StringIO(block.decode("latin-1"))):
-        yield parse_title(title)[0], (), seq.encode("latin-1"), None
+        yield _fasta_record(title, seq.encode("latin-1"))
 
 
 def parse_fasta(block: bytes) -> Iterator[Parsed]:
@@ -117,7 +110,7 @@ def parse_fasta(block: bytes) -> Iterator[Parsed]:
     for rec in block[start + 1 :].split(b"\n>"):
         title, _, body = rec.partition(b"\n")
         sequence = body.replace(b"\n", b"").replace(b" ", b"").replace(b"\r", b"")
-        yield parse_title(title.decode("latin-1"))[0], (), sequence, None
+        yield _fasta_record(title.decode("latin-1"), sequence)
 
 
 _AC_LINE = re.compile(r"^AC   (\S+?);", re.MULTILINE)
@@ -125,7 +118,7 @@ _AC_LINE = re.compile(r"^AC   (\S+?);", re.MULTILINE)
 
 def _swiss_record(rec) -> Parsed:
     families = tuple(x[1] for x in rec.cross_references if x[0] == "Pfam")
-    return rec.accessions[0] if rec.accessions else "", families, rec.sequence.encode("latin-1"), None
+    return rec.accessions[0] if rec.accessions else "", True, families, rec.sequence.encode("latin-1"), None
 
 
 def parse_swiss(block: bytes) -> Iterator[Parsed]:
@@ -151,7 +144,7 @@ def parse_swiss(block: bytes) -> Iterator[Parsed]:
             yield _swiss_record(SwissProt.read(io.StringIO(entry + "//\n")))
         except (ValueError, SwissProt.SwissProtParserError) as e:
             m = _AC_LINE.search(entry)
-            yield (m.group(1) if m else ""), (), b"", str(e).splitlines()[0]
+            yield (m.group(1) if m else ""), True, (), b"", str(e).splitlines()[0]
 
 
 PARSERS = {"fasta": parse_fasta, "fasta-biopython": parse_fasta_biopython, "swiss": parse_swiss}
@@ -168,6 +161,7 @@ class BlockResult:
     accession_keys: np.ndarray  # uint64 per record, 0 = no accession
     rejected: list[tuple[int, str, str]]  # (record index, reason, detail)
     changed: Counter
+    nucleotide_like: list[tuple[int, bool, str]]  # accepted ones: (record index, of a UniProt entry, detail)
     accepted: np.ndarray  # record indices of accepted records
     tokens: bytes  # accepted sequences, each followed by EOS
     lengths: np.ndarray  # int64, without EOS
@@ -181,6 +175,11 @@ class BlockResult:
 
     def accession(self, i: int) -> str:
         return self.accessions.split("\n")[i]
+
+    @property
+    def nucleotide_votes(self) -> list[int]:
+        """The nucleotide-like records that count towards refusing the file (fasta.NucleotideScreen)."""
+        return [i for i, uniprot, _ in self.nucleotide_like if not uniprot]
 
 
 @dataclass
@@ -250,7 +249,7 @@ def fast_fasta_block(block: bytes, cfg: WorkerConfig) -> BlockResult | None:
     """Whole-block FASTA processing with a handful of C-level passes; None if the block needs the record path.
 
     Gives exactly what the record path (parse_fasta = SimpleFastaParser) gives for blocks whose records are all
-    non-empty, not nucleotide, and whose letters are all uppercase vocabulary letters: bodies are cut out at once,
+    non-empty and whose letters are all uppercase vocabulary letters: bodies are cut out at once,
     joined with NUL, newlines (and ' ', '\r') deleted and tokenized by one translate (NUL -> EOS).
     """
     arr = np.frombuffer(block, dtype=np.uint8)
@@ -280,8 +279,11 @@ def fast_fasta_block(block: bytes, cfg: WorkerConfig) -> BlockResult | None:
     lengths = ends - starts
     if ends.size != n or not lengths.all():
         return None  # empty records: record path counts them
-    if nucleotide_records(tokens, starts, lengths).any():
-        return None  # rare: the record path rejects them one by one
+    nucleotide_like = []
+    for i in np.flatnonzero(nucleotide_like_records(tokens, starts, lengths)).tolist():  # rare in a protein file
+        a, s = hl[i], int(starts[i])
+        title = block[a + 1 : find(b"\n", a)].decode("latin-1")
+        nucleotide_like.append((i, bool(parse_title(title)[1]), nucleotide_detail(tokens[s : s + int(lengths[i])])))
     names, keys = _fast_accessions(arr, heads, block)
     if cfg.ood_accessions:
         ood = np.fromiter((a in cfg.ood_accessions for a in names), dtype=bool, count=n)
@@ -292,6 +294,7 @@ def fast_fasta_block(block: bytes, cfg: WorkerConfig) -> BlockResult | None:
         accession_keys=keys,
         rejected=[],
         changed=Counter(),
+        nucleotide_like=nucleotide_like,
         accepted=np.arange(n, dtype=np.int64),
         tokens=tokens,
         lengths=lengths,
@@ -308,10 +311,10 @@ def process_block(task: tuple[str, bytes]) -> BlockResult:
         result = fast_fasta_block(block, cfg)
         if result is not None:
             return result
-    accessions, families_of, rejected, changed = [], [], [], Counter()
+    accessions, families_of, rejected, changed, nucleotide_like = [], [], [], Counter(), []
     accepted, toks = [], []
     residues = 0
-    for i, (acc, families, raw, error) in enumerate(PARSERS[parser](block)):
+    for i, (acc, uniprot, families, raw, error) in enumerate(PARSERS[parser](block)):
         accessions.append(acc)
         if error is not None:  # unreadable flat-file entry
             rejected.append((i, "malformed", error))
@@ -336,9 +339,8 @@ def process_block(task: tuple[str, bytes]) -> BlockResult:
                     continue
                 tok = tok.replace(_UNKNOWN_BYTE, bytes([X]))
                 changes.append("unknown_to_x")
-        if is_nucleotide(tok):
-            rejected.append((i, "nucleotide", nucleotide_detail(tok)))
-            continue
+        if is_nucleotide_like(tok):
+            nucleotide_like.append((i, uniprot, nucleotide_detail(tok)))
         changed.update(changes)
         accepted.append(i)
         toks.append(tok)
@@ -351,6 +353,7 @@ def process_block(task: tuple[str, bytes]) -> BlockResult:
         accession_keys=accession_keys(accessions),
         rejected=rejected,
         changed=changed,
+        nucleotide_like=nucleotide_like,
         accepted=np.array(accepted, dtype=np.int64),
         tokens=tokens,
         lengths=lengths,
