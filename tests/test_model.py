@@ -6,7 +6,7 @@ import torch
 from protein_performer import vocab
 from protein_performer.attention import FavorAttention
 from protein_performer.attention.naive import linear_attention, naive_softmax_attention, plain_softmax_features
-from protein_performer.model import ATTENTION_KINDS, PRESETS, Config, GeluLinear, ProteinLM
+from protein_performer.model import ATTENTION_KINDS, PRESETS, Config, Dropout, GeluLinear, ProteinLM
 
 VARIANTS = [(a, c) for a in ATTENTION_KINDS for c in (False, True)]
 
@@ -168,6 +168,36 @@ def test_gelu_linear_matches_autograd_and_stores_one_activation():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         GeluLinear.apply(h, w, b)
     assert saved.count(h.shape) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_keeps_each_element_with_probability_1_minus_p(dtype):
+    # The reference is the definition of (inverted) dropout: each element kept independently with probability
+    # 1 - p and scaled by 1 / (1 - p). 4 x 30,001 elements (not a multiple of 4, so a lane is cut at the end).
+    torch.manual_seed(0)
+    p, drop = 0.1, Dropout(0.1).train()
+    x = (torch.rand(4, 30001, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
+    torch.manual_seed(1)
+    y = drop(x)
+    keep = y != 0  # x > 0, so only dropped elements are 0
+    assert y.dtype == dtype
+    # every kept element is x / (1 - p') for the rounded p' = round(p 2^15) / 2^15 (|p' - p| <= 2^-16)
+    scale = 2**15 / (2**15 - round(p * 2**15))
+    assert abs(scale - 1 / (1 - p)) < 1e-4
+    torch.testing.assert_close(y[keep], x[keep] * scale, rtol=0, atol=0)  # the same product: no round-off
+    # kept fraction within 5 binomial standard deviations of 1 - p, overall and for each of the 4 lanes of a
+    # 64-bit draw (the top lane's sign bit is always 0: its 15 low bits must be as uniform as the others')
+    n = keep.numel()
+    assert abs(keep.double().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    lanes = keep.flatten()[: n - n % 4].view(-1, 4).double().mean(0)
+    assert ((lanes - (1 - p)).abs() < 5 * (p * (1 - p) / (n // 4)) ** 0.5).all()
+    # backward passes the gradient through the same mask and scale
+    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    torch.testing.assert_close(grad, keep.to(dtype) * scale, rtol=0, atol=0)
+    # seeded: the same seed draws the same mask; eval mode and p = 0 are the identity
+    torch.manual_seed(1)
+    assert torch.equal(drop(x) != 0, keep)
+    assert drop.eval()(x) is x and Dropout(0.0).train()(x) is x
 
 
 def test_bf16_autocast_training_step_is_finite():

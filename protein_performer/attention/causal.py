@@ -17,6 +17,7 @@ import torch
 from .features import (
     LOG2E,
     BlockFeatures,
+    acc_dtype,
     add_mm_,
     as_low,
     blocks,
@@ -39,6 +40,10 @@ class CausalFavor(torch.autograd.Function):
     chunk states at C = 64: they spare backward its costliest recomputation), the output, D and the query rows'
     maxima. Backward is one reverse pass over the spans: it recomputes their features and carries
     sum_{i later} exp(g_end - g_i) phi(q_i) dy_i^T for the keys.
+
+    With bf16 products (low), what only feeds products is bf16 (q, k, v, features, scores, the saved states, the
+    output), as in BidirectionalFavor; g, the exponents, D, the carried states and the sums of two products
+    (y, the feature gradients) stay float32.
     """
 
     @staticmethod
@@ -47,22 +52,24 @@ class CausalFavor(torch.autograd.Function):
         b, h, length, _ = q.shape
         chunk = min(chunk, length)
         span = chunk * max(1, span // chunk)
-        f_q, phi_k = (q.new_empty(b, h, span, feats.m) for _ in range(2))
-        g = q.new_zeros(b, h, length)  # stays 0 for relu
-        shift = q.new_zeros(b, h, length + (-length % chunk))  # query rows' maxima, for backward's recomputation
+        acc = acc_dtype(q)
+        f_q, phi_k = (q.new_empty(b, h, span, feats.m, dtype=acc) for _ in range(2))
+        g = q.new_zeros(b, h, length, dtype=acc)  # stays 0 for relu
+        shift = q.new_zeros(b, h, length + (-length % chunk), dtype=acc)  # query rows' maxima, for backward
         out, den = new_output(q, v.shape[-1])
         state, g_in = kv0, g0  # the state entering the span (B, H, m, D), referenced at g_in (B, H)
         befores, scores = [], []
+        v1 = with_ones(v)  # (B, H, L, D), one concatenation for every span
         for s, e in blocks(length, span):
             pad = -(e - s) % chunk  # only the last span can be short
             qs, ks = _span_rows(q, s, e, pad), _span_rows(k, s, e, pad)
             real_s = _span_real(real, s, e, pad, q.device)
-            vs = _span_rows(with_ones(v[:, :, s:e]), 0, e - s, pad)  # (B, H, n, D)
+            vs = _span_rows(v1, s, e, pad)  # (B, H, n, D)
             n = qs.shape[2]
             fq, pk = feats.queries_(qs, rows(f_q, n), shift[:, :, s:s + n]), rows(phi_k, n)
             r, half_sq_norm = feats.key_logits(ks, pk, real_s)
             if r is None:
-                g_s = q.new_zeros(b, h, n)
+                g_s = q.new_zeros(b, h, n, dtype=acc)
             else:  # running maximum, joined with the previous span's
                 g_s = torch.cummax(r, -1).values
                 if g_in is not None:
@@ -74,15 +81,15 @@ class CausalFavor(torch.autograd.Function):
             # bf16 products: every operand read by several products is converted once, and what is saved only
             # for backward's products is saved in bf16 (the same values those products would read)
             fqc, pkc = as_low(fqc, low), as_low(pkc, low)
-            a = as_low(mm(fqc, pkc.transpose(-1, -2), low).mul_(_decay(gc)), low)  # (B, H, nc, C, C) intra-chunk
+            a = mm(fqc, pkc.transpose(-1, -2), low).mul_(as_low(_decay(gc), low))  # (B, H, nc, C, C) intra-chunk
             scores.append(a)
-            y = mm(a, vc, low)
             to_end = _exp(gc - refs[..., 1:, None])[..., None]  # (B, H, nc, C, 1), <= 1
-            local = mm(pkc.transpose(-1, -2), vc * to_end, low)  # (B, H, nc, m, D), referenced at each chunk's end
+            local = mm(pkc.transpose(-1, -2), _scaled(vc, to_end), low)  # (B, H, nc, m, D), at each chunk's end
             before, state = scan_states(local, refs, state, reverse=False, mode=scan)
             before = as_low(before, low)
             befores.append(before)
-            y.addcmul_(_exp(refs[..., :-1, None] - gc)[..., None], mm(fqc, before, low))  # the earlier chunks
+            from_start = _exp(refs[..., :-1, None] - gc)[..., None]
+            y = torch.addcmul(mm(a, vc, low), as_low(from_start, low), mm(fqc, before, low))  # + earlier chunks
             normalise_(y.view(b, h, n, -1)[:, :, : e - s], out[:, :, s:e], den[:, :, s:e])
             g_in = refs[..., -1]
         ctx.save_for_backward(q, k, v, w, g, real, g0, out, den, shift, *befores, *scores)
@@ -97,15 +104,17 @@ class CausalFavor(torch.autograd.Function):
         chunk, span, low = ctx.chunk, ctx.span, ctx.low
         feats = BlockFeatures(w, ctx.kernel, q.shape[-1], low)
         b, h, length, _ = q.shape
-        f_q, phi_k, d_fq, d_pk = (q.new_empty(b, h, span, feats.m) for _ in range(4))
+        f_q, phi_k, d_fq, d_pk = (q.new_empty(b, h, span, feats.m, dtype=acc_dtype(q)) for _ in range(4))
+        into = (lambda buffer, n, shape: rows(buffer, n).view(shape)) if low is None else (lambda *_: None)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        v1 = with_ones(v)
         after = d_state  # sum over later positions of exp(g_ref - g_i) phi(q_i) dy_i^T (B, H, m, D)
         spans = list(blocks(length, span))
         for (s, e), before, a in reversed(list(zip(spans, saved[: len(spans)], saved[len(spans):]))):
             pad = -(e - s) % chunk
             qs, ks = _span_rows(q, s, e, pad), _span_rows(k, s, e, pad)
             real_s = _span_real(real, s, e, pad, q.device)
-            vs = _span_rows(with_ones(v[:, :, s:e]), 0, e - s, pad)
+            vs = _span_rows(v1, s, e, pad)
             dys = _span_rows(grad_y(d_out[:, :, s:e], out[:, :, s:e], den[:, :, s:e]), 0, e - s, pad)
             g_s = _span_rows(g, s, e, pad, repeat_last=True)
             n = qs.shape[2]
@@ -113,24 +122,25 @@ class CausalFavor(torch.autograd.Function):
             pk = feats.keys_at_(ks, rows(phi_k, n), g_s, real_s)
             gc, fqc, pkc, vc, dyc = _split(chunk, g_s, fq, pk, vs, dys)
             refs = _references(gc, g0 if s == 0 else g[:, :, s - 1])
-            dy_prev = dyc * _exp(refs[..., :-1, None] - gc)[..., None]  # (B, H, nc, C, D), scale <= 1
+            dy_prev = _scaled(dyc, _exp(refs[..., :-1, None] - gc)[..., None])  # (B, H, nc, C, D), scale <= 1
             to_end = _exp(gc - refs[..., 1:, None])[..., None]  # (B, H, nc, C, 1), <= 1
             # intra-chunk
             fqc, pkc = as_low(fqc, low), as_low(pkc, low)
-            da = mm(dyc, vc.transpose(-1, -2), low).mul_(_decay(gc))  # (B, H, nc, C, C)
-            dfq = mm(da, pkc, low, out=rows(d_fq, n).view(fqc.shape))
-            dpk = mm(da.transpose(-1, -2), fqc, low, out=rows(d_pk, n).view(pkc.shape))
-            dvc = mm(a.transpose(-1, -2), dyc, low)
+            da = mm(dyc, vc.transpose(-1, -2), low).mul_(as_low(_decay(gc), low))  # (B, H, nc, C, C)
+            # the feature gradients: float32 buffers, or fresh bf16 products (summed in bf16: no mixed-dtype op)
+            dfq = mm(da, pkc, low, out=into(d_fq, n, fqc.shape))
+            dpk = mm(da.transpose(-1, -2), fqc, low, out=into(d_pk, n, pkc.shape))
             # queries read the state from earlier chunks; keys and values feed every later chunk
             add_mm_(dfq, dy_prev, before.transpose(-1, -2), low)
             local = mm(fqc.transpose(-1, -2), dy_prev, low)  # (B, H, nc, m, D), referenced at each chunk's start
             afters, after = scan_states(local, refs, after, reverse=True, mode=ctx.scan)
             afters = as_low(afters, low)
-            add_mm_(dpk, vc * to_end, afters.transpose(-1, -2), low)
-            dvc += to_end * mm(pkc, afters, low)
+            add_mm_(dpk, _scaled(vc, to_end), afters.transpose(-1, -2), low)
+            dvc = torch.addcmul(mm(a.transpose(-1, -2), dyc, low), as_low(to_end, low), mm(pkc, afters, low))
             dv[:, :, s:e] = dvc.view(b, h, n, -1)[:, :, : e - s, :-1]
-            dq[:, :, s:e] = feats.queries_backward_(rows(d_fq, n), fq)[:, :, : e - s]
-            dk[:, :, s:e] = feats.keys_backward_(rows(d_pk, n), pk, ks)[:, :, : e - s]
+            dfq, dpk, fq_low, pk_low = (x.view(b, h, n, -1) for x in (dfq, dpk, fqc, pkc))
+            dq[:, :, s:e] = feats.queries_backward_(dfq, fq, fq_low)[:, :, : e - s]
+            dk[:, :, s:e] = feats.keys_backward_(dpk, pk, pk_low, ks)[:, :, : e - s]
         d_kv0 = after if ctx.needs_input_grad[6] else None
         return dq, dk, dv, None, None, None, d_kv0, None, None, None, None, None
 
@@ -144,14 +154,15 @@ def causal_step(q, k, v, w, kernel, kv0, g0, low):
     """
     feats = BlockFeatures(w, kernel, q.shape[-1], low)
     b, h = q.shape[:2]
-    fq = feats.queries_(q, q.new_empty(b, h, 1, feats.m))
-    pk = q.new_empty(b, h, 1, feats.m)
+    fq = feats.queries_(q, q.new_empty(b, h, 1, feats.m, dtype=acc_dtype(q)))
+    pk = q.new_empty(b, h, 1, feats.m, dtype=fq.dtype)
     r, half_sq_norm = feats.key_logits(k, pk, None)
     if r is None:  # relu: nothing to stabilise, g stays 0
-        g = q.new_zeros(b, h)
+        g = q.new_zeros(b, h, dtype=fq.dtype)
     else:
         g = r[..., 0] if g0 is None else torch.maximum(r[..., 0], g0)
     kv = mm(feats.keys_(pk, half_sq_norm, g[..., None], None).transpose(-1, -2), with_ones(v), low)  # (B, H, m, D)
+    kv = kv.to(acc_dtype(kv))  # the carried state stays float32
     if kv0 is not None:
         kv += kv0 if r is None else kv0 * _exp(g0 - g)[..., None, None]  # the prefix, moved to g (<= 1)
     out, den = new_output(q, v.shape[-1])
@@ -172,6 +183,7 @@ def scan_states(x, refs, first, reverse, mode="loop"):
     is contiguous for the products that read it.
     """
     b, h, nc, m, d = x.shape
+    x = x.to(acc_dtype(x))  # bf16 terms: one conversion, then every sum in float32
     if mode == "matmul":
         decay = _decay(refs)  # (B, H, nc + 1, nc + 1): exp(refs[j] - refs[r]) for j <= r
         if reverse:
@@ -217,6 +229,12 @@ def _span_real(real, s, e, pad, device):
             return None
         real = torch.ones(1, 1, e, dtype=torch.bool, device=device)
     return _span_rows(real, s, e, pad)
+
+
+def _scaled(x, scale):
+    """x * scale in x's dtype: a small (.., 1) scale is converted, not x (a mixed-dtype op is several times slower
+    on the CPU)."""
+    return x * scale.to(x.dtype)
 
 
 def _split(chunk, *tensors):

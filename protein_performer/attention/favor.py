@@ -68,7 +68,7 @@ def favor_attention(
     low = _product_dtype(q)
     state = None
     with no_autocast(q.device):
-        q, k, v_work, w = _work(q, k, v, projection)
+        q, k, v_work, w = _work(q, k, v, projection, low if kernel != "trig" else None)
         check_feature_args(q.shape[-1], w, kernel)
         real = None if key_padding_mask is None else key_padding_mask[:, None, :].to(torch.bool)  # (B, 1, L)
         if kernel == "trig":
@@ -176,11 +176,16 @@ def _safe_denominator(den, kernel):
     return den if kernel == "trig" else den.clamp_min(torch.finfo(den.dtype).tiny)
 
 
-def _work(q, k, v, projection):
-    """q, k, v (or None) and the projection in float32 (float64 if q is)."""
+def _work(q, k, v, projection, low=None):
+    """q, k, v (or None) and the projection in float32 (float64 if q is); with bf16 products (low), q, k, v in
+    contiguous bf16 instead: they only feed products and the Functions slice them into operands."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    v = None if v is None else v.to(work)
-    return q.to(work), k.to(work), v, None if projection is None else projection.to(work)
+    if low is None:
+        convert = lambda x: x.to(work)
+    else:
+        convert = lambda x: x.to(dtype=low, memory_format=torch.contiguous_format)
+    v = None if v is None else convert(v)
+    return convert(q), convert(k), v, None if projection is None else projection.to(work)
 
 
 def _product_dtype(q):

@@ -91,16 +91,18 @@ def whole_features(x: torch.Tensor, w: torch.Tensor | None, kernel: Kernel) -> t
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, low: torch.dtype | None = None, out: torch.Tensor | None = None):
-    """a @ b; with low=torch.bfloat16 the product of bf16 copies (fp32 accumulation; operands already in bf16 are
-    used as they are), returned in float32 (the work dtype whenever low is set)."""
+    """a @ b; with low=torch.bfloat16 the product of bf16 operands (fp32 accumulation; operands already in bf16 are
+    used as they are, others converted), returned in bf16 or written into `out` (any dtype)."""
     if low is None:
         return torch.matmul(a, b, out=out)
-    y = torch.matmul(a.to(low), b.to(low))
-    return y.float() if out is None else out.copy_(y)
+    a, b = a.to(low), b.to(low)
+    y = torch.matmul(a, b)
+    return y if out is None else out.copy_(y)
 
 
 def as_low(x: torch.Tensor, low: torch.dtype | None) -> torch.Tensor:
-    """x as a bf16 product operand (a copy, when low is set), for an operand that several products read."""
+    """x as a bf16 product operand (a copy, when low is set and x is not bf16), for an operand that several products
+    read: converted once instead of in every product."""
     return x if low is None else x.to(low)
 
 
@@ -108,7 +110,11 @@ class BlockFeatures:
     """Softmax or ReLU features of one block of rows (B, H, C, d), written in place into a reused (B, H, C, m)
     buffer (no (B, H, L, m) tensor: see favor.py). Queries: f up to a per-row factor; keys: phi(k) exp(-g) with
     g (B, H, C) or (B, H, 1) chosen by the caller. w=None (relu only): the deterministic relu(x) + eps, m = d.
-    The *_backward_ methods take G = d loss / d phi and overwrite it. `low`: the dtype of the products (mm).
+    The *_backward_ methods take G = d loss / d phi and overwrite it.
+
+    `low`: the dtype of the products (mm). The buffers stay float32 (or float64) whatever x's dtype: on the CPU an
+    elementwise op or a reduction over bf16 or mixed dtypes runs several times slower than over float32, a
+    conversion does not. With low = bf16 the projection is converted once here, not in every product.
     """
 
     def __init__(self, w: torch.Tensor | None, kernel: Kernel, d: int, low: torch.dtype | None = None):
@@ -116,10 +122,10 @@ class BlockFeatures:
         self.m = d if w is None else w.shape[0]
         # softmax: W x' with x' = x d^-1/4; relu: m^-1/2 relu(W x) = relu(m^-1/2 W x). Either way x @ (s W)^T.
         self.scale = d**-0.25 if self.softmax else self.m**-0.5
-        self.w = None if w is None else w * self.scale  # (m, d), for the gradients
+        self.w = None if w is None else as_low(w * self.scale, low)  # (m, d), for the gradients
         # softmax logits in base 2 (W x' log2(e)): the features are then exp2 of them, the faster exponential.
         # Row maxima and shifts of the logits are in the same unit; the log-scales r and g stay natural.
-        self.w_exp = self.w * LOG2E if self.softmax else self.w
+        self.w_exp = None if w is None else as_low(w * (self.scale * (LOG2E if self.softmax else 1.0)), low)
         self.log_sqrt_m = 0.5 * math.log(self.m)
         self.low = low
 
@@ -127,10 +133,10 @@ class BlockFeatures:
     def w_shift(self) -> torch.Tensor:
         """[W_exp, 1] (m, d + 1): backward's recomputation folds a known per-row shift into the product,
         [x, -shift] @ [W_exp, 1]^T (built on first use: a decoding step never needs it)."""
-        return torch.cat([self.w_exp, self.w.new_ones(self.m, 1)], 1)
+        return torch.cat([self.w_exp, self.w_exp.new_ones(self.m, 1)], 1)
 
     def _logits(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.w is None:
+        if self.w_exp is None:
             return out.copy_(x)
         return mm(x, self.w_exp.T, self.low, out=out)  # (B, H, C, m)
 
@@ -153,7 +159,7 @@ class BlockFeatures:
 
     def _shifted_exp_(self, x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out <- exp2(x W_exp^T - shift) for x (B, H, C, d) and a base-2 shift (B, H, C): the shift folded into the
-        product, except for bf16 products, where it would be rounded to bf16 (the forward subtracts it in float32)."""
+        product, except for bf16 products, where it would be rounded to bf16 (subtracted in float32 instead)."""
         if self.low is not None:
             return self._logits(x, out).sub_(shift[..., None]).exp2_()
         return mm(torch.cat([x, -shift[..., None]], -1), self.w_shift.T, out=out).exp2_()
@@ -171,7 +177,9 @@ class BlockFeatures:
         return r, half_sq_norm
 
     def _half_sq_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return (0.5 * self.scale**2) * (x * x).sum(-1)  # |x'|^2 / 2 (B, H, C)
+        """|x'|^2 / 2 (B, H, C), summed in float32 (bf16 x: its products are exact in float32)."""
+        x = x.to(acc_dtype(x))
+        return (0.5 * self.scale**2) * torch.linalg.vecdot(x, x)
 
     def keys_(self, logits: torch.Tensor, half_sq_norm, g, real: torch.Tensor | None) -> torch.Tensor:
         """logits (from key_logits) <- phi(k) exp(-g), in place; padded keys get 0."""
@@ -191,22 +199,31 @@ class BlockFeatures:
             return self.keys_(self._logits(x, out), None, g, real)
         return self._shifted_exp_(x, self._key_offset(self._half_sq_norm(x), g, real), out)
 
-    def queries_backward_(self, grad: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-        """d loss / d x (B, H, C, d) from grad = d loss / d phi and the query features phi."""
+    def queries_backward_(self, grad: torch.Tensor, phi: torch.Tensor, phi_low: torch.Tensor) -> torch.Tensor:
+        """d loss / d x (B, H, C, d) from grad = d loss / d phi and the query features phi, with phi_low = phi in
+        grad's dtype (a bf16 grad from a bf16 product is then scaled in bf16, as the next product would round it)."""
         if self.softmax:  # the subtracted row maximum cancels in D^-1: no gradient through it
-            grad.mul_(phi)
-        else:
-            grad.mul_(phi > RELU_EPS)  # active where W x > 0
+            grad.mul_(phi_low)
+        else:  # active where W x > 0, i.e. where phi is above eps (as grad's dtype rounds eps)
+            grad = torch.ops.aten.threshold_backward(grad, phi_low, _relu_floor(grad.dtype))
         return grad if self.w is None else mm(grad, self.w, self.low)
 
-    def keys_backward_(self, grad: torch.Tensor, phi: torch.Tensor, x: torch.Tensor, total=None) -> torch.Tensor:
+    def keys_backward_(self, grad: torch.Tensor, phi: torch.Tensor, phi_low: torch.Tensor, x: torch.Tensor,
+                       total=None) -> torch.Tensor:
         """As queries_backward_ for keys, whose exponent also holds -|x'|^2/2 (g is detached: it cancels). total:
         sum(grad * phi, -1) (B, H, C, 1) when the caller has it, else computed here."""
         if not self.softmax:
-            return self.queries_backward_(grad, phi)  # padded keys: phi = 0, so no gradient
-        grad.mul_(phi)
-        total = grad.sum(-1, keepdim=True) if total is None else total
-        return mm(grad, self.w, self.low) - (self.scale**2 * total) * x
+            return self.queries_backward_(grad, phi, phi_low)  # padded keys: phi = 0, so no gradient
+        grad.mul_(phi_low)
+        total = grad.sum(-1, keepdim=True, dtype=acc_dtype(grad)) if total is None else total
+        return torch.addcmul(mm(grad, self.w, self.low).to(total.dtype), total, x.to(total.dtype),
+                             value=-self.scale**2)
+
+
+@functools.cache
+def _relu_floor(dtype: torch.dtype) -> float:
+    """phi = relu(x) + eps of an inactive x, as a tensor of `dtype` holds it."""
+    return torch.tensor(RELU_EPS, dtype=dtype).item()
 
 
 # ---- shared by the bidirectional and causal Functions ----------------------------------------------------------
@@ -220,6 +237,11 @@ def add_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, low: torch.dtyp
     return acc
 
 
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of sums, maxima and exponents for x: float32 for bf16 (and float32) x, float64 for float64 x."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def with_ones(v: torch.Tensor) -> torch.Tensor:
     """[V, 1] (..., d_v + 1): the last column carries the denominator D through the numerator's products."""
     return torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1)
@@ -227,25 +249,27 @@ def with_ones(v: torch.Tensor) -> torch.Tensor:
 
 def new_output(q: torch.Tensor, d_v: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The (B, H, L, d_v) output stored as (B, L, H, d_v), so that the caller's merge of heads
-    out.transpose(1, 2).flatten(2) is a view, and the (B, H, L, 1) denominators."""
+    out.transpose(1, 2).flatten(2) is a view, and the (B, H, L, 1) denominators, both in q's dtype."""
     b, h, length, _ = q.shape
     return q.new_empty(b, length, h, d_v).transpose(1, 2), q.new_empty(b, h, length, 1)
 
 
 def normalise_(y: torch.Tensor, out: torch.Tensor, den: torch.Tensor) -> None:
     """out <- numerator / D and den <- D for rows y = [numerator, D]; D is clamped to the smallest normal number,
-    which only changes rows without any real key (0 instead of 0 / 0)."""
-    torch.clamp_min(y[..., -1:], torch.finfo(y.dtype).tiny, out=den)
-    torch.div(y[..., :-1], den, out=out)
+    which only changes rows without any real key (0 instead of 0 / 0). The division runs in y's dtype (bf16
+    products: D is a bf16 value, and a mixed-dtype op runs several times slower on the CPU)."""
+    d = y[..., -1:].clamp_min(torch.finfo(y.dtype).tiny)
+    torch.div(y[..., :-1], d, out=out)
+    den.copy_(d)
 
 
 def grad_y(d_out: torch.Tensor, out: torch.Tensor, den: torch.Tensor, into: torch.Tensor | None = None):
     """d loss / d [numerator, D] (..., d_v + 1) from d loss / d out, for out = numerator / D; written into `into`
     when given (a contiguous buffer: about 3x faster than building it from the strided d_out and out)."""
     dy = d_out.new_empty(*d_out.shape[:-1], d_out.shape[-1] + 1) if into is None else into
-    # rows without a real key (D clamped, out = 0) get no gradient, not inf * 0
-    inv = torch.where(den > torch.finfo(den.dtype).tiny, den.reciprocal(), 0.0)
-    d_num = torch.mul(d_out, inv, out=dy[..., :-1])
+    # rows without a real key (D clamped, out = 0) get no gradient: d_out / inf, not d_out / tiny
+    den = den.masked_fill(den <= torch.finfo(den.dtype).tiny, torch.inf).to(d_out.dtype)
+    d_num = torch.div(d_out, den, out=dy[..., :-1])
     torch.sum(d_num * out, -1, keepdim=True, out=dy[..., -1:]).neg_()
     return dy
 
