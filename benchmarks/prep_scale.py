@@ -294,7 +294,8 @@ def main() -> None:
     p.add_argument("--records", type=float, nargs="+", default=[1, 4, 16], help="input sizes, millions of records")
     p.add_argument("--no_length_mix", action="store_true", help="skip the short- and long-protein 1 M inputs")
     p.add_argument("--workers_check", type=float, default=4, help="size (M records) also run with --workers 2; 0: none")
-    p.add_argument("--stages", nargs="+", default=["gzip_dc", "read", "parse"], help="timed besides the whole prep")
+    p.add_argument("--stages", nargs="*", default=["gzip_dc", "read", "parse"],
+                   help="timed besides the whole prep (none: `--stages` alone)")
     p.add_argument("--dir", type=Path, default=Path("/tmp/prep_scale"), help="inputs (kept) and outputs (removed)")
     p.add_argument("--write_costs", action="store_true", help=f"fit and write {COSTS.relative_to(ROOT)}")
     args = parse_args(p)
