@@ -179,7 +179,7 @@ class BlockFeatures:
     def _half_sq_norm(self, x: torch.Tensor) -> torch.Tensor:
         """|x'|^2 / 2 (B, H, C), summed in float32 (bf16 x: its products are exact in float32)."""
         x = x.to(acc_dtype(x))
-        return (0.5 * self.scale**2) * torch.linalg.vecdot(x, x)
+        return (0.5 * self.scale**2) * (x * x).sum(-1)
 
     def keys_(self, logits: torch.Tensor, half_sq_norm, g, real: torch.Tensor | None) -> torch.Tensor:
         """logits (from key_logits) <- phi(k) exp(-g), in place; padded keys get 0."""
