@@ -81,23 +81,21 @@ class BidirectionalFavor(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dkv = torch.zeros_like(kv, dtype=acc)
         for s, e in blocks(length, ctx.block):  # queries: dq, and dkv = sum_i phi(q_i) dy_i^T
-            phi = feats.queries_at_(q[:, :, s:e], rows(buf, e - s), shift[:, :, s:e])
-            phi_low = as_low(phi, low)
+            phi = as_low(feats.queries_at_(q[:, :, s:e], rows(buf, e - s), shift[:, :, s:e]), low)
             dy = grad_y(d_out[:, :, s:e], out[:, :, s:e], den[:, :, s:e], rows(dy_buf, e - s))  # (B, H, C, d_v + 1)
-            add_mm_(dkv, dy.transpose(-1, -2), phi_low, low)  # dkv^T (B, H, d_v + 1, m)
+            add_mm_(dkv, dy.transpose(-1, -2), phi, low)  # dkv^T (B, H, d_v + 1, m)
             d_phi = mm(dy, kv, low, out=None if low else rows(grad, e - s))
-            dq[:, :, s:e] = feats.queries_backward_(d_phi, phi, phi_low)
+            dq[:, :, s:e] = feats.queries_backward_(d_phi, phi)
         dkv = as_low(dkv, low)
         v1 = with_ones(v)
         for s, e in blocks(length, ctx.block):  # keys: dk, dv
             real_c = None if real is None else real[:, :, s:e]
-            phi = feats.keys_at_(k[:, :, s:e], rows(buf, e - s), g, real_c)
-            phi_low = as_low(phi, low)
+            phi = as_low(feats.keys_at_(k[:, :, s:e], rows(buf, e - s), g, real_c), low)
             v1c = v1[:, :, s:e]
-            p = mm(phi_low, dkv.transpose(-1, -2), low)  # (B, H, C, d_v + 1)
+            p = mm(phi, dkv.transpose(-1, -2), low)  # (B, H, C, d_v + 1)
             dv[:, :, s:e] = p[..., :-1]
             d_phi = mm(v1c, dkv, low, out=None if low else rows(grad, e - s))
             # sum_f d_phi * phi = v1 . p per key: no pass over the (B, H, C, m) product
             total = (v1c * p).sum(-1, keepdim=True, dtype=acc)
-            dk[:, :, s:e] = feats.keys_backward_(d_phi, phi, phi_low, k[:, :, s:e], total=total)
+            dk[:, :, s:e] = feats.keys_backward_(d_phi, phi, k[:, :, s:e], total=total)
         return dq, dk, dv, None, None, None, None, None

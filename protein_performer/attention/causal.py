@@ -138,9 +138,9 @@ class CausalFavor(torch.autograd.Function):
             add_mm_(dpk, _scaled(vc, to_end), afters.transpose(-1, -2), low)
             dvc = torch.addcmul(mm(a.transpose(-1, -2), dyc, low), as_low(to_end, low), mm(pkc, afters, low))
             dv[:, :, s:e] = dvc.view(b, h, n, -1)[:, :, : e - s, :-1]
-            dfq, dpk, fq_low, pk_low = (x.view(b, h, n, -1) for x in (dfq, dpk, fqc, pkc))
-            dq[:, :, s:e] = feats.queries_backward_(dfq, fq, fq_low)[:, :, : e - s]
-            dk[:, :, s:e] = feats.keys_backward_(dpk, pk, pk_low, ks)[:, :, : e - s]
+            dfq, dpk, fq, pk = (x.view(b, h, n, -1) for x in (dfq, dpk, fqc, pkc))  # features in dfq's dtype
+            dq[:, :, s:e] = feats.queries_backward_(dfq, fq)[:, :, : e - s]
+            dk[:, :, s:e] = feats.keys_backward_(dpk, pk, ks)[:, :, : e - s]
         d_kv0 = after if ctx.needs_input_grad[6] else None
         return dq, dk, dv, None, None, None, d_kv0, None, None, None, None, None
 

@@ -199,22 +199,21 @@ class BlockFeatures:
             return self.keys_(self._logits(x, out), None, g, real)
         return self._shifted_exp_(x, self._key_offset(self._half_sq_norm(x), g, real), out)
 
-    def queries_backward_(self, grad: torch.Tensor, phi: torch.Tensor, phi_low: torch.Tensor) -> torch.Tensor:
-        """d loss / d x (B, H, C, d) from grad = d loss / d phi and the query features phi, with phi_low = phi in
-        grad's dtype (a bf16 grad from a bf16 product is then scaled in bf16, as the next product would round it)."""
+    def queries_backward_(self, grad: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """d loss / d x (B, H, C, d) from grad = d loss / d phi and the query features phi in grad's dtype (a bf16
+        grad, a bf16 product's result, is scaled in bf16: the next product would round it so anyway)."""
         if self.softmax:  # the subtracted row maximum cancels in D^-1: no gradient through it
-            grad.mul_(phi_low)
+            grad.mul_(phi)
         else:  # active where W x > 0, i.e. where phi is above eps (as grad's dtype rounds eps)
-            grad = torch.ops.aten.threshold_backward(grad, phi_low, _relu_floor(grad.dtype))
+            grad = torch.ops.aten.threshold_backward(grad, phi, _relu_floor(grad.dtype))
         return grad if self.w is None else mm(grad, self.w, self.low)
 
-    def keys_backward_(self, grad: torch.Tensor, phi: torch.Tensor, phi_low: torch.Tensor, x: torch.Tensor,
-                       total=None) -> torch.Tensor:
+    def keys_backward_(self, grad: torch.Tensor, phi: torch.Tensor, x: torch.Tensor, total=None) -> torch.Tensor:
         """As queries_backward_ for keys, whose exponent also holds -|x'|^2/2 (g is detached: it cancels). total:
         sum(grad * phi, -1) (B, H, C, 1) when the caller has it, else computed here."""
         if not self.softmax:
-            return self.queries_backward_(grad, phi, phi_low)  # padded keys: phi = 0, so no gradient
-        grad.mul_(phi_low)
+            return self.queries_backward_(grad, phi)  # padded keys: phi = 0, so no gradient
+        grad.mul_(phi)
         total = grad.sum(-1, keepdim=True, dtype=acc_dtype(grad)) if total is None else total
         return torch.addcmul(mm(grad, self.w, self.low).to(total.dtype), total, x.to(total.dtype),
                              value=-self.scale**2)
