@@ -30,9 +30,11 @@ CATEGORIES = {  # first match wins, on the operator's name
     "dtype casts": ("to", "_to_copy", "copy_", "_copy_from", "clone", "contiguous"),
     "optimizer": ("_foreach", "adamw", "lerp", "addcdiv", "addcmul", "sqrt"),
     "norms and activations": ("layer_norm", "native_layer_norm", "gelu", "softmax", "log_softmax", "dropout",
-                              "native_dropout", "bernoulli", "nll_loss", "cross_entropy"),
-    "FAVOR maps and sums": ("exp", "relu", "threshold", "sum", "cumsum", "cummax", "amax", "max", "div", "mul",
-                            "add", "sub", "clamp", "where", "masked_fill", "neg", "pow"),
+                              "native_dropout", "bernoulli", "random", "bitwise_and", "ge", "where", "nll_loss",
+                              "cross_entropy", "gelu_backward", "native_layer_norm_backward",
+                              "nll_loss_backward", "log_softmax_backward_data"),  # random .. where: model.Dropout
+    "FAVOR maps and sums": ("exp", "relu", "threshold", "threshold_backward", "sum", "cumsum", "cummax", "amax",
+                            "max", "div", "mul", "add", "sub", "clamp", "masked_fill", "neg", "pow"),
 }
 
 
