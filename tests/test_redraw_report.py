@@ -1,0 +1,60 @@
+"""benchmarks/redraw.py (issue 26, feature redrawing): the pure functions that turn runs' validations into the table."""
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "redraw.py"
+
+
+@pytest.fixture(scope="module")
+def redraw():
+    spec = importlib.util.spec_from_file_location("redraw_report", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def long_form(rows):
+    return pd.DataFrame(rows, columns=["setting", "seed", "step", "val/ppl"])
+
+
+def test_settings_sorted_exact_then_m_then_rarer_redraws(redraw):
+    settings = ["m256-every10", "m16-every10", "exact", "m16-never", "m256-never", "m16-every100"]
+    assert sorted(settings, key=redraw.setting_order) == [
+        "exact", "m16-never", "m16-every100", "m16-every10", "m256-never", "m256-every10"]
+
+
+def test_run_names_parsed(redraw):
+    match = redraw.RUN.fullmatch("m16-every100-seed1")
+    assert (match["setting"], match["m"], match["redraw"], match["seed"]) == ("m16-every100", "16", "every100", "1")
+    assert redraw.RUN.fullmatch("exact-seed0")["setting"] == "exact"
+    assert redraw.RUN.fullmatch("prepared") is None and redraw.RUN.fullmatch("fresh") is None
+
+
+def test_summary_mean_and_half_range_over_seeds(redraw):
+    long = long_form([
+        ("exact", 0, 10, 18.0), ("exact", 0, 20, 17.0), ("exact", 1, 10, 18.2), ("exact", 1, 20, 17.4),
+        ("m16-never", 0, 10, 19.0), ("m16-never", 0, 20, 18.0),
+        ("m16-never", 1, 10, 19.0),  # seed 1 stopped early: the final column is at the last step both reached
+    ])
+    table = redraw.summary(long, [10]).set_index("setting")
+    assert table.loc["exact", "step 10"] == "18.100 ± 0.100"
+    assert table.loc["exact", "final"] == "17.200 ± 0.200" and table.loc["exact", "per seed"] == "17.000 / 17.400"
+    assert table.loc["m16-never", "steps"] == 10 and table.loc["m16-never", "final"] == "19.000 ± 0.000"
+
+
+def test_paired_differences_same_seed(redraw):
+    long = long_form([
+        ("exact", 0, 20, 17.0), ("exact", 1, 20, 17.5),
+        ("m16-never", 0, 20, 18.0), ("m16-never", 1, 20, 18.5),
+        ("m16-every10", 0, 20, 17.5), ("m16-every10", 1, 20, 18.7),
+    ])
+    table = redraw.paired(long)
+    row = table[(table["setting"] == "m16-every10") & (table["minus"] == "never redrawn")].iloc[0]
+    assert row["per seed"] == "-0.500 / +0.200" and row["mean"] == "-0.150"
+    never = table[(table["setting"] == "m16-never") & (table["minus"] == "exact")].iloc[0]
+    assert never["mean"] == "+1.000"
+    assert not ((table["setting"] == "m16-never") & (table["minus"] == "never redrawn")).any()
