@@ -26,28 +26,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
+from results_io import markdown, validations
 
 from protein_performer.analysis import plots
 from protein_performer.analysis.compute import analyze_attention
-from protein_performer.analysis.overview import read_metrics
 from protein_performer.checkpoints import LoadedModel, find_checkpoint, init_from_checkpoint, load_model
 from protein_performer.machine import machine_line
 from protein_performer.model import ProteinLM
 from protein_performer.proteins import read_proteins
 
 WITHIN = 0.02  # "recovered": validation perplexity within 2% of the parent's
-
-
-def markdown(frame: pd.DataFrame) -> str:
-    """A Markdown table of a small frame (pandas' to_markdown needs tabulate, which the project does not)."""
-    rows = [list(frame.columns), ["---"] * frame.shape[1], *frame.astype(str).values.tolist()]
-    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
-
-
-def validations(run: Path) -> pd.DataFrame:
-    """steps trained, val/ppl at every validation of a run (CSVLogger's metrics.csv)."""
-    frame = read_metrics(run).dropna(subset=["val/ppl"])[["step", "val/ppl"]].reset_index(drop=True)
-    return frame.assign(step=frame["step"] + 1)  # Lightning logs the validation after N steps at step N - 1
 
 
 def first_within(frame: pd.DataFrame, target: float) -> int | None:

@@ -22,24 +22,13 @@ import re
 from pathlib import Path
 
 import pandas as pd
+from results_io import markdown, validations
 
 from protein_performer.analysis import plots
 from protein_performer.analysis.overview import read_metrics
 from protein_performer.machine import machine_line
 
 RUN = re.compile(r"(?P<setting>exact|m(?P<m>\d+)-(?P<redraw>never|every\d+))-seed(?P<seed>\d+)")
-
-
-def markdown(frame: pd.DataFrame) -> str:
-    """A Markdown table of a small frame (pandas' to_markdown needs tabulate, which the project does not)."""
-    rows = [list(frame.columns), ["---"] * frame.shape[1], *frame.astype(str).values.tolist()]
-    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
-
-
-def validations(run: Path) -> pd.DataFrame:
-    """steps trained, val/ppl at every validation of a run (CSVLogger's metrics.csv)."""
-    frame = read_metrics(run).dropna(subset=["val/ppl"])[["step", "val/ppl"]].reset_index(drop=True)
-    return frame.assign(step=frame["step"] + 1)  # Lightning logs the validation after N steps at step N - 1
 
 
 def setting_order(setting: str) -> tuple[int, int, int]:

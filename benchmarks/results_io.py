@@ -11,6 +11,9 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import pandas as pd
+
+from protein_performer.analysis.overview import read_metrics
 from protein_performer.commands import option_strings, refuse_renamed
 from protein_performer.machine import machine_info, machine_line  # noqa: F401 (the benchmarks import them from here)
 
@@ -113,3 +116,15 @@ def time_memory_plot(rows: list[dict], path: Path, series: str, time_label: str,
     axes[0].legend(fontsize=7)
     plots.save(fig, path)
     print(f"wrote {path}")
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """A Markdown table of a small frame (pandas' to_markdown needs tabulate, which the project does not)."""
+    rows = [list(frame.columns), ["---"] * frame.shape[1], *frame.astype(str).values.tolist()]
+    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
+
+
+def validations(run: Path) -> pd.DataFrame:
+    """steps trained, val/ppl at every validation of a run (CSVLogger's metrics.csv)."""
+    frame = read_metrics(run).dropna(subset=["val/ppl"])[["step", "val/ppl"]].reset_index(drop=True)
+    return frame.assign(step=frame["step"] + 1)  # Lightning logs the validation after N steps at step N - 1

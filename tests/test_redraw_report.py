@@ -1,6 +1,7 @@
 """benchmarks/redraw.py (issue 26, feature redrawing): the pure functions that turn runs' validations into the table."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -11,9 +12,13 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "redraw.py"
 
 @pytest.fixture(scope="module")
 def redraw():
-    spec = importlib.util.spec_from_file_location("redraw_report", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(BENCH.parent))  # the script imports results_io as a sibling, as when it runs
+    try:
+        spec = importlib.util.spec_from_file_location("redraw_report", BENCH)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH.parent))
     return module
 
 
