@@ -81,12 +81,14 @@ def download(
         raise UserError(f"{out_dir}: not enough disk space: {dl.human(need)} to fetch, {dl.human(free)} free")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name, data in plan.metadata.items():
-            dl.write_atomic(out_dir / name, data)
     except OSError as e:
         raise UserError(f"{out_dir}: cannot write there ({e.strerror})") from None
     for remote in todo:
         client.fetch(remote, out_dir)
+    # the release's metadata last: beside it, every file is the one it lists (an interrupted run into a directory
+    # of an earlier release leaves that release's metadata, which prepare_paper.py checks each file against)
+    for name, data in plan.metadata.items():
+        dl.write_atomic(out_dir / name, data)
     print(f"{len(todo)} downloaded and verified, {len(plan.files) - len(todo)} already there; "
           f"next: python data_prep/prepare_paper.py --downloads {out_dir} --out data/trembl")
 

@@ -84,11 +84,16 @@ def prepare_paper(
 
 
 def verified(raw: Path, name: str) -> Path:
-    """raw/name, downloaded and verified by data_prep/download.py (its .md5 sidecar beside it)."""
+    """raw/name as data_prep/download.py left it: its .md5 sidecar names the md5 that the release metadata beside it
+    publishes (so a file of another release, left by an interrupted run, is refused)."""
     path = raw / name
     if not path.is_file() or not dl.sidecar(path).is_file():
         raise UserError(f"{path}: not downloaded and verified (no {dl.sidecar(path).name}); "
                         f"run python data_prep/download.py --out {raw} first")
+    have, published = dl.sidecar(path).read_text().split()[:1], dl.published_md5s(raw).get(name)
+    if have != [published]:
+        raise UserError(f"{path}: its md5 ({' '.join(have) or 'none'}) is not the one the release metadata in {raw} "
+                        f"lists ({published or 'no entry'}): run python data_prep/download.py --out {raw} again")
     return path
 
 

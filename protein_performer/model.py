@@ -202,7 +202,7 @@ class Dropout(nn.Module):
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        return _DropoutFn.apply(x, round(self.p * 2**15))
+        return _DropoutFn.apply(x, min(round(self.p * 2**15), 2**15 - 1))  # p < 1 keeps a lane value
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -36,23 +36,20 @@ class Protein:
         return key in (self.name, self.entry)
 
 
-def iter_proteins(path: str | Path, split: str = DEFAULT_SPLIT, unknown: vocab.UnknownPolicy = "reject",
-                  skipped: list[str] | None = None, screen: NucleotideScreen | None = None) -> Iterator[Protein]:
+def iter_proteins(path: str | Path, screen: NucleotideScreen, split: str = DEFAULT_SPLIT,
+                  unknown: vocab.UnknownPolicy = "reject", skipped: list[str] | None = None) -> Iterator[Protein]:
     """Every usable protein of a FASTA file or of one split of a prepared directory, in file order.
 
     FASTA records without residues are skipped; letters outside the vocabulary (J, '*', digits) follow `unknown`:
     skip the record ("reject"), read them as X ("x"), or stop with a UserError ("error"). A description of each
-    skipped record is appended to `skipped`. Every FASTA record goes through `screen` (a new one if None), which
-    refuses a nucleotide file after its first records and at its end: a caller that stops early calls
-    `screen.finish()` itself.
+    skipped record is appended to `skipped`. Every FASTA record goes through `screen`, which refuses a nucleotide
+    file after its first records; the caller calls `screen.finish()` once it stops reading, for the whole-file rule.
     """
     if is_prepared_dir(path):
         yield from _prepared_proteins(PreparedDir(path), split)
     else:
         path = Path(path)
-        screen = screen or NucleotideScreen(path)
         yield from _fasta_proteins(path, unknown, [] if skipped is None else skipped, screen)
-        screen.finish()
 
 
 def _fasta_proteins(path: Path, unknown: vocab.UnknownPolicy, skipped: list[str],
@@ -97,7 +94,7 @@ def read_proteins(path: str | Path, limit: int | None = None, split: str = DEFAU
     are counted and the first few named on stderr; no usable protein, or `also` not found, is a UserError."""
     proteins, skipped, found = [], [], None
     screen = NucleotideScreen(path)
-    for protein in iter_proteins(path, split, unknown, skipped, screen):
+    for protein in iter_proteins(path, screen, split, unknown, skipped):
         if limit is None or len(proteins) < limit:
             proteins.append(protein)
         if also is not None and found is None and protein.matches(also):

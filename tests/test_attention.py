@@ -478,14 +478,16 @@ def test_bf16_autocast_is_finite_and_close(causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_bf16_products_against_float32(causal, padded):
-    # The bf16 path (autocast: bf16 operands in the big products, float32 exponents, maxima, division and carried
-    # sums) against the float32 path on the same float32 inputs, at the measured scale: d = 64, m = 256,
-    # q, k ~ N(0, 0.5^2). Measured (L = 1000 and 4099, both directions, with and without padding): relative
-    # norm error of the output <= 6.5e-3, of dq, dk, dv <= 1.2e-2; largest element error <= 2.1e-2 of the largest
-    # element. Bounds: about 3x (outputs) and 2.5x (gradients) the measurement; L = 300 is not a multiple of
-    # 512 or 64.
-    w = projection(256, 64, dtype=F32)
+@pytest.mark.parametrize("kernel,projected", [("softmax", True), ("relu", True), ("relu", False)])
+def test_bf16_products_against_float32(causal, padded, kernel, projected):
+    # The bf16 path (autocast: bf16 operands in the big products, float32 exponents, maxima and carried sums)
+    # against the float32 path on the same float32 inputs, at the measured scale: d = 64, m = 256,
+    # q, k ~ N(0, 0.5^2). Measured (L = 300, 1000 and 4099, both directions): relative norm error of the output
+    # <= 6.0e-3, of dq, dk, dv <= 1.3e-2 (softmax, relu without projection) and <= 3.0e-2 (relu with projection:
+    # its derivative is a step, and logits within bf16 round-off of 0 flip it); largest element error <= 2.3e-2
+    # of the largest element (softmax), <= 0.16 for relu's gradients (the same flips). Bounds: about 3x (outputs)
+    # and 2-2.5x (gradients) the measurement; L = 300 is not a multiple of 512 or 64.
+    w = projection(256, 64, dtype=F32) if projected else None
     q, k = (rand(1, 2, 300, 64, seed=s, scale=0.5, dtype=F32, requires_grad=True) for s in (1, 2))
     v = rand(1, 2, 300, 64, seed=3, dtype=F32, requires_grad=True)
     dy = rand(1, 2, 300, 64, seed=4, dtype=F32)
@@ -493,14 +495,15 @@ def test_bf16_products_against_float32(causal, padded):
     results = []
     for bf16 in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = favor_attention(q, k, v, w, causal=causal, key_padding_mask=mask)
+            out = favor_attention(q, k, v, w, kernel=kernel, causal=causal, key_padding_mask=mask)
         assert out.dtype == F32  # float32 inputs: float32 output, also under autocast
         results.append((out, *torch.autograd.grad(out, (q, k, v), dy)))
     real = slice(None) if mask is None else mask[0]
+    step = kernel == "relu" and projected
     for i, (a, b) in enumerate(zip(*results)):
         a, b = (a[:, :, real], b[:, :, real]) if i == 0 else (a, b)
-        assert ((a - b).norm() / b.norm()).item() < (2e-2 if i == 0 else 3e-2)
-        assert ((a - b).abs().max() / b.abs().max()).item() < 5e-2
+        assert ((a - b).norm() / b.norm()).item() < (2e-2 if i == 0 else 6e-2 if step else 3e-2)
+        assert ((a - b).abs().max() / b.abs().max()).item() < (5e-2 if i == 0 or kernel == "softmax" else 0.4)
 
 
 @pytest.mark.parametrize("causal", [False, True])

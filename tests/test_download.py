@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO
 
 from protein_performer.prep.download import parse_md5_checksums, parse_metalink
-from protein_performer.prep.estimate import SAMPLE_BYTES, Count, count_fasta, estimate
+from protein_performer.prep.estimate import SAMPLE_BYTES, SERIAL_SHARE, Count, count_fasta, estimate
 
 UNIPROT = "uniprot/current_release/knowledgebase/complete"
 PFAM = "Pfam/current_release"
@@ -335,7 +335,9 @@ def test_estimate_from_the_costs():
              "output_bytes_per_sequence": 9.0, "input_gz_bytes_per_residue": 0.5}
     e = estimate(Count(250e6, 87e9, False), costs, workers=2)
     assert e.cpu_seconds == pytest.approx(250 + 870)
-    assert e.seconds == pytest.approx(560)
+    assert e.seconds == pytest.approx(1120 * SERIAL_SHARE)  # the main process's share does not spread over workers
+    assert estimate(Count(250e6, 87e9, False), costs, workers=32).seconds == pytest.approx(1120 * SERIAL_SHARE)
+    assert estimate(Count(250e6, 87e9, False), costs, workers=1).seconds == pytest.approx(1120)
     assert e.peak_bytes == pytest.approx(1e8 + 2.5e10)
     assert e.output_bytes == pytest.approx(87e9 + 9 * 250e6)
 
@@ -366,6 +368,25 @@ def test_download_then_prepare_the_paper_corpus(server, tmp_path):
     table = r.stdout[r.stdout.index("Table 1"):]
     assert "ood" in table and f"{manifest['splits']['train']['count']:,}" in table
     assert f"--config configs/paper/concat-performer.yaml --data.data_dir {out}" in r.stdout
+
+
+def test_prepare_refuses_a_file_of_another_release(server, tmp_path):
+    # an interrupted run into a directory of an earlier release: the metadata beside the files lists other md5s
+    raw = tmp_path / "raw"
+    assert download(server, raw).returncode == 0
+    have = (raw / f"{TREMBL}.md5").read_text().split()[0]
+    metalink = raw / "RELEASE.metalink"
+    metalink.write_text(metalink.read_text().replace(have, "0" * 32))
+    r = run("prepare_paper.py", "--downloads", str(raw), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and not (tmp_path / "out").exists()
+    assert r.stderr.strip() == (f"data_prep/prepare_paper.py: error: {raw / TREMBL}: its md5 ({have}) is not the one "
+                                 f"the release metadata in {raw} lists ({'0' * 32}): run python data_prep/download.py "
+                                 f"--out {raw} again")
+
+
+def test_a_path_as_base_url_is_one_line_at_once(tmp_path):
+    r = run("download.py", "--out", str(tmp_path / "raw"), "--base_url", str(tmp_path), "--retry_delay", "30")
+    assert r.returncode == 2 and "not an HTTP(S) URL" in one_error_line(r)  # no retries: 30 s delays would show
 
 
 def test_prepare_refuses_unverified_downloads(tmp_path):

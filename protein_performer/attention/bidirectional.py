@@ -30,10 +30,10 @@ class BidirectionalFavor(torch.autograd.Function):
     g, the output, D and the query rows' maxima. kv is kept transposed: the products that accumulate it then
     have d_v + 1 = 65 rows instead of 65 columns, about 20% faster on the CPU.
 
-    With bf16 products (low), q, k, v, the output, dy and the gradients are bf16 (values that only feed
+    With bf16 products (low), q, k, v, the output and D, dy and the gradients are bf16 (values that only feed
     products, or products' results: the values a float32 path would round on the way in or out); the feature
-    blocks are computed in float32 and converted once for the products that read them; kv, dkv, g, the maxima
-    and D stay float32, and kv and dkv are converted once.
+    blocks are computed in float32 and converted once for the products that read them; the sums kv and dkv, g and
+    the maxima stay float32, and kv and dkv are converted once for the products that read them.
     """
 
     @staticmethod
@@ -76,7 +76,8 @@ class BidirectionalFavor(torch.autograd.Function):
         feats = BlockFeatures(w, ctx.kernel, q.shape[-1], low)
         b, h, length, _ = q.shape
         acc = acc_dtype(q)
-        buf, grad = (q.new_empty(b, h, ctx.block, feats.m, dtype=acc) for _ in range(2))
+        buf = q.new_empty(b, h, ctx.block, feats.m, dtype=acc)
+        grad = None if low else torch.empty_like(buf)  # bf16 products' results come fresh
         dy_buf = q.new_empty(b, h, ctx.block, v.shape[-1] + 1)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dkv = torch.zeros_like(kv, dtype=acc)

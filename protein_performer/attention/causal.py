@@ -41,9 +41,9 @@ class CausalFavor(torch.autograd.Function):
     maxima. Backward is one reverse pass over the spans: it recomputes their features and carries
     sum_{i later} exp(g_end - g_i) phi(q_i) dy_i^T for the keys.
 
-    With bf16 products (low), what only feeds products is bf16 (q, k, v, features, scores, the saved states, the
-    output), as in BidirectionalFavor; g, the exponents, D, the carried states and the sums of two products
-    (y, the feature gradients) stay float32.
+    With bf16 products (low), what only feeds products or comes out of them is bf16 (q, k, v, the features as the
+    products read them, scores, the saved states, y, the output and D, the feature gradients), as in
+    BidirectionalFavor; g, the exponents and the carried states stay float32.
     """
 
     @staticmethod
@@ -104,8 +104,13 @@ class CausalFavor(torch.autograd.Function):
         chunk, span, low = ctx.chunk, ctx.span, ctx.low
         feats = BlockFeatures(w, ctx.kernel, q.shape[-1], low)
         b, h, length, _ = q.shape
-        f_q, phi_k, d_fq, d_pk = (q.new_empty(b, h, span, feats.m, dtype=acc_dtype(q)) for _ in range(4))
-        into = (lambda buffer, n, shape: rows(buffer, n).view(shape)) if low is None else (lambda *_: None)
+        f_q, phi_k = (q.new_empty(b, h, span, feats.m, dtype=acc_dtype(q)) for _ in range(2))
+        if low is None:  # float32 feature gradients in reused buffers; bf16 ones come fresh from their products
+            d_fq, d_pk = torch.empty_like(f_q), torch.empty_like(phi_k)
+            into = lambda buffer, n, shape: rows(buffer, n).view(shape)
+        else:
+            d_fq = d_pk = None
+            into = lambda *_: None
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         v1 = with_ones(v)
         after = d_state  # sum over later positions of exp(g_ref - g_i) phi(q_i) dy_i^T (B, H, m, D)

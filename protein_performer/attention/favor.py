@@ -9,8 +9,10 @@ merged heads, so that the output projection's saved input is this same tensor. T
 runs in plain autograd over the whole sequence (causal: an O(L^2) masked matrix), like attention_matrix.
 
 Precision: float32 (float64 when given float64), also under autocast. Under bf16 autocast the big products
-(features x projection, phi(K)^T [V, 1], phi(Q) x state, the intra-chunk products) take bf16 operands; the
-exponents, maxima, the division by D and the carried sums (kv, chunk states) stay in float32.
+(features x projection, phi(K)^T [V, 1], phi(Q) x state, the intra-chunk products) take bf16 operands, and what
+only feeds them or comes out of them (q, k, v, the output and D, the gradients) is bf16; the exponents, maxima and
+the carried sums (kv, chunk states) stay in float32. No elementwise operator mixes the two: on the CPU one that
+does runs several times slower than a conversion and the same operator in one dtype.
 """
 
 from __future__ import annotations

@@ -230,8 +230,8 @@ def _relu_floor(dtype: torch.dtype) -> float:
 def add_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, low: torch.dtype | None = None) -> torch.Tensor:
     """acc += a @ b for (..., ., .) operands with the same batch dimensions, in place (no temporary product in full
     precision)."""
-    if low is not None:  # the bf16 product added as it is: the same sum, without a float32 copy of it
-        return acc.add_(torch.matmul(a.to(low), b.to(low)))
+    if low is not None:  # the bf16 product, converted to acc's dtype first (no mixed-dtype add)
+        return acc.add_(torch.matmul(a.to(low), b.to(low)).to(acc.dtype))
     acc.view(-1, *acc.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
     return acc
 

@@ -222,6 +222,10 @@ class Client:
     def _request(self, method: str, url: str, headers: dict | None = None) -> requests.Response:
         try:
             r = self.session.request(method, url, headers=headers, stream=True, timeout=self.timeout)
+        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidSchema) as e:  # no retry mends a URL: a path, file://, a typo
+            raise UserError(f"{url}: not an HTTP(S) URL requests can fetch ({type(e).__name__}); --base_url and "
+                            "--uniprot_url / --pfam_url take http:// or https:// addresses") from None
         except requests.RequestException as e:
             raise _Transient(f"request failed ({type(e).__name__})") from None
         return r
@@ -341,6 +345,17 @@ def _promote(part: Path, final: Path, remote: Remote, digest: str) -> None:
     sidecar(final).unlink(missing_ok=True)
     os.replace(part, final)
     _write_sidecar(final, digest)
+
+
+def published_md5s(directory: Path) -> dict[str, str]:
+    """name -> md5 that the release metadata kept in `directory` (RELEASE.metalink, md5_checksums) publishes."""
+    sums = {}
+    if (directory / METALINK).is_file():
+        metalink = directory / METALINK
+        sums |= {name: md5 for name, (_, md5) in parse_metalink(metalink.read_bytes(), str(metalink)).items()}
+    if (directory / PFAM_CHECKSUMS).is_file():
+        sums |= parse_md5_checksums((directory / PFAM_CHECKSUMS).read_bytes())
+    return sums
 
 
 def sidecar(path: Path) -> Path:

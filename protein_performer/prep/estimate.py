@@ -18,6 +18,10 @@ from protein_performer.fasta import open_binary
 
 COST_KEYS = ("cpu_seconds_per_record", "cpu_seconds_per_residue", "peak_bytes_base", "peak_bytes_per_unique_sequence",
              "output_bytes_per_residue", "output_bytes_per_sequence", "input_gz_bytes_per_residue")
+# The share of prep's CPU time that stays in its one main process whatever the workers (de-duplication, writing,
+# receiving the workers' blocks, the reader thread's single gzip stream): about 0.2-0.3 h of 0.35 at full TrEMBL
+# (docs/data_scale.md), so more workers than 1 gain at most 1 / SERIAL_SHARE.
+SERIAL_SHARE = 0.7
 SAMPLE_BYTES = 4 << 20  # compressed bytes counted per input (about 20,000 UniProt records): 0.1 s
 _HEADER = re.compile(rb"^>[^\n]*", re.M)
 
@@ -79,9 +83,10 @@ def count_fasta(path: Path, costs: dict) -> Count:
 
 
 def estimate(count: Count, costs: dict, workers: int) -> Estimate:
-    """Time = records x per-record + residues x per-residue CPU seconds, shared by the workers; peak memory = base
-    + per unique sequence x records (every record taken as unique: an upper bound); output = tokens and offsets."""
+    """Time = records x per-record + residues x per-residue CPU seconds, shared by the workers down to the serial
+    share; peak memory = base + per unique sequence x records (every record taken as unique: an upper bound);
+    output = tokens and offsets."""
     cpu = count.records * costs["cpu_seconds_per_record"] + count.residues * costs["cpu_seconds_per_residue"]
     peak = costs["peak_bytes_base"] + costs["peak_bytes_per_unique_sequence"] * count.records
     output = count.residues * costs["output_bytes_per_residue"] + count.records * costs["output_bytes_per_sequence"]
-    return Estimate(count, cpu, cpu / workers, peak, output)
+    return Estimate(count, cpu, cpu * max(SERIAL_SHARE, 1 / workers), peak, output)

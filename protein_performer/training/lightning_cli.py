@@ -109,7 +109,7 @@ class ProteinCLI(LightningCLI):
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
 
-def _is_lightning_ad(record: logging.LogRecord) -> bool:
+def _not_lightning_ad(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("💡 Tip: For seamless cloud")
 
 
@@ -121,7 +121,7 @@ def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
     # Lightning 2.6 advertises its cloud services (litlogger, litmodels) on every fit: nothing about this run
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_is_lightning_ad)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_lightning_ad)
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True, other_commands: Sequence[str] = ()) -> ProteinCLI:
