@@ -20,6 +20,7 @@ from protein_performer.prep import download as dl
 from protein_performer.prep.__main__ import prep
 from protein_performer.prep.estimate import count_fasta, estimate, read_costs
 from protein_performer.prep.parallel import default_workers
+from protein_performer.prep.release import PFAM_REGIONS, RELDATE, published_md5s, uniprot_release_of
 from protein_performer.prep.splits import PAPER_OOD_FAMILIES
 
 PROG = "data_prep/prepare_paper.py"
@@ -57,8 +58,8 @@ def prepare_paper(
     """
     raw = Path(downloads)
     inputs = [verified(raw, TREMBL)] + ([verified(raw, SPROT)] if swissprot else [])
-    labels = verified(raw, dl.PFAM_REGIONS)
-    release = dl.uniprot_release_of((raw / dl.RELDATE).read_bytes()) if (raw / dl.RELDATE).is_file() else "?"
+    labels = verified(raw, PFAM_REGIONS)
+    release = uniprot_release_of((raw / RELDATE).read_bytes()) if (raw / RELDATE).is_file() else "?"
     workers = default_workers() if workers is None else workers
     measured = read_costs(costs)
     count = count_fasta(inputs[0], measured)
@@ -90,7 +91,7 @@ def verified(raw: Path, name: str) -> Path:
     if not path.is_file() or not dl.sidecar(path).is_file():
         raise UserError(f"{path}: not downloaded and verified (no {dl.sidecar(path).name}); "
                         f"run python data_prep/download.py --out {raw} first")
-    have, published = dl.sidecar(path).read_text().split()[:1], dl.published_md5s(raw).get(name)
+    have, published = dl.sidecar(path).read_text().split()[:1], published_md5s(raw).get(name)
     if have != [published]:
         raise UserError(f"{path}: its md5 ({' '.join(have) or 'none'}) is not the one the release metadata in {raw} "
                         f"lists ({published or 'no entry'}): run python data_prep/download.py --out {raw} again")

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from protein_performer.prep.download import parse_md5_checksums, parse_metalink
 from protein_performer.prep.estimate import SAMPLE_BYTES, SERIAL_SHARE, Count, count_fasta, estimate
+from protein_performer.prep.release import parse_md5_checksums, parse_metalink
 
 UNIPROT = "uniprot/current_release/knowledgebase/complete"
 PFAM = "Pfam/current_release"

@@ -17,14 +17,12 @@ Layouts (those of ftp.ebi.ac.uk/pub/databases, which mirrors ftp.uniprot.org):
 from __future__ import annotations
 
 import errno
-import gzip
 import hashlib
 import logging
 import os
 import re
 import shutil
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +33,25 @@ import urllib3
 import protein_performer
 from protein_performer.commands import progress_bar
 from protein_performer.errors import UserError
+from protein_performer.prep.release import (
+    METALINK,
+    PFAM_CHECKSUMS,
+    PFAM_REGIONS,
+    PFAM_VERSION,
+    RELDATE,
+    UNIPROT_FASTA,
+    UNIPROT_FLAT,
+    parse_md5_checksums,
+    parse_metalink,
+    pfam_dir,
+    pfam_release_of,
+    uniprot_dir,
+    uniprot_release_of,
+)
 
 log = logging.getLogger(__name__)
 
 BASE_URL = "https://ftp.ebi.ac.uk/pub/databases"
-UNIPROT_FASTA = ("uniprot_sprot.fasta.gz", "uniprot_trembl.fasta.gz")
-UNIPROT_FLAT = ("uniprot_sprot.dat.gz", "uniprot_trembl.dat.gz")
-PFAM_REGIONS = "Pfam-A.regions.uniprot.tsv.gz"
-RELDATE, METALINK = "reldate.txt", "RELEASE.metalink"
-PFAM_CHECKSUMS, PFAM_VERSION = "md5_checksums", "Pfam.version.gz"
 CHUNK = 1 << 20
 MAX_DELAY = 60.0  # seconds: the back-off stops growing here
 
@@ -65,74 +73,6 @@ class _Transient(Exception):
     def __init__(self, what: str, progressed: bool = False):
         super().__init__(what)
         self.progressed = progressed
-
-
-def uniprot_dir(root: str) -> str:
-    """The directory of UniProtKB's current release under a UniProt root (…/databases/uniprot)."""
-    return f"{root.rstrip('/')}/current_release/knowledgebase/complete"
-
-
-def pfam_dir(root: str, release: str) -> str:
-    """The directory of a Pfam release ('current' or 'NN.N') under a Pfam root (…/databases/Pfam)."""
-    if release == "current":
-        return f"{root.rstrip('/')}/current_release"
-    if not re.fullmatch(r"\d+\.\d+", release):
-        raise UserError(f"--pfam_release {release!r}: expected 'current' or a Pfam version such as 37.0")
-    return f"{root.rstrip('/')}/releases/Pfam{release}"
-
-
-def uniprot_release_of(reldate: bytes) -> str:
-    """'2024_06' from reldate.txt ('UniProt Knowledgebase Release 2024_06 consists of: ...')."""
-    found = re.search(rb"Release (\d{4}_\d{2})", reldate)
-    if not found:
-        raise UserError(f"{RELDATE}: no 'Release YYYY_MM' in it")
-    return found.group(1).decode()
-
-
-def pfam_release_of(version_gz: bytes) -> str:
-    """'37.0' from Pfam.version.gz's 'Pfam release : 37.0' line ('?' if absent)."""
-    try:
-        version = gzip.decompress(version_gz)
-    except (OSError, EOFError):
-        return "?"
-    found = re.search(rb"Pfam release\s*:\s*(\S+)", version)
-    return found.group(1).decode() if found else "?"
-
-
-def parse_metalink(text: bytes, url: str) -> dict[str, tuple[int | None, str]]:
-    """name -> (size, md5) of every file a Metalink document lists (version 3 or 4: tags matched by local name)."""
-    try:
-        root = ET.fromstring(text)
-    except ET.ParseError as e:
-        raise UserError(f"{url}: not a Metalink document ({e})") from None
-    files = {}
-    for element in root.iter():
-        if _local(element.tag) != "file":
-            continue
-        size = md5 = None
-        for child in element.iter():
-            tag = _local(child.tag)
-            if tag == "size" and child.text:
-                size = int(child.text)
-            elif tag == "hash" and child.get("type", "").lower() == "md5" and child.text:
-                md5 = child.text.strip().lower()
-        if md5:
-            files[element.get("name")] = (size, md5)
-    return files
-
-
-def _local(tag: str) -> str:
-    return tag.rsplit("}", 1)[-1]
-
-
-def parse_md5_checksums(text: bytes) -> dict[str, str]:
-    """name -> md5 from `md5sum` output ('<md5>  <name>' or '<md5> *<name>' lines)."""
-    sums = {}
-    for line in text.decode("utf-8", "replace").splitlines():
-        found = re.fullmatch(r"([0-9a-fA-F]{32}) [ *](.+)", line.strip())
-        if found:
-            sums[found.group(2)] = found.group(1).lower()
-    return sums
 
 
 class Client:
@@ -345,17 +285,6 @@ def _promote(part: Path, final: Path, remote: Remote, digest: str) -> None:
     sidecar(final).unlink(missing_ok=True)
     os.replace(part, final)
     _write_sidecar(final, digest)
-
-
-def published_md5s(directory: Path) -> dict[str, str]:
-    """name -> md5 that the release metadata kept in `directory` (RELEASE.metalink, md5_checksums) publishes."""
-    sums = {}
-    if (directory / METALINK).is_file():
-        metalink = directory / METALINK
-        sums |= {name: md5 for name, (_, md5) in parse_metalink(metalink.read_bytes(), str(metalink)).items()}
-    if (directory / PFAM_CHECKSUMS).is_file():
-        sums |= parse_md5_checksums((directory / PFAM_CHECKSUMS).read_bytes())
-    return sums
 
 
 def sidecar(path: Path) -> Path:
