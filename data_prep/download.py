@@ -18,6 +18,7 @@ from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat
 
 from protein_performer import commands
 from protein_performer.errors import UserError
+from protein_performer.outputs import atomic_write
 from protein_performer.prep import download as dl
 
 PROG = "data_prep/download.py"
@@ -88,7 +89,8 @@ def download(
     # the release's metadata last: beside it, every file is the one it lists (an interrupted run into a directory
     # of an earlier release leaves that release's metadata, which prepare_paper.py checks each file against)
     for name, data in plan.metadata.items():
-        dl.write_atomic(out_dir / name, data)
+        with atomic_write(out_dir / name, "wb") as f:
+            f.write(data)
     print(f"{len(todo)} downloaded and verified, {len(plan.files) - len(todo)} already there; "
           f"next: python data_prep/prepare_paper.py --downloads {out_dir} --out data/trembl")
 

@@ -93,15 +93,19 @@ NUCLEOTIDE_RULE = (
 )
 
 
+def _nucleotides(tokens: bytes) -> int:
+    """How many of a record's token ids are A/C/G/T/U/N."""
+    return len(tokens) - len(tokens.translate(None, NUCLEOTIDE_IDS))
+
+
 def is_nucleotide_like(tokens: bytes) -> bool:
     """The nucleotide-like rule for one record's token ids."""
     n = len(tokens)
-    others = len(tokens.translate(None, NUCLEOTIDE_IDS))
-    return n >= NUCLEOTIDE_MIN_LENGTH and 100 * (n - others) >= NUCLEOTIDE_PERCENT * n
+    return n >= NUCLEOTIDE_MIN_LENGTH and 100 * _nucleotides(tokens) >= NUCLEOTIDE_PERCENT * n
 
 
 def nucleotide_detail(tokens: bytes) -> str:
-    share = 100 * (len(tokens) - len(tokens.translate(None, NUCLEOTIDE_IDS))) / len(tokens)
+    share = 100 * _nucleotides(tokens) / len(tokens)
     return f"{share:.0f}% of its {len(tokens)} letters are {'/'.join(NUCLEOTIDE_LETTERS)}"
 
 

@@ -33,6 +33,7 @@ import urllib3
 import protein_performer
 from protein_performer.commands import progress_bar
 from protein_performer.errors import UserError
+from protein_performer.outputs import atomic_write
 from protein_performer.prep.release import (
     METALINK,
     PFAM_CHECKSUMS,
@@ -306,13 +307,8 @@ def is_verified(path: Path, remote: Remote) -> bool:
 
 
 def _write_sidecar(path: Path, md5: str) -> None:
-    write_atomic(sidecar(path), f"{md5}  {path.name}\n".encode())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_write(sidecar(path)) as f:
+        f.write(f"{md5}  {path.name}\n")
 
 
 def free_space(path: Path) -> int:
