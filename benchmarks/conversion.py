@@ -6,8 +6,9 @@ scripts/reproduce_conversion.sh, which trains the runs it reads:
     RUNS/step0/m<M>-seed<S>/    `validate` of the parent's weights with favor-softmax attention of M random
                                 features drawn from feature seed S, no training
     RUNS/step0/favor-relu/      the same with favor-relu attention
-    RUNS/step0/uniform/         the parent with uniform attention (q = k = 0): what its perplexity owes to where
-                                its attention looks, the yardstick of the swaps
+    RUNS/report/gap.csv         the parent with uniform attention (q = k = 0) at each of its checkpoints
+                                (`attention_gap.py curve RUNS --parents exact`): what its perplexity owes to
+                                where its attention looks, the yardstick of the swaps
     RUNS/converted/             favor-softmax fine-tuned from the parent (--model.init_from)
     RUNS/scratch/               favor-softmax trained from scratch, as many steps as the fine-tune
 
@@ -26,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
-from results_io import markdown, validations
+from results_io import markdown, uniform_controls, validations
 
 from protein_performer.analysis import plots
 from protein_performer.analysis.compute import analyze_attention
@@ -113,8 +114,11 @@ def main() -> None:
     curves = {"converted from the exact parent": converted, "favor-softmax from scratch": scratch,
               "exact parent (from scratch)": parent}
 
-    controls = {name: float(validations(args.runs / "step0" / name)["val/ppl"].iloc[-1])
-                for name in ("favor-relu", "uniform") if (args.runs / "step0" / name).is_dir()}
+    controls = {"favor-relu": float(validations(args.runs / "step0" / "favor-relu")["val/ppl"].iloc[-1])} if (
+        args.runs / "step0" / "favor-relu").is_dir() else {}
+    parent_control = uniform_controls(args.runs).set_index("run")["uniform"]
+    if "exact" in parent_control:
+        controls["uniform"] = float(parent_control["exact"])
     notes = []
     if "favor-relu" in controls:
         notes.append(f"\nSwapped to favor-relu, no training: {controls['favor-relu']:.3f}.")

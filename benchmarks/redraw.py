@@ -6,7 +6,8 @@ report of scripts/reproduce_redraw.sh, which trains the runs it reads:
     RUNS/m<M>-never-seed<S>/        favor-softmax, M random features, never redrawn
     RUNS/m<M>-every<N>-seed<S>/     favor-softmax, M random features, redrawn every N steps
     RUNS/fresh/<run>-draw<D>/       (optional) `validate` of a trained run's weights with a fresh draw of features
-    RUNS/fresh/exact-seed<S>-uniform/  (optional) `validate` of an exact run with uniform attention (q = k = 0)
+    RUNS/report/gap.csv             (optional) the exact runs with uniform attention (q = k = 0), written by
+                                    `benchmarks/attention_gap.py curve RUNS --parents exact-seed0 ...`
 
 Prints and writes RUNS/report/redraw.md (validation perplexity at the end and at a few steps: mean +- half the
 range over seeds; the paired change against never redrawing, same seed and m), redraw.csv (every validation) and
@@ -22,7 +23,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
-from results_io import markdown, validations
+from results_io import markdown, uniform_controls, validations
 
 from protein_performer.analysis import plots
 from protein_performer.analysis.overview import read_metrics
@@ -104,18 +105,16 @@ def paired(long: pd.DataFrame) -> pd.DataFrame:
 def fresh_table(runs: Path) -> pd.DataFrame:
     """Trained weights validated with fresh features (RUNS/fresh/<run>-draw<D>): the run's own final val/ppl
     beside the fresh draw's, i.e. how much a model depends on the particular features it was trained with; and
-    exact runs with uniform attention (RUNS/fresh/<run>-uniform): what their perplexity owes to attention at all."""
+    exact runs with uniform attention (RUNS/report/gap.csv): what their perplexity owes to attention at all."""
     rows = []
     for run in sorted(p for p in (runs / "fresh").glob("*-draw*") if p.is_dir()):
         name, draw = run.name.rsplit("-draw", 1)
         own = validations(runs / name)["val/ppl"].iloc[-1] if (runs / name).is_dir() else float("nan")
         rows.append({"run": name, "validated with": f"fresh features (feature seed {draw})",
                      "own": round(float(own), 3), "changed": round(float(validations(run)["val/ppl"].iloc[-1]), 3)})
-    for run in sorted(p for p in (runs / "fresh").glob("*-uniform") if p.is_dir()):
-        name = run.name.removesuffix("-uniform")
-        own = validations(runs / name)["val/ppl"].iloc[-1] if (runs / name).is_dir() else float("nan")
-        rows.append({"run": name, "validated with": "uniform attention (q = k = 0)", "own": round(float(own), 3),
-                     "changed": round(float(validations(run)["val/ppl"].iloc[-1]), 3)})
+    for row in uniform_controls(runs).to_dict("records"):
+        rows.append({"run": row["run"], "validated with": "uniform attention (q = k = 0)",
+                     "own": round(float(row["val/ppl"]), 3), "changed": round(float(row["uniform"]), 3)})
     return pd.DataFrame(rows)
 
 

@@ -128,3 +128,12 @@ def validations(run: Path) -> pd.DataFrame:
     """steps trained, val/ppl at every validation of a run (CSVLogger's metrics.csv)."""
     frame = read_metrics(run).dropna(subset=["val/ppl"])[["step", "val/ppl"]].reset_index(drop=True)
     return frame.assign(step=frame["step"] + 1)  # Lightning logs the validation after N steps at step N - 1
+
+
+def uniform_controls(runs: Path) -> pd.DataFrame:
+    """run, step, val/ppl, uniform, gap of each run's last checkpoint in RUNS/report/gap.csv (written by
+    `attention_gap.py curve`: the run as trained and with uniform attention); empty without that file."""
+    path = runs / "report" / "gap.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=["run", "step", "val/ppl", "uniform", "gap"])
+    return pd.read_csv(path).groupby("run", sort=False).last().reset_index()

@@ -53,17 +53,7 @@ OMP_NUM_THREADS=1 protein-performer validate --config $RECIPE --data.data_dir "$
 # The yardstick: the parent with uniform attention (q = k = 0: every position averages its prefix), i.e. what the
 # parent's perplexity owes to where its attention looks
 echo "== control: the parent with uniform attention"
-python - "$OUT" <<'PY'
-import sys, torch
-from protein_performer.checkpoints import find_checkpoint
-ckpt = torch.load(find_checkpoint(sys.argv[1] + "/exact"), map_location="cpu", weights_only=True)
-for key, w in ckpt["state_dict"].items():
-    if key.endswith("attn.qkv.weight"):
-        w[: 2 * w.shape[1]] = 0  # the q and k rows of the fused projection
-torch.save(ckpt, sys.argv[1] + "/uniform-attention.ckpt")
-PY
-OMP_NUM_THREADS=1 protein-performer validate --config $RECIPE --data.data_dir "$OUT/prepared" --model.config.attention exact \
-  --ckpt_path "$OUT/uniform-attention.ckpt" $(run_dir step0/uniform) >> "$OUT/step0.log" 2>&1 || { echo "see $OUT/step0.log" >&2; exit 1; }
+python benchmarks/attention_gap.py curve "$OUT" --parents exact
 
 echo "== fine-tune favor-softmax from the parent (configs/cpu/conversion.yaml)"
 OMP_NUM_THREADS=1 protein-performer fit --config configs/cpu/conversion.yaml --data.data_dir "$OUT/prepared" \

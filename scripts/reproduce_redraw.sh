@@ -73,17 +73,7 @@ for m in 16 256; do
     done
   done
 done
-for seed in $SEEDS; do
-  python - "$OUT/exact-seed$seed" "$OUT/fresh/exact-seed$seed-uniform.ckpt" <<'PY'
-import sys, torch
-from protein_performer.checkpoints import find_checkpoint
-ckpt = torch.load(find_checkpoint(sys.argv[1]), map_location="cpu", weights_only=True)
-for key, w in ckpt["state_dict"].items():
-    if key.endswith("attn.qkv.weight"):
-        w[: 2 * w.shape[1]] = 0  # the q and k rows of the fused projection
-torch.save(ckpt, sys.argv[2])
-PY
-  validate "exact-seed$seed-uniform" --model.config.attention exact --ckpt_path "$OUT/fresh/exact-seed$seed-uniform.ckpt"
-done
+# shellcheck disable=SC2046  # one run name per seed
+python benchmarks/attention_gap.py curve "$OUT" --parents $(for seed in $SEEDS; do echo "exact-seed$seed"; done)
 echo "== $(date +%H:%M:%S) report"
 python benchmarks/redraw.py "$OUT" --plot docs/redraw.png

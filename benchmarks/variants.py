@@ -1,0 +1,146 @@
+"""Which attention for which task (issue 26, section 3): validation perplexity of each attention variant at equal
+steps and at equal training CPU time, with steps per second. The report of scripts/reproduce_variants.sh, which
+trains the runs it reads (`protein-performer fit` run directories under RUNS, one thread each):
+
+    RUNS/<task>-<variant>/   task: causal or masked (128-token crops of single proteins), concat (the masked
+                             concatenated view, L = 8192); variant: exact, fs<M> (favor-softmax with M features,
+                             fixed), fs<M>-redraw (redrawn every 100 steps), relu (favor-relu)
+
+Training time comes from the runs' own throughput log (perf/tokens_per_s every 25 steps, non-PAD tokens) and the
+non-PAD tokens per step of their data (the same batches in every run of a task): the time a run spent in training
+steps, not in validation. Writes RUNS/report/variants.md, variants.csv (every validation, with its time) and a
+figure (--plot, default RUNS/report/variants.png).
+
+    python benchmarks/variants.py runs/variants --plot docs/variants.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from results_io import markdown, validations
+
+from protein_performer.analysis import plots
+from protein_performer.analysis.overview import read_metrics
+from protein_performer.checkpoints import find_checkpoint
+from protein_performer.machine import machine_line
+from protein_performer.training.datamodule import ProteinDataModule
+
+RUN = re.compile(r"(?P<task>causal|masked|concat)-(?P<variant>exact|fs\d+(-redraw)?|relu)")
+TASKS = {"causal": "causal LM, 128-token crops", "masked": "masked LM, 128-token crops",
+         "concat": "masked LM, concatenated view, L = 8192"}
+VARIANTS = ["exact", "fs64", "fs64-redraw", "fs256", "fs256-redraw", "relu"]
+
+
+def tokens_per_step(run: Path) -> float:
+    """Mean non-PAD tokens of a training batch of the run's data: one epoch of its batch sampler."""
+    data = ProteinDataModule.load_from_checkpoint(find_checkpoint(run), map_location="cpu", weights_only=True)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    if data.mode == "concatenated":
+        return float(data.example_length * (data.max_tokens // data.example_length))
+    lengths = np.minimum(np.asarray(data.datasets["train"].lengths) + 1, data.example_length)  # [BOS] + residues
+    return float(lengths.sum() / len(loader.batch_sampler))
+
+
+def timed(run: Path, tokens: float) -> pd.DataFrame:
+    """step, val/ppl, minutes (training time up to that step) of every validation of a run."""
+    metrics = read_metrics(run)
+    rate = metrics.dropna(subset=["perf/tokens_per_s"])[["step", "perf/tokens_per_s"]]
+    steps = np.diff(np.concatenate([[0], rate["step"].to_numpy() + 1]))  # steps since the previous log
+    seconds = np.cumsum(steps * tokens / rate["perf/tokens_per_s"].to_numpy())
+    frame = validations(run)
+    frame["minutes"] = np.interp(frame["step"], rate["step"].to_numpy() + 1, seconds) / 60
+    frame["steps/s"] = float(rate["step"].iloc[-1] + 1) / seconds[-1]
+    return frame
+
+
+def collect(runs: Path) -> pd.DataFrame:
+    frames, tokens = [], {}
+    for run in sorted(runs.iterdir()):
+        match = RUN.fullmatch(run.name)
+        if match is None or not (run / "DONE").exists():
+            continue
+        task = match["task"]
+        if task not in tokens:
+            tokens[task] = tokens_per_step(run)
+        frames.append(timed(run, tokens[task]).assign(task=task, variant=match["variant"]))
+    if not frames:
+        raise SystemExit(f"no finished runs named like causal-exact or concat-fs256-redraw under {runs}")
+    return pd.concat(frames, ignore_index=True)
+
+
+def at(frame: pd.DataFrame, column: str, value: float) -> float:
+    """val/ppl interpolated at `value` of `column` (NaN outside the validated range)."""
+    if value < frame[column].iloc[0] or value > frame[column].iloc[-1] + 1e-9:
+        return float("nan")
+    return float(np.interp(value, frame[column], frame["val/ppl"]))
+
+
+def summary(long: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for task, runs in long.groupby("task", sort=False):
+        groups = dict(list(runs.groupby("variant")))
+        equal_steps = min(int(g["step"].iloc[-1]) for g in groups.values())
+        equal_minutes = min(float(g["minutes"].iloc[-1]) for g in groups.values())
+        for variant in sorted(groups, key=VARIANTS.index):
+            g = groups[variant]
+            rows.append({"task": TASKS[task], "attention": variant, "steps": int(g["step"].iloc[-1]),
+                         "steps/s": round(float(g["steps/s"].iloc[0]), 2),
+                         "train min": round(float(g["minutes"].iloc[-1]), 1),
+                         "ppl at equal steps": round(at(g, "step", equal_steps), 3),
+                         "(steps)": equal_steps,
+                         "ppl at equal time": round(at(g, "minutes", equal_minutes), 3),
+                         "(min)": round(equal_minutes, 1),
+                         "final ppl": round(float(g["val/ppl"].iloc[-1]), 3)})
+    return pd.DataFrame(rows)
+
+
+def figure(long: pd.DataFrame):
+    tasks = list(dict.fromkeys(long["task"]))
+    fig = plots.new_figure(4 * len(tasks), 7)
+    axes = fig.subplots(2, len(tasks), squeeze=False)
+    for col, task in enumerate(tasks):
+        runs = long[long["task"] == task]
+        for i, variant in enumerate(VARIANTS):
+            g = runs[runs["variant"] == variant]
+            if len(g):
+                style = {"color": f"C{i}", "marker": ".", "label": variant}
+                axes[0, col].plot(g["step"], g["val/ppl"], **style)
+                axes[1, col].plot(g["minutes"], g["val/ppl"], **style)
+        axes[0, col].set(title=TASKS[task], xlabel="training steps", ylabel="validation perplexity")
+        axes[1, col].set(xlabel="training CPU minutes (one thread)", ylabel="validation perplexity")
+        top = runs["val/ppl"].quantile(0.9)
+        for ax in axes[:, col]:
+            ax.set_ylim(runs["val/ppl"].min() - 0.2, top)
+        axes[0, col].legend(fontsize=8)
+    return fig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path, help="the OUT_DIR of scripts/reproduce_variants.sh")
+    parser.add_argument("--plot", type=Path, help="the figure (default: RUNS/report/variants.png)")
+    args = parser.parse_args()
+    out = args.runs / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)  # machine_line names the threads: the runs had one each
+    long = collect(args.runs)
+    table = summary(long)
+    long.to_csv(out / "variants.csv", index=False)
+    plots.save(figure(long), args.plot or out / "variants.png")
+    lines = ["# Attention variants at equal steps and equal training time\n", machine_line() + "\n",
+             "Equal steps: the fewest steps any run of the task made; equal time: the shortest run's training "
+             "minutes (interpolated between validations; blank where a run had not yet validated).\n",
+             markdown(table.fillna(""))]
+    (out / "variants.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines) + f"\n\nwrote {out}/variants.md, variants.csv")
+
+
+if __name__ == "__main__":
+    main()
