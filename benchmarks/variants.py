@@ -6,10 +6,10 @@ trains the runs it reads (`protein-performer fit` run directories under RUNS, on
                              concatenated view, L = 8192); variant: exact, fs<M> (favor-softmax with M features,
                              fixed), fs<M>-redraw (redrawn every 100 steps), relu (favor-relu)
 
-Training time comes from the runs' own throughput log (perf/tokens_per_s every 25 steps, non-PAD tokens) and the
-non-PAD tokens per step of their data (the same batches in every run of a task): the time a run spent in training
-steps, not in validation. Writes RUNS/report/variants.md, variants.csv (every validation, with its time) and a
-figure (--plot, default RUNS/report/variants.png).
+Training time is CPU time: each run's model, data and precision timed here for a few steps of a fresh fit on one
+thread (the process's CPU clock, so the figure does not depend on what else the machine runs; the runs themselves
+shared the machine), times the steps; validation is not counted. Writes RUNS/report/variants.md, variants.csv
+(every validation, with its time) and a figure (--plot, default RUNS/report/variants.png).
 
     python benchmarks/variants.py runs/variants --plot docs/variants.png
 """
@@ -18,18 +18,23 @@ from __future__ import annotations
 
 import argparse
 import re
+import time
+import warnings
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from attention_gap import precision
+from lightning.pytorch.callbacks import Callback
 from results_io import markdown, validations
 
 from protein_performer.analysis import plots
-from protein_performer.analysis.overview import read_metrics
 from protein_performer.checkpoints import find_checkpoint
 from protein_performer.machine import machine_line
 from protein_performer.training.datamodule import ProteinDataModule
+from protein_performer.training.module import ProteinLMModule
 
 RUN = re.compile(r"(?P<task>causal|masked|concat)-(?P<variant>exact|fs\d+(-redraw)?|relu)")
 TASKS = {"causal": "causal LM, 128-token crops", "masked": "masked LM, 128-token crops",
@@ -37,39 +42,52 @@ TASKS = {"causal": "causal LM, 128-token crops", "masked": "masked LM, 128-token
 VARIANTS = ["exact", "fs64", "fs64-redraw", "fs256", "fs256-redraw", "relu"]
 
 
-def tokens_per_step(run: Path) -> float:
-    """Mean non-PAD tokens of a training batch of the run's data: one epoch of its batch sampler."""
-    data = ProteinDataModule.load_from_checkpoint(find_checkpoint(run), map_location="cpu", weights_only=True)
-    data.setup("fit")
-    loader = data.train_dataloader()
-    if data.mode == "concatenated":
-        return float(data.example_length * (data.max_tokens // data.example_length))
-    lengths = np.minimum(np.asarray(data.datasets["train"].lengths) + 1, data.example_length)  # [BOS] + residues
-    return float(lengths.sum() / len(loader.batch_sampler))
+class StepClock(Callback):
+    """CPU seconds of each training step, batch loading included (from one step's end to the next)."""
+
+    def __init__(self):
+        self.last: float | None = None
+        self.seconds: list[float] = []
+
+    def on_train_batch_end(self, *args) -> None:
+        now = time.process_time()
+        if self.last is not None:
+            self.seconds.append(now - self.last)
+        self.last = now
 
 
-def timed(run: Path, tokens: float) -> pd.DataFrame:
-    """step, val/ppl, minutes (training time up to that step) of every validation of a run."""
-    metrics = read_metrics(run)
-    rate = metrics.dropna(subset=["perf/tokens_per_s"])[["step", "perf/tokens_per_s"]]
-    steps = np.diff(np.concatenate([[0], rate["step"].to_numpy() + 1]))  # steps since the previous log
-    seconds = np.cumsum(steps * tokens / rate["perf/tokens_per_s"].to_numpy())
+def step_seconds(run: Path, steps: int) -> float:
+    """Median CPU seconds of a training step of the run's model and data (its own precision and options), over
+    `steps` steps of a fresh fit in this process after two of warm-up: one thread, so the process's CPU clock
+    counts the step whatever else the machine runs."""
+    ckpt = find_checkpoint(run)
+    clock = StepClock()
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision(ckpt), max_steps=steps + 2,
+                        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[clock])
+    module = ProteinLMModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    data = ProteinDataModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice on dataloader workers and validation
+        trainer.fit(module, datamodule=data)
+    return float(np.median(clock.seconds[1:]))
+
+
+def timed(run: Path, seconds_per_step: float) -> pd.DataFrame:
+    """step, val/ppl, minutes (training CPU time up to that step), steps/s of every validation of a run."""
     frame = validations(run)
-    frame["minutes"] = np.interp(frame["step"], rate["step"].to_numpy() + 1, seconds) / 60
-    frame["steps/s"] = float(rate["step"].iloc[-1] + 1) / seconds[-1]
-    return frame
+    return frame.assign(minutes=frame["step"] * seconds_per_step / 60, **{"steps/s": 1 / seconds_per_step})
 
 
-def collect(runs: Path) -> pd.DataFrame:
-    frames, tokens = [], {}
+def collect(runs: Path, steps: int) -> pd.DataFrame:
+    frames = []
     for run in sorted(runs.iterdir()):
         match = RUN.fullmatch(run.name)
         if match is None or not (run / "DONE").exists():
             continue
-        task = match["task"]
-        if task not in tokens:
-            tokens[task] = tokens_per_step(run)
-        frames.append(timed(run, tokens[task]).assign(task=task, variant=match["variant"]))
+        seconds = step_seconds(run, steps)
+        print(f"{run.name}: {seconds:.3f} CPU s per training step", flush=True)
+        frames.append(timed(run, seconds).assign(task=match["task"], variant=match["variant"]))
     if not frames:
         raise SystemExit(f"no finished runs named like causal-exact or concat-fs256-redraw under {runs}")
     return pd.concat(frames, ignore_index=True)
@@ -126,11 +144,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, help="the OUT_DIR of scripts/reproduce_variants.sh")
     parser.add_argument("--plot", type=Path, help="the figure (default: RUNS/report/variants.png)")
+    parser.add_argument("--timed_steps", type=int, default=8, help="steps timed per run, after 2 of warm-up")
     args = parser.parse_args()
     out = args.runs / "report"
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # machine_line names the threads: the runs had one each
-    long = collect(args.runs)
+    long = collect(args.runs, args.timed_steps)
     table = summary(long)
     long.to_csv(out / "variants.csv", index=False)
     plots.save(figure(long), args.plot or out / "variants.png")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, TINY
+from conftest import REPO, TINY, run_cli
 
 from protein_performer.model import Config, ProteinLM
 
@@ -65,38 +65,43 @@ def test_share_of_gain_kept_closed_form(gap):
     assert gap.kept(12.5, parent=10.0, flat=12.0) == -0.25  # worse than uniform attention
 
 
-def fit_exact(cli, data: Path, run: Path) -> None:
-    code, err = cli(["fit", "--config", str(TINY), "--data.data_dir", str(data), "--model.config.attention", "exact",
+@pytest.fixture(scope="module")
+def exact_run(prepared, tmp_path_factory) -> Path:
+    """A 4-step exact fit validated (and checkpointed) after steps 2 and 4, alone in its RUNS directory."""
+    run = tmp_path_factory.mktemp("runs") / "exact"
+    code, err = run_cli(["fit", "--config", str(TINY), "--data.data_dir", str(prepared),
+                         "--model.config.attention", "exact",
                      "--model.config.dropout", "0", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
                      "--checkpoint.save_top_k", "-1", "--trainer.default_root_dir", str(run),
                      "--trainer.logger.init_args.save_dir", str(run), "--trainer.enable_model_summary", "false",
                      "--data.max_len", "64", "--data.batch_size", "4"])
     assert code == 0, err
+    return run
 
 
-def test_gap_curve_validates_each_checkpoint_as_fit_did(gap, cli, prepared, tmp_path):
+def test_gap_curve_validates_each_checkpoint_as_fit_did(gap, exact_run):
     """Every checkpoint validated in the report's process gives the perplexity its `fit` logged at that step (same
     weights, data and float32 precision, so equal to round-off); uniform attention is a real, different model."""
-    fit_exact(cli, prepared, tmp_path / "exact")
-    out = subprocess.run([sys.executable, str(BENCHMARKS / "attention_gap.py"), "curve", str(tmp_path),
+    runs = exact_run.parent
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "attention_gap.py"), "curve", str(runs),
                           "--parents", "exact", "--choose_from", "exact"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
-    curve = pd.read_csv(tmp_path / "report" / "gap.csv")
-    logged = gap.validations(tmp_path / "exact")
+    curve = pd.read_csv(runs / "report" / "gap.csv")
+    logged = gap.validations(runs / "exact")
     assert curve["step"].tolist() == logged["step"].tolist() == [2, 4]
     torch.testing.assert_close(torch.tensor(curve["val/ppl"].values), torch.tensor(logged["val/ppl"].values),
                                rtol=1e-5, atol=0)
     assert (curve["uniform"] != curve["val/ppl"]).all()
     torch.testing.assert_close(torch.tensor(curve["gap"].values),
                                torch.tensor((curve["uniform"] / curve["val/ppl"] - 1).values))
-    assert (tmp_path / "report" / "parent").read_text().strip() == "exact"
-    assert (tmp_path / "report" / "attention_gap.png").stat().st_size > 0
+    assert (runs / "report" / "parent").read_text().strip() == "exact"
+    assert (runs / "report" / "attention_gap.png").stat().st_size > 0
 
     # the conversion report: the parent keeps 100% of its own gain and uniform attention 0%; swaps are validated
-    out = subprocess.run([sys.executable, str(BENCHMARKS / "attention_gap.py"), "conversion", str(tmp_path),
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "attention_gap.py"), "conversion", str(runs),
                           "--scratch", "exact"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
-    table = pd.read_csv(tmp_path / "report" / "conversion_gap.csv").set_index("model")
+    table = pd.read_csv(runs / "report" / "conversion_gap.csv").set_index("model")
     assert table["share of the gain kept"].iloc[:2].tolist() == ["100%", "0%"]
     swaps = table[table.index.str.startswith("swap")]
     assert len(swaps) == len(gap.SWAP_FEATURES) * len(gap.SWAP_SEEDS) + 1 and swaps["val/ppl"].notna().all()
@@ -108,22 +113,14 @@ def test_missing_checkpoints_named(gap, tmp_path):
         gap.checkpoints(tmp_path / "run")
 
 
-def write_metrics(run: Path, rows: list[dict]) -> None:
-    version = run / "variants" / "version_0"
-    version.mkdir(parents=True)
-    pd.DataFrame(rows).to_csv(version / "metrics.csv", index=False)
-
-
-def test_training_minutes_from_the_throughput_log(variants, tmp_path):
-    """Two logged intervals of 25 steps at 1,000 and 500 tokens/s with 100 tokens per step: 2.5 s then 5 s. The
-    validation after 25 steps is at 2.5 s, after 50 at 7.5 s; 50 steps in 7.5 s is 6.67 steps/s."""
-    write_metrics(tmp_path / "run", [
-        {"step": 24, "perf/tokens_per_s": 1000.0}, {"step": 24, "val/ppl": 18.0},
-        {"step": 49, "perf/tokens_per_s": 500.0}, {"step": 49, "val/ppl": 17.0}])
-    frame = variants.timed(tmp_path / "run", tokens=100.0)
-    assert frame["step"].tolist() == [25, 50]
-    assert frame["minutes"].tolist() == pytest.approx([2.5 / 60, 7.5 / 60])
-    assert frame["steps/s"].iloc[0] == pytest.approx(50 / 7.5)
+def test_training_minutes_from_cpu_seconds_per_step(variants, exact_run):
+    """A real fit of the run's model and data, timed on the CPU clock; minutes at a validation = steps x s/step."""
+    seconds = variants.step_seconds(exact_run, steps=3)
+    assert 0 < seconds < 30
+    frame = variants.timed(exact_run, seconds)
+    assert frame["step"].tolist() == [2, 4]
+    assert frame["minutes"].tolist() == pytest.approx([2 * seconds / 60, 4 * seconds / 60])
+    assert frame["steps/s"].iloc[0] == pytest.approx(1 / seconds)
 
 
 def test_summary_at_equal_steps_and_equal_time(variants):
