@@ -23,6 +23,7 @@ control costs seconds.
 from __future__ import annotations
 
 import argparse
+import logging
 import warnings
 from pathlib import Path
 
@@ -204,6 +205,8 @@ def main() -> None:
     conv.add_argument("--scratch", nargs="*", default=[], help="Performers trained from scratch like the parent")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    for name in ("lightning.pytorch", "lightning.fabric"):  # one Trainer per validation: no banners
+        logging.getLogger(name).setLevel(logging.WARNING)
     curve(args) if args.command == "curve" else conversion(args)
 
 

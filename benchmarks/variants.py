@@ -17,6 +17,7 @@ shared the machine), times the steps; validation is not counted. Writes RUNS/rep
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import time
 import warnings
@@ -148,7 +149,9 @@ def main() -> None:
     args = parser.parse_args()
     out = args.runs / "report"
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)  # machine_line names the threads: the runs had one each
+    torch.set_num_threads(1)  # timed as the runs trained: one thread each
+    for name in ("lightning.pytorch", "lightning.fabric"):  # one Trainer per run timed: no banners
+        logging.getLogger(name).setLevel(logging.WARNING)
     long = collect(args.runs, args.timed_steps)
     table = summary(long)
     long.to_csv(out / "variants.csv", index=False)
