@@ -178,12 +178,13 @@ def conversion(args) -> None:
     table.to_csv(out / "conversion_gap.csv", index=False)
     fig = plots.new_figure(7, 4.2)
     ax = fig.subplots()
+    span = max(abs(flat - parent), 0.05)  # the curves near both lines; their first validations off the top
     for label, frame in curves.items():
         ax.plot(frame["step"], frame["val/ppl"], marker=".", label=label)
     ax.axhline(parent, color="C2", linestyle="--", label=f"the parent ({parent:.2f})")
     ax.axhline(flat, color="C3", linestyle="--", label=f"the parent with uniform attention ({flat:.2f})")
     ax.set(xlabel="training steps of this run", ylabel="validation perplexity",
-           ylim=(parent - 0.5 * (flat - parent), flat + 2 * (flat - parent)), title=f"{name} made a Performer")
+           ylim=(min(parent, flat) - span / 2, max(parent, flat) + 2 * span), title=f"{name} made a Performer")
     ax.legend(fontsize=8)
     plots.save(fig, args.plot or out / "conversion_gap.png")
     print("\n".join(lines) + f"\n\nwrote {out}/conversion_gap.md")

@@ -103,7 +103,8 @@ def at(frame: pd.DataFrame, column: str, value: float) -> float:
 
 def summary(long: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for task, runs in long.groupby("task", sort=False):
+    for task in [t for t in TASKS if t in set(long["task"])]:
+        runs = long[long["task"] == task]
         groups = dict(list(runs.groupby("variant")))
         equal_steps = min(int(g["step"].iloc[-1]) for g in groups.values())
         equal_minutes = min(float(g["minutes"].iloc[-1]) for g in groups.values())
@@ -121,7 +122,7 @@ def summary(long: pd.DataFrame) -> pd.DataFrame:
 
 
 def figure(long: pd.DataFrame):
-    tasks = list(dict.fromkeys(long["task"]))
+    tasks = [t for t in TASKS if t in set(long["task"])]
     fig = plots.new_figure(4 * len(tasks), 7)
     axes = fig.subplots(2, len(tasks), squeeze=False)
     for col, task in enumerate(tasks):
@@ -159,7 +160,7 @@ def main() -> None:
     lines = ["# Attention variants at equal steps and equal training time\n", machine_line() + "\n",
              "Equal steps: the fewest steps any run of the task made; equal time: the shortest run's training "
              "minutes (interpolated between validations; blank where a run had not yet validated).\n",
-             markdown(table.fillna(""))]
+             markdown(table.astype(object).where(table.notna(), ""))]
     (out / "variants.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines) + f"\n\nwrote {out}/variants.md, variants.csv")
 
