@@ -4,7 +4,8 @@ RUNS, saving a checkpoint at every validation):
 
     curve:       every checkpoint of each exact parent validated as trained and with uniform attention (q = k = 0:
                  each position averages what it sees), the *gap* = uniform's perplexity / the parent's - 1.
-                 Writes RUNS/report/gap.csv, gap.md and a figure; --choose_from names the runs among which the one
+                 Writes RUNS/report/gap.csv (checkpoints already in it, by run and file time, are not validated
+                 again), gap.md and a figure; --choose_from names the runs among which the one
                  with the largest final gap becomes the conversion's parent (written to RUNS/report/parent).
     conversion:  the parent's weights under favor-softmax (m = 32 .. 256, two feature draws) and favor-relu with
                  no training, the fine-tunes started from it and the Performers trained from scratch, each as the
@@ -91,17 +92,24 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 
 
 def curve(args) -> None:
+    out = args.runs / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    # a checkpoint validated by an earlier call (same run, step and file time) is not validated again
+    done = pd.read_csv(out / "gap.csv") if (out / "gap.csv").exists() else pd.DataFrame(columns=["run", "mtime"])
+    done = {(r["run"], r["mtime"]): r for r in done.to_dict("records")}
     rows = []
     for name in args.parents:
         for step, ckpt in checkpoints(args.runs / name):
-            ppl, flat = val_ppl(trained(ckpt), ckpt), val_ppl(uniform(trained(ckpt)), ckpt)
-            rows.append({"run": name, "step": step, "val/ppl": ppl, "uniform": flat, "gap": flat / ppl - 1})
-            print(f"{name} step {step}: {ppl:.3f}, uniform attention {flat:.3f} (gap {flat / ppl - 1:+.2%})",
-                  flush=True)
+            row = done.get((name, ckpt.stat().st_mtime))
+            if row is None:
+                ppl, flat = val_ppl(trained(ckpt), ckpt), val_ppl(uniform(trained(ckpt)), ckpt)
+                row = {"run": name, "step": step, "val/ppl": ppl, "uniform": flat, "gap": flat / ppl - 1,
+                       "mtime": ckpt.stat().st_mtime}
+            rows.append(row)
+            print(f"{name} step {step}: {row['val/ppl']:.3f}, uniform attention {row['uniform']:.3f} "
+                  f"(gap {row['gap']:+.2%})", flush=True)
+        pd.DataFrame(rows).to_csv(out / "gap.csv", index=False)  # after each run: a stopped call keeps its work
     frame = pd.DataFrame(rows)
-    out = args.runs / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out / "gap.csv", index=False)
     final = frame.groupby("run", sort=False).last().reset_index()
     table = final.assign(**{"val/ppl": final["val/ppl"].round(3), "uniform": final["uniform"].round(3),
                             "gap": (100 * final["gap"]).round(2).astype(str) + "%",

@@ -3,6 +3,7 @@ checkpoint, and the conversion's share of attention's gain) and benchmarks/varia
 and equal training time)."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,8 +84,9 @@ def test_gap_curve_validates_each_checkpoint_as_fit_did(gap, exact_run):
     """Every checkpoint validated in the report's process gives the perplexity its `fit` logged at that step (same
     weights, data and float32 precision, so equal to round-off); uniform attention is a real, different model."""
     runs = exact_run.parent
-    out = subprocess.run([sys.executable, str(BENCHMARKS / "attention_gap.py"), "curve", str(runs),
-                          "--parents", "exact", "--choose_from", "exact"], capture_output=True, text=True, cwd=REPO)
+    curve_cmd = [sys.executable, str(BENCHMARKS / "attention_gap.py"), "curve", str(runs), "--parents", "exact",
+                 "--choose_from", "exact"]
+    out = subprocess.run(curve_cmd, capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     curve = pd.read_csv(runs / "report" / "gap.csv")
     logged = gap.validations(runs / "exact")
@@ -96,6 +98,16 @@ def test_gap_curve_validates_each_checkpoint_as_fit_did(gap, exact_run):
                                torch.tensor((curve["uniform"] / curve["val/ppl"] - 1).values))
     assert (runs / "report" / "parent").read_text().strip() == "exact"
     assert (runs / "report" / "attention_gap.png").stat().st_size > 0
+
+    # a second call validates only checkpoints it has not seen (by run and file time): a marked row survives it
+    marked = curve.assign(**{"val/ppl": [99.0, curve["val/ppl"].iloc[1]]})
+    marked.to_csv(runs / "report" / "gap.csv", index=False)
+    os.utime(gap.checkpoints(exact_run)[1][1])  # the step-4 checkpoint rewritten: validated again
+    again = subprocess.run(curve_cmd, capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 0, again.stderr
+    rerun = pd.read_csv(runs / "report" / "gap.csv")
+    assert rerun["val/ppl"].iloc[0] == 99.0
+    assert rerun["val/ppl"].iloc[1] == pytest.approx(logged["val/ppl"].iloc[1], rel=1e-5)
 
     # the conversion report: the parent keeps 100% of its own gain and uniform attention 0%; swaps are validated
     out = subprocess.run([sys.executable, str(BENCHMARKS / "attention_gap.py"), "conversion", str(runs),
