@@ -180,7 +180,7 @@ def conversion(args) -> None:
     table["val/ppl"] = table["val/ppl"].round(3)
     lines = [f"# Conversion from {name}: the share of attention's gain kept\n", machine_line() + "\n",
              f"Parent {parent:.3f}, uniform attention {flat:.3f} (gap {flat / parent - 1:.2%}).\n",
-             markdown(table), "\nTrained from scratch (the grid's runs, same data and schedule as the parent):\n",
+             markdown(table), "\nTrained from scratch (same data; each run with its own warm-up and schedule):\n",
              markdown(pd.DataFrame(reach)) if reach else "(none given)"]
     (out / "conversion_gap.md").write_text("\n".join(lines) + "\n")
     table.to_csv(out / "conversion_gap.csv", index=False)
@@ -189,6 +189,9 @@ def conversion(args) -> None:
     span = max(abs(flat - parent), 0.05)  # the curves near both lines; their first validations off the top
     for label, frame in curves.items():
         ax.plot(frame["step"], frame["val/ppl"], marker=".", label=label)
+    swaps = table[table["model"].str.startswith("swap")]["val/ppl"]
+    ax.scatter([0] * len(swaps), swaps, marker="x", color="k", zorder=3,
+               label="the parent's weights swapped, no training")
     ax.axhline(parent, color="C2", linestyle="--", label=f"the parent ({parent:.2f})")
     ax.axhline(flat, color="C3", linestyle="--", label=f"the parent with uniform attention ({flat:.2f})")
     ax.set(xlabel="training steps of this run", ylabel="validation perplexity",

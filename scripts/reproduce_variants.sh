@@ -10,8 +10,10 @@
 #      256, two draws) and favor-relu with no training, then fine-tuned (m = 64, and favor-relu); the grid's
 #      Performers of its objective are the runs from scratch
 # Usage: scripts/reproduce_variants.sh PROTEOMES_DIR [OUT_DIR]
-#   (STEPS=20 CONCAT_STEPS=4 FINE_TUNE_STEPS=4 in the environment: a smoke test of the whole chain in minutes)
-# About 2 h on a 2-core AMD EPYC: two runs side by side, one thread each (WORKERS=1 runs them one at a time).
+#   (STEPS=20 CONCAT_STEPS=4 CONCAT_EXACT_STEPS=2 LONG_STEPS=20 FINE_TUNE_STEPS=4 in the environment: a smoke
+#   test of the whole chain in about 20 minutes)
+# About 2 h on a 2-core AMD EPYC (3.7 CPU-hours): two runs side by side, one thread each (WORKERS=1: one at a
+# time). docs/conversion.md and docs/variants.md say which runs were cut short for time when they were measured.
 # A finished run (marked DONE) is kept, so a stopped script resumes where it stopped.
 # PROTEOMES_DIR holds UniProt reference proteomes as FASTA (E. coli UP000000625, S. cerevisiae UP000002311 and
 # P. falciparum UP000001450 train, as in scripts/reproduce_conversion.sh).
