@@ -114,11 +114,12 @@ def main() -> None:
     curves = {"converted from the exact parent": converted, "favor-softmax from scratch": scratch,
               "exact parent (from scratch)": parent}
 
-    controls = {"favor-relu": float(validations(args.runs / "step0" / "favor-relu")["val/ppl"].iloc[-1])} if (
-        args.runs / "step0" / "favor-relu").is_dir() else {}
-    parent_control = uniform_controls(args.runs).set_index("run")["uniform"]
-    if "exact" in parent_control:
-        controls["uniform"] = float(parent_control["exact"])
+    controls = {}
+    if (args.runs / "step0" / "favor-relu").is_dir():
+        controls["favor-relu"] = float(validations(args.runs / "step0" / "favor-relu")["val/ppl"].iloc[-1])
+    uniform = uniform_controls(args.runs).set_index("run")["uniform"]
+    if "exact" in uniform:
+        controls["uniform"] = float(uniform["exact"])
     notes = []
     if "favor-relu" in controls:
         notes.append(f"\nSwapped to favor-relu, no training: {controls['favor-relu']:.3f}.")
