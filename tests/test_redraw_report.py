@@ -63,3 +63,14 @@ def test_paired_differences_same_seed(redraw):
     never = table[(table["setting"] == "m16-never") & (table["minus"] == "exact")].iloc[0]
     assert never["mean"] == "+1.000"
     assert not ((table["setting"] == "m16-never") & (table["minus"] == "never redrawn")).any()
+
+
+def test_uniform_attention_rows_from_the_gap_curve(redraw, tmp_path):
+    """The controls come from attention_gap.py's gap.csv: each run's last checkpoint, as trained and uniform."""
+    (tmp_path / "report").mkdir()
+    pd.DataFrame([("exact-seed0", 100, 18.0, 18.1), ("exact-seed0", 360, 17.8, 17.9), ("exact-seed1", 360, 17.4, 17.7)],
+                 columns=["run", "step", "val/ppl", "uniform"]).to_csv(tmp_path / "report" / "gap.csv", index=False)
+    table = redraw.fresh_table(tmp_path).set_index("run")
+    assert table.loc["exact-seed0", ["own", "changed"]].tolist() == [17.8, 17.9]
+    assert table.loc["exact-seed1", ["own", "changed"]].tolist() == [17.4, 17.7]
+    assert (table["validated with"] == "uniform attention (q = k = 0)").all()
