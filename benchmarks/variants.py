@@ -4,7 +4,9 @@ trains the runs it reads (`protein-performer fit` run directories under RUNS, on
 
     RUNS/<task>-<variant>/   task: causal or masked (128-token crops of single proteins), concat (the masked
                              concatenated view, L = 8192); variant: exact, fs<M> (favor-softmax with M features,
-                             fixed), fs<M>-redraw (redrawn every 100 steps), relu (favor-relu)
+                             fixed), fs<M>-redraw (redrawn every 100 steps), relu (favor-relu); a name
+                             ending in -seed<S> is another seed of the same setting (no suffix: seed 0), timed
+                             as the seed-0 run and shown in the seeds table
 
 Training time is CPU time: each run's model, data and precision timed here for a few steps of a fresh fit on one
 thread (the process's CPU clock, so the figure does not depend on what else the machine runs; the runs themselves
@@ -37,7 +39,7 @@ from protein_performer.machine import machine_line
 from protein_performer.training.datamodule import ProteinDataModule
 from protein_performer.training.module import ProteinLMModule
 
-RUN = re.compile(r"(?P<task>causal|masked|concat)-(?P<variant>exact|fs\d+(-redraw)?|relu)")
+RUN = re.compile(r"(?P<task>causal|masked|concat)-(?P<variant>exact|fs\d+(-redraw)?|relu)(-seed(?P<seed>\d+))?")
 TASKS = {"causal": "causal LM, 128-token crops", "masked": "masked LM, 128-token crops",
          "concat": "masked LM, concatenated view, L = 8192"}
 VARIANTS = ["exact", "fs64", "fs64-redraw", "fs256", "fs256-redraw", "relu"]
@@ -81,14 +83,17 @@ def timed(run: Path, seconds_per_step: float) -> pd.DataFrame:
 
 
 def collect(runs: Path, steps: int) -> pd.DataFrame:
-    frames = []
-    for run in sorted(runs.iterdir()):
+    frames, seconds = [], {}
+    for run in sorted(runs.iterdir(), key=lambda p: "-seed" in p.name):  # seed 0 first: it is the one timed
         match = RUN.fullmatch(run.name)
         if match is None or not (run / "DONE").exists():
             continue
-        seconds = step_seconds(run, steps)
-        print(f"{run.name}: {seconds:.3f} CPU s per training step", flush=True)
-        frames.append(timed(run, seconds).assign(task=match["task"], variant=match["variant"]))
+        setting = (match["task"], match["variant"])
+        if setting not in seconds:
+            seconds[setting] = step_seconds(run, steps)
+            print(f"{run.name}: {seconds[setting]:.3f} CPU s per training step", flush=True)
+        frames.append(timed(run, seconds[setting]).assign(task=match["task"], variant=match["variant"],
+                                                           seed=int(match["seed"] or 0)))
     if not frames:
         raise SystemExit(f"no finished runs named like causal-exact or concat-fs256-redraw under {runs}")
     return pd.concat(frames, ignore_index=True)
@@ -118,6 +123,20 @@ def summary(long: pd.DataFrame) -> pd.DataFrame:
                          "ppl at equal time": round(at(g, "minutes", equal_minutes), 3),
                          "(min)": round(equal_minutes, 1),
                          "final ppl": round(float(g["val/ppl"].iloc[-1]), 3)})
+    return pd.DataFrame(rows)
+
+
+def seeds(long: pd.DataFrame) -> pd.DataFrame:
+    """Final validation perplexity of each seed, where a setting has more than one, at the last step all reached."""
+    rows = []
+    for (task, variant), runs in long.groupby(["task", "variant"], sort=False):
+        if runs["seed"].nunique() < 2:
+            continue
+        step = runs.groupby("seed")["step"].max().min()
+        final = runs[runs["step"] == step].set_index("seed")["val/ppl"].sort_index()
+        rows.append({"task": TASKS[task], "attention": variant, "steps": int(step),
+                     "per seed": " / ".join(f"{v:.3f}" for v in final), "mean": round(final.mean(), 3),
+                     "half range": round((final.max() - final.min()) / 2, 3)})
     return pd.DataFrame(rows)
 
 
@@ -154,13 +173,17 @@ def main() -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):  # one Trainer per run timed: no banners
         logging.getLogger(name).setLevel(logging.WARNING)
     long = collect(args.runs, args.timed_steps)
-    table = summary(long)
+    first = long[long["seed"] == 0]
+    table = summary(first)
     long.to_csv(out / "variants.csv", index=False)
-    plots.save(figure(long), args.plot or out / "variants.png")
+    plots.save(figure(first), args.plot or out / "variants.png")
     lines = ["# Attention variants at equal steps and equal training time\n", machine_line() + "\n",
              "Equal steps: the fewest steps any run of the task made; equal time: the shortest run's training "
              "minutes (interpolated between validations; blank where a run had not yet validated).\n",
              markdown(table.astype(object).where(table.notna(), ""))]
+    spread = seeds(long)
+    if len(spread):
+        lines += ["\n## Settings trained with more than one seed (final validation perplexity)\n", markdown(spread)]
     (out / "variants.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines) + f"\n\nwrote {out}/variants.md, variants.csv")
 

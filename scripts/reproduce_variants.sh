@@ -3,7 +3,7 @@
 # docs/conversion.md): one model shape (configs/cpu/variants.yaml), one seed, equal steps and batches.
 #   1. the grid: masked and causal x exact, favor-softmax m = 64 and 256 (fixed features; m = 64 also redrawn
 #      every 100 steps), favor-relu, on 128-token crops; the masked concatenated view at L = 8192 with the same
-#      attentions and m = 256 redrawn too
+#      attentions and m = 256 redrawn too, its Performers with a second seed
 #   2. the exact parents (4 heads of 32 dimensions from the grid, 16 heads of 8 beside them, and 4 heads trained
 #      3x longer) validated at every checkpoint with uniform attention: the gap curve
 #   3. the conversion from the 4-head parent with the largest final gap: its weights under favor-softmax (m = 32 ..
@@ -25,6 +25,7 @@ STEPS=${STEPS:-1500}                # the crops: 6.1 M tokens per run
 CONCAT_STEPS=${CONCAT_STEPS:-600}   # the concatenated view, Performers: 4.9 M tokens
 CONCAT_EXACT_STEPS=${CONCAT_EXACT_STEPS:-150}  # exact attention at L = 8192 takes 10x a Performer's step here
 LONG_STEPS=${LONG_STEPS:-4500}      # the gap curve's longest parents
+CONCAT_SEEDS=${CONCAT_SEEDS:-1}     # seeds beside 0 for the concatenated view's Performers
 FINE_TUNE_STEPS=${FINE_TUNE_STEPS:-300}
 WORKERS=${WORKERS:-2}
 export WANDB_MODE=${WANDB_MODE:-offline} OMP_NUM_THREADS=1
@@ -86,6 +87,10 @@ echo "== the grid and the parents, $WORKERS at a time; logs in $OUT/*.log"
   performers causal 64 "$CROP"
   performers masked 64 --model.objective masked "$CROP"
   performers concat "64 256" $CONCAT "--trainer.max_steps $CONCAT_STEPS"
+  for seed in $CONCAT_SEEDS; do  # more seeds where the variants differ most; the run names end in -seed<S>
+    performers concat "64 256" $CONCAT "--trainer.max_steps $CONCAT_STEPS --seed_everything $seed --model.seed $seed" \
+      "--model.config.feature_seed $seed" | sed "s/^[^ ]*/&-seed$seed/"
+  done
   echo "masked-exact-long $PARENT --model.objective masked --trainer.max_steps $LONG_STEPS" \
     "--trainer.val_check_interval $(( LONG_STEPS < 300 ? LONG_STEPS : 300 ))"
   echo "causal-exact-long $PARENT --trainer.max_steps $LONG_STEPS" \

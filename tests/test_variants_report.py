@@ -152,3 +152,16 @@ def test_run_names(variants):
     assert variants.RUN.fullmatch("masked-relu")["variant"] == "relu"
     for other in ("masked-exact-d8", "causal-exact-long", "converted-fs64", "prepared", "report"):
         assert variants.RUN.fullmatch(other) is None
+
+
+def test_seeds_table_at_the_last_step_every_seed_reached(variants):
+    long = pd.DataFrame([
+        ("concat", "relu", 0, 300, 15.0), ("concat", "relu", 0, 600, 14.8),
+        ("concat", "relu", 1, 300, 15.2), ("concat", "relu", 1, 600, 14.6), ("concat", "relu", 2, 300, 15.4),
+        ("concat", "exact", 0, 150, 17.8),  # one seed: not in the table
+    ], columns=["task", "variant", "seed", "step", "val/ppl"])
+    table = variants.seeds(long)
+    assert len(table) == 1 and table["steps"].iloc[0] == 300  # seed 2 stopped at 300
+    assert table["per seed"].iloc[0] == "15.000 / 15.200 / 15.400"
+    assert table["mean"].iloc[0] == 15.2 and table["half range"].iloc[0] == 0.2
+    assert variants.RUN.fullmatch("concat-fs64-redraw-seed1").group("variant", "seed") == ("fs64-redraw", "1")
