@@ -66,7 +66,7 @@ def trained(ckpt: Path) -> ProteinLMModule:
 
 
 def uniform(module: ProteinLMModule) -> ProteinLMModule:
-    """The same model with q = k = 0 in every layer: all scores equal, so attention averages the values."""
+    """`module` with q = k = 0 in every layer (in place): all scores equal, so attention averages the values."""
     with torch.no_grad():
         for name, weight in module.model.named_parameters():
             if name.endswith("attn.qkv.weight"):  # rows: q, k, v, each d_model
@@ -102,7 +102,9 @@ def curve(args) -> None:
         for step, ckpt in checkpoints(args.runs / name):
             row = done.get((name, ckpt.stat().st_mtime))
             if row is None:
-                ppl, flat = val_ppl(trained(ckpt), ckpt), val_ppl(uniform(trained(ckpt)), ckpt)
+                module = trained(ckpt)
+                ppl = val_ppl(module, ckpt)
+                flat = val_ppl(uniform(module), ckpt)  # the same weights, q and k zeroed in place
                 row = {"run": name, "step": step, "val/ppl": ppl, "uniform": flat, "gap": flat / ppl - 1,
                        "mtime": ckpt.stat().st_mtime}
             rows.append(row)

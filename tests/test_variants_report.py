@@ -51,11 +51,16 @@ def test_uniform_attention_averages_what_each_position_sees(gap, causal):
             super().__init__()
             self.model = model
 
-    gap.uniform(Holder())
+    with torch.no_grad():  # sharp attention first, so that a uniform result can only come from q = k = 0
+        for name, weight in model.named_parameters():
+            if name.endswith("attn.qkv.weight"):
+                weight.normal_(std=1.0)
     tokens = torch.randint(4, 24, (2, 11))
-    maps = model.attention_maps(tokens)  # (n_layers, B, H, L, L)
     seen = torch.tril(torch.ones(11, 11)) if causal else torch.ones(11, 11)
     expected = seen / seen.sum(-1, keepdim=True)
+    assert (model.attention_maps(tokens) - expected).abs().max() > 0.1
+    gap.uniform(Holder())
+    maps = model.attention_maps(tokens)  # (n_layers, B, H, L, L)
     torch.testing.assert_close(maps, expected.expand_as(maps), rtol=0, atol=1e-6)
 
 
