@@ -15,7 +15,7 @@ from protein_performer.attention import (
 )
 from protein_performer.attention.blocking import blocking_for
 from protein_performer.attention.naive import linear_attention, plain_softmax_features
-from protein_performer.model import ATTENTION_KINDS, Config, ProteinLM
+from protein_performer.model import ATTENTION_KINDS, Config, Dropout, ProteinLM
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -51,6 +51,19 @@ def test_causal_equals_naive_on_gpu_float32(scan):
     gn = torch.autograd.grad(ref.sum(), (q, k, v))
     for a, b in zip(gr, gn):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # float32 sums over 333 positions
+
+
+def test_dropout_on_gpu_keeps_1_minus_p_and_scales():
+    # On CUDA Dropout is torch's fused kernel: each element kept with probability 1 - p, scaled by 1 / (1 - p)
+    torch.manual_seed(0)
+    x = torch.rand(4, 30001, device="cuda").add_(0.5).requires_grad_()
+    y = Dropout(0.1).train()(x)
+    keep = y != 0
+    n = keep.numel()
+    assert abs(keep.double().mean().item() - 0.9) < 5 * (0.1 * 0.9 / n) ** 0.5  # 5 binomial standard deviations
+    torch.testing.assert_close(y[keep], x[keep] / 0.9)  # float32 round-off of the scaling
+    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    torch.testing.assert_close(grad, keep.float() / 0.9)
 
 
 def test_no_host_device_sync_in_forward_backward_and_decode():
