@@ -64,7 +64,8 @@ def worker(args) -> dict:
         from protein_performer.model import Block, Config
 
         if args.plan == "cuda":  # what blocking_for gives a CUDA device, on the CPU
-            blocking.CPU_BLOCKING = Blocking(block=args.length, span=blocking.CUDA_SPAN, scan="matmul")
+            blocking.CPU_BLOCKING = blocking.CPU_BF16_BLOCKING = Blocking(
+                block=args.length, span=blocking.CUDA_SPAN, scan="matmul")
         cfg = Config(d_model=512, n_heads=8, d_ff=2048, max_len=args.length, attention=args.attention,
                      causal=args.causal, dropout=0.1)
         layer = Block(cfg, 0).train()

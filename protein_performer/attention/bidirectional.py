@@ -10,6 +10,7 @@ from .features import (
     add_mm_,
     as_low,
     blocks,
+    grad_denominators,
     grad_y,
     mm,
     new_output,
@@ -45,11 +46,12 @@ class BidirectionalFavor(torch.autograd.Function):
         buf = q.new_empty(b, h, block, feats.m, dtype=acc)  # one (B, H, C, m) buffer serves every block
         kv = q.new_zeros(b, h, v.shape[-1] + 1, feats.m, dtype=acc)  # kv^T (B, H, d_v + 1, m), referenced at g
         g = None  # (B, H, 1): the largest key log-scale so far (softmax only)
+        half_sq = q.new_empty(b, h, length, dtype=acc) if feats.softmax else None  # |k'|^2 / 2, for backward
         v1 = with_ones(v)  # (B, H, L, d_v + 1), one concatenation for every block
         for s, e in blocks(length, block):
             real_c = None if real is None else real[:, :, s:e]
             phi = rows(buf, e - s)
-            r, half_sq_norm = feats.key_logits(k[:, :, s:e], phi, real_c)
+            r, half_sq_norm = feats.key_logits(k[:, :, s:e], phi, real_c, _rows_of(half_sq, s, e))
             if r is not None:  # softmax: raise the shared maximum, rescale what kv holds
                 g_new = r.amax(-1, keepdim=True)
                 if g is not None:
@@ -64,14 +66,14 @@ class BidirectionalFavor(torch.autograd.Function):
         for s, e in blocks(length, block):
             phi = feats.queries_(q[:, :, s:e], rows(buf, e - s), shift[:, :, s:e])
             normalise_(mm(phi, kv.transpose(-1, -2), low), out[:, :, s:e], den[:, :, s:e])
-        ctx.save_for_backward(q, k, v, w, kv, g, real, out, den, shift)
+        ctx.save_for_backward(q, k, v, w, kv, g, real, out, den, shift, half_sq)
         ctx.kernel, ctx.block, ctx.low = kernel, block, low
         return out
 
     @staticmethod
     @without_autocast
     def backward(ctx, d_out):
-        q, k, v, w, kv, g, real, out, den, shift = ctx.saved_tensors
+        q, k, v, w, kv, g, real, out, den, shift, half_sq = ctx.saved_tensors
         low = ctx.low
         feats = BlockFeatures(w, ctx.kernel, q.shape[-1], low)
         b, h, length, _ = q.shape
@@ -81,6 +83,7 @@ class BidirectionalFavor(torch.autograd.Function):
         dy_buf = q.new_empty(b, h, ctx.block, v.shape[-1] + 1)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dkv = torch.zeros_like(kv, dtype=acc)
+        den = grad_denominators(den, d_out.dtype)
         for s, e in blocks(length, ctx.block):  # queries: dq, and dkv = sum_i phi(q_i) dy_i^T
             phi = as_low(feats.queries_at_(q[:, :, s:e], rows(buf, e - s), shift[:, :, s:e]), low)
             dy = grad_y(d_out[:, :, s:e], out[:, :, s:e], den[:, :, s:e], rows(dy_buf, e - s))  # (B, H, C, d_v + 1)
@@ -89,14 +92,19 @@ class BidirectionalFavor(torch.autograd.Function):
             dq[:, :, s:e] = feats.queries_backward_(d_phi, phi)
         dkv = as_low(dkv, low)
         v1 = with_ones(v)
+        offset = None if half_sq is None else feats.key_offset(half_sq, g, real)  # every key's shift, g final here
         for s, e in blocks(length, ctx.block):  # keys: dk, dv
             real_c = None if real is None else real[:, :, s:e]
-            phi = as_low(feats.keys_at_(k[:, :, s:e], rows(buf, e - s), g, real_c), low)
+            phi = as_low(feats.keys_at_(k[:, :, s:e], rows(buf, e - s), _rows_of(offset, s, e), real_c), low)
             v1c = v1[:, :, s:e]
             p = mm(phi, dkv.transpose(-1, -2), low)  # (B, H, C, d_v + 1)
             dv[:, :, s:e] = p[..., :-1]
             d_phi = mm(v1c, dkv, low, out=None if low else rows(grad, e - s))
-            # sum_f d_phi * phi = v1 . p per key: no pass over the (B, H, C, m) product
-            total = (v1c * p).sum(-1, keepdim=True, dtype=acc)
+            # softmax keys: sum_f d_phi * phi = v1 . p per key, no pass over the (B, H, C, m) product (relu: unused)
+            total = (v1c * p).sum(-1, keepdim=True, dtype=acc) if feats.softmax else None
             dk[:, :, s:e] = feats.keys_backward_(d_phi, phi, k[:, :, s:e], total=total)
         return dq, dk, dv, None, None, None, None, None
+
+
+def _rows_of(x: torch.Tensor | None, s: int, e: int) -> torch.Tensor | None:
+    return None if x is None else x[:, :, s:e]

@@ -22,15 +22,17 @@ class Blocking:
 
 
 CPU_BLOCKING = Blocking()
+CPU_BF16_BLOCKING = Blocking(span=512)  # bf16 operands take half the bytes: spans twice as long, half the operators
 CUDA_SPAN = 4096  # 64 chunks per span: the matmul scan's (65 x 65) decay product stays small
 CUDA_BUFFER_BYTES = 2**30  # one (B, H, block, m) feature buffer: the whole sequence where it fits
 
 
 def blocking_for(q: torch.Tensor, m: int) -> Blocking:
-    """CPU: blocks of 512 rows, spans of 256, loop scan. CUDA: one block for the whole sequence when a (B, H, L, m)
-    buffer fits in CUDA_BUFFER_BYTES, spans of CUDA_SPAN rows, matmul scan (no per-chunk launches)."""
+    """CPU: blocks of 512 rows, spans of 256 (512 for bf16 q, k: bf16 products), loop scan. CUDA: one block for the
+    whole sequence when a (B, H, L, m) buffer fits in CUDA_BUFFER_BYTES, spans of CUDA_SPAN rows, matmul scan (no
+    per-chunk launches)."""
     if q.device.type != "cuda":
-        return CPU_BLOCKING
+        return CPU_BF16_BLOCKING if q.dtype == torch.bfloat16 else CPU_BLOCKING
     b, h, length, _ = q.shape
     block = max(512, min(length, CUDA_BUFFER_BYTES // (b * h * m * q.element_size())))
     return Blocking(block=block, span=CUDA_SPAN, scan="matmul")

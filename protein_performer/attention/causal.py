@@ -16,12 +16,14 @@ import torch
 
 from .features import (
     LOG2E,
+    PAD_OFFSET,
     BlockFeatures,
     acc_dtype,
     add_mm_,
     as_low,
     blocks,
     causal_mask,
+    grad_denominators,
     grad_y,
     mm,
     new_output,
@@ -55,6 +57,7 @@ class CausalFavor(torch.autograd.Function):
         acc = acc_dtype(q)
         f_q, phi_k = (q.new_empty(b, h, span, feats.m, dtype=acc) for _ in range(2))
         g = q.new_zeros(b, h, length, dtype=acc)  # stays 0 for relu
+        half_sq = q.new_empty(b, h, length, dtype=acc) if feats.softmax else None  # |k'|^2 / 2, for backward
         shift = q.new_zeros(b, h, length + (-length % chunk), dtype=acc)  # query rows' maxima, for backward
         out, den = new_output(q, v.shape[-1])
         state, g_in = kv0, g0  # the state entering the span (B, H, m, D), referenced at g_in (B, H)
@@ -75,6 +78,7 @@ class CausalFavor(torch.autograd.Function):
                 if g_in is not None:
                     g_s = torch.maximum(g_s, g_in[..., None])
                 g[:, :, s:e] = g_s[..., : e - s]
+                half_sq[:, :, s:e] = half_sq_norm[..., : e - s]
             feats.keys_(pk, half_sq_norm, g_s, real_s)  # phi(k_j) exp(-g_j)
             gc, fqc, pkc, vc = _split(chunk, g_s, fq, pk, vs)  # (B, H, nc, C[, ...])
             refs = _references(gc, g_in)  # (B, H, nc + 1)
@@ -92,7 +96,7 @@ class CausalFavor(torch.autograd.Function):
             y = torch.addcmul(mm(a, vc, low), as_low(from_start, low), mm(fqc, before, low))  # + earlier chunks
             normalise_(y.view(b, h, n, -1)[:, :, : e - s], out[:, :, s:e], den[:, :, s:e])
             g_in = refs[..., -1]
-        ctx.save_for_backward(q, k, v, w, g, real, g0, out, den, shift, *befores, *scores)
+        ctx.save_for_backward(q, k, v, w, g, real, g0, out, den, shift, half_sq, *befores, *scores)
         ctx.kernel, ctx.chunk, ctx.span, ctx.scan, ctx.low = kernel, chunk, span, scan, low
         ctx.mark_non_differentiable(g_in)
         return out, state, g_in
@@ -100,7 +104,7 @@ class CausalFavor(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, d_out, d_state, _):
-        q, k, v, w, g, real, g0, out, den, shift, *saved = ctx.saved_tensors
+        q, k, v, w, g, real, g0, out, den, shift, half_sq, *saved = ctx.saved_tensors
         chunk, span, low = ctx.chunk, ctx.span, ctx.low
         feats = BlockFeatures(w, ctx.kernel, q.shape[-1], low)
         b, h, length, _ = q.shape
@@ -112,7 +116,9 @@ class CausalFavor(torch.autograd.Function):
             d_fq = d_pk = None
             into = lambda *_: None
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        den = grad_denominators(den, d_out.dtype)
         v1 = with_ones(v)
+        offset = None if half_sq is None else feats.key_offset(half_sq, g, real)  # every key's shift, g known
         after = d_state  # sum over later positions of exp(g_ref - g_i) phi(q_i) dy_i^T (B, H, m, D)
         spans = list(blocks(length, span))
         for (s, e), before, a in reversed(list(zip(spans, saved[: len(spans)], saved[len(spans):]))):
@@ -124,7 +130,7 @@ class CausalFavor(torch.autograd.Function):
             g_s = _span_rows(g, s, e, pad, repeat_last=True)
             n = qs.shape[2]
             fq = feats.queries_at_(qs, rows(f_q, n), shift[:, :, s:s + n])
-            pk = feats.keys_at_(ks, rows(phi_k, n), g_s, real_s)
+            pk = feats.keys_at_(ks, rows(phi_k, n), _span_rows(offset, s, e, pad, value=PAD_OFFSET), real_s)
             gc, fqc, pkc, vc, dyc = _split(chunk, g_s, fq, pk, vs, dys)
             refs = _references(gc, g0 if s == 0 else g[:, :, s - 1])
             dy_prev = _scaled(dyc, _exp(refs[..., :-1, None] - gc)[..., None])  # (B, H, nc, C, D), scale <= 1
@@ -214,8 +220,8 @@ def scan_states(x, refs, first, reverse, mode="loop"):
     return inner, edge
 
 
-def _span_rows(x, s, e, pad, repeat_last=False):
-    """Rows s:e of x (B, H or 1, L, ...) and `pad` more: zeros (False for a mask) or the last row again (the
+def _span_rows(x, s, e, pad, repeat_last=False, value=0):
+    """Rows s:e of x (B, H or 1, L, ...) and `pad` more: `value` (0; False for a mask) or the last row again (the
     non-decreasing g). Padding rows come after every real row, so causality keeps them out of real outputs."""
     if x is None:
         return None
@@ -223,7 +229,7 @@ def _span_rows(x, s, e, pad, repeat_last=False):
     if not pad:
         return x
     shape = (*x.shape[:2], pad, *x.shape[3:])
-    return torch.cat([x, x[:, :, -1:].expand(shape) if repeat_last else x.new_zeros(shape)], 2)
+    return torch.cat([x, x[:, :, -1:].expand(shape) if repeat_last else x.new_full(shape, value)], 2)
 
 
 def _span_real(real, s, e, pad, device):

@@ -124,30 +124,32 @@ class BlockFeatures:
         self.scale = d**-0.25 if self.softmax else self.m**-0.5
         self.w = None if w is None else as_low(w * self.scale, low)  # (m, d), for the gradients
         # softmax logits in base 2 (W x' log2(e)): the features are then exp2 of them, the faster exponential.
-        # Row maxima and shifts of the logits are in the same unit; the log-scales r and g stay natural.
-        self.w_exp = None if w is None else as_low(w * (self.scale * (LOG2E if self.softmax else 1.0)), low)
+        # Row maxima and shifts of the logits are in the same unit; the log-scales r and g stay natural. Kept as
+        # (d, m), the transposed view the products read.
+        self.w_exp_t = None if w is None else as_low(w * (self.scale * (LOG2E if self.softmax else 1.0)), low).T
         self.log_sqrt_m = 0.5 * math.log(self.m)
         self.low = low
 
     @functools.cached_property
-    def w_shift(self) -> torch.Tensor:
-        """[W_exp, 1] (m, d + 1): backward's recomputation folds a known per-row shift into the product,
-        [x, -shift] @ [W_exp, 1]^T (built on first use: a decoding step never needs it)."""
-        return torch.cat([self.w_exp, self.w_exp.new_ones(self.m, 1)], 1)
+    def w_shift_t(self) -> torch.Tensor:
+        """[W_exp, 1]^T (d + 1, m), the transposed view of an (m, d + 1) matrix as W_exp^T is: backward's
+        recomputation folds a known per-row shift into the product, [x, -shift] @ [W_exp, 1]^T (built on first use:
+        a decoding step never needs it)."""
+        return torch.cat([self.w_exp_t.T, self.w_exp_t.new_ones(self.m, 1)], 1).T
 
     def _logits(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.w_exp is None:
+        if self.w_exp_t is None:
             return out.copy_(x)
-        return mm(x, self.w_exp.T, self.low, out=out)  # (B, H, C, m)
+        # a block of rows of (B, H, L, d) is strided: one copy makes it contiguous, and the product is then one
+        # (B H C, d) x (d, m) matrix product (matmul would otherwise copy the block and the projection for bmm)
+        return mm(x.contiguous(), self.w_exp_t, self.low, out=out)  # (B, H, C, m)
 
     def queries_(self, x: torch.Tensor, out: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
         """out <- f(x): exp(W x' - row max) (the base-2 row maxima also into shift (B, H, C)), or m^-1/2 relu(W x) +
         eps."""
         self._logits(x, out)
         if self.softmax:
-            top = out.amax(-1, keepdim=True)
-            if shift is not None:
-                shift.copy_(top[..., 0])
+            top = out.amax(-1, keepdim=True) if shift is None else torch.amax(out, -1, out=shift)[..., None]
             return out.sub_(top).exp2_()
         return out.relu_().add_(RELU_EPS)
 
@@ -162,42 +164,45 @@ class BlockFeatures:
         product, except for bf16 products, where it would be rounded to bf16 (subtracted in float32 instead)."""
         if self.low is not None:
             return self._logits(x, out).sub_(shift[..., None]).exp2_()
-        return mm(torch.cat([x, -shift[..., None]], -1), self.w_shift.T, out=out).exp2_()
+        return mm(torch.cat([x, -shift[..., None]], -1), self.w_shift_t, out=out).exp2_()
 
-    def key_logits(self, x: torch.Tensor, out: torch.Tensor, real: torch.Tensor | None):
+    def key_logits(self, x: torch.Tensor, out: torch.Tensor, real: torch.Tensor | None, half_sq_norm=None):
         """out <- W x' (base 2 for softmax); returns (r, half_sq_norm) (B, H, C): r = max (W x') - |x'|^2/2
-        (PAD_LOG_SCALE for padded keys), or (None, None) for relu (nothing to stabilise)."""
+        (PAD_LOG_SCALE for padded keys), or (None, None) for relu (nothing to stabilise). half_sq_norm: where to
+        write |x'|^2/2 (a slice of the caller's (B, H, L) array, which backward reads again), or None."""
         self._logits(x, out)
         if not self.softmax:
             return None, None
-        half_sq_norm = self._half_sq_norm(x)
+        half_sq_norm = self._half_sq_norm(x, half_sq_norm)
         r = out.amax(-1).div_(LOG2E).sub_(half_sq_norm)
         if real is not None:
             r.masked_fill_(~real, PAD_LOG_SCALE)
         return r, half_sq_norm
 
-    def _half_sq_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """|x'|^2 / 2 (B, H, C), summed in float32 (bf16 x: its products are exact in float32)."""
+    def _half_sq_norm(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """|x'|^2 / 2 (B, H, C), summed in float32 (bf16 x: its products are exact in float32), into out if given."""
         x = x.to(acc_dtype(x))
-        return (0.5 * self.scale**2) * (x * x).sum(-1)
+        return torch.sum(x * x, -1, out=out).mul_(0.5 * self.scale**2)
 
     def keys_(self, logits: torch.Tensor, half_sq_norm, g, real: torch.Tensor | None) -> torch.Tensor:
         """logits (from key_logits) <- phi(k) exp(-g), in place; padded keys get 0."""
         if self.softmax:
-            return logits.sub_(self._key_offset(half_sq_norm, g, real)[..., None]).exp2_()
+            return logits.sub_(self.key_offset(half_sq_norm, g, real)[..., None]).exp2_()
         logits.relu_().add_(RELU_EPS)
         return logits if real is None else logits.mul_(real[..., None])
 
-    def _key_offset(self, half_sq_norm, g, real):
-        """The base-2 shift of the key logits (B, H, C): (|x'|^2/2 + g + log sqrt(m)) log2(e)."""
+    def key_offset(self, half_sq_norm, g, real):
+        """The base-2 shift of the key logits (B, H, C): (|x'|^2/2 + g + log sqrt(m)) log2(e), PAD_OFFSET for
+        padded keys. Backward, where g is known, computes it once for the whole sequence."""
         offset = (half_sq_norm + g + self.log_sqrt_m).mul_(LOG2E)
         return offset if real is None else offset.masked_fill_(~real, PAD_OFFSET)  # exp2(-PAD_OFFSET) = 0
 
-    def keys_at_(self, x: torch.Tensor, out: torch.Tensor, g, real: torch.Tensor | None) -> torch.Tensor:
-        """out <- phi(k) exp(-g) for a known g (backward's recomputation): one product and exp."""
+    def keys_at_(self, x: torch.Tensor, out: torch.Tensor, offset, real: torch.Tensor | None) -> torch.Tensor:
+        """out <- phi(k) exp(-g) again (backward's recomputation) from the rows' key_offset (softmax; relu: None,
+        the padded keys from real): one product and exp."""
         if not self.softmax:
-            return self.keys_(self._logits(x, out), None, g, real)
-        return self._shifted_exp_(x, self._key_offset(self._half_sq_norm(x), g, real), out)
+            return self.keys_(self._logits(x, out), None, None, real)
+        return self._shifted_exp_(x, offset, out)
 
     def queries_backward_(self, grad: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         """d loss / d x (B, H, C, d) from grad = d loss / d phi and the query features phi in grad's dtype (a bf16
@@ -257,17 +262,21 @@ def normalise_(y: torch.Tensor, out: torch.Tensor, den: torch.Tensor) -> None:
     """out <- numerator / D and den <- D for rows y = [numerator, D]; D is clamped to the smallest normal number,
     which only changes rows without any real key (0 instead of 0 / 0). The division runs in y's dtype (bf16
     products: D is a bf16 value, and a mixed-dtype op runs several times slower on the CPU)."""
-    d = y[..., -1:].clamp_min(torch.finfo(y.dtype).tiny)
-    torch.div(y[..., :-1], d, out=out)
-    den.copy_(d)
+    torch.clamp_min(y[..., -1:], torch.finfo(y.dtype).tiny, out=den)
+    torch.div(y[..., :-1], den, out=out)
+
+
+def grad_denominators(den: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The saved D (B, H, L, 1) as grad_y reads it, once per backward: in the gradient's dtype, and inf for rows
+    without a real key (D clamped, out = 0), which then get no gradient (d_out / inf, not d_out / tiny)."""
+    return den.masked_fill(den <= torch.finfo(den.dtype).tiny, torch.inf).to(dtype)
 
 
 def grad_y(d_out: torch.Tensor, out: torch.Tensor, den: torch.Tensor, into: torch.Tensor | None = None):
-    """d loss / d [numerator, D] (..., d_v + 1) from d loss / d out, for out = numerator / D; written into `into`
-    when given (a contiguous buffer: about 3x faster than building it from the strided d_out and out)."""
+    """d loss / d [numerator, D] (..., d_v + 1) from d loss / d out, for out = numerator / D and den from
+    grad_denominators; written into `into` when given (a contiguous buffer: about 3x faster than building it from
+    the strided d_out and out)."""
     dy = d_out.new_empty(*d_out.shape[:-1], d_out.shape[-1] + 1) if into is None else into
-    # rows without a real key (D clamped, out = 0) get no gradient: d_out / inf, not d_out / tiny
-    den = den.masked_fill(den <= torch.finfo(den.dtype).tiny, torch.inf).to(d_out.dtype)
     d_num = torch.div(d_out, den, out=dy[..., :-1])
     torch.sum(d_num * out, -1, keepdim=True, out=dy[..., -1:]).neg_()
     return dy
