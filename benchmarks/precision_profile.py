@@ -33,7 +33,7 @@ CATEGORIES = {  # first match wins, on the operator's name
                               "native_dropout", "bernoulli", "random", "bitwise_and", "ge", "where", "nll_loss",
                               "cross_entropy", "gelu_backward", "native_layer_norm_backward",
                               "nll_loss_backward", "log_softmax_backward_data"),
-    # model.Dropout: random and bitwise_and above; its rsub and shift fall to the rest, its product to "mul"
+    # layers.Dropout: random and bitwise_and above; its rsub and shift fall to the rest, its product to "mul"
     "FAVOR maps and sums": ("exp", "relu", "threshold", "threshold_backward", "sum", "cumsum", "cummax", "amax",
                             "max", "div", "mul", "add", "sub", "clamp", "masked_fill", "neg", "pow"),
 }

@@ -15,7 +15,8 @@ from protein_performer.attention import (
 )
 from protein_performer.attention.blocking import blocking_for
 from protein_performer.attention.naive import linear_attention, plain_softmax_features
-from protein_performer.model import ATTENTION_KINDS, Config, Dropout, ProteinLM
+from protein_performer.layers import Dropout
+from protein_performer.model import ATTENTION_KINDS, Config, ProteinLM
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -6,7 +6,8 @@ import torch
 from protein_performer import vocab
 from protein_performer.attention import FavorAttention
 from protein_performer.attention.naive import linear_attention, naive_softmax_attention, plain_softmax_features
-from protein_performer.model import ATTENTION_KINDS, PRESETS, Config, Dropout, GeluLinear, ProteinLM
+from protein_performer.layers import Dropout, GeluLinear
+from protein_performer.model import ATTENTION_KINDS, PRESETS, Config, ProteinLM
 
 VARIANTS = [(a, c) for a in ATTENTION_KINDS for c in (False, True)]
 

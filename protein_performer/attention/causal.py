@@ -39,9 +39,9 @@ class CausalFavor(torch.autograd.Function):
 
     kv0, g0: the state of a prefix (kv referenced at g: S = kv exp(g)), or None. Saves q, k, v, the projection,
     g (B, H, L), the state before every chunk, the decayed intra-chunk scores (L C values per head, a quarter of the
-    chunk states at C = 64: they spare backward its costliest recomputation), the output, D and the query rows'
-    maxima. Backward is one reverse pass over the spans: it recomputes their features and carries
-    sum_{i later} exp(g_end - g_i) phi(q_i) dy_i^T for the keys.
+    chunk states at C = 64: they spare backward its costliest recomputation), the output, D, the query rows'
+    maxima and the keys' |k'|^2/2 (softmax). Backward is one reverse pass over the spans: it recomputes their
+    features and carries sum_{i later} exp(g_end - g_i) phi(q_i) dy_i^T for the keys.
 
     With bf16 products (low), what only feeds products or comes out of them is bf16 (q, k, v, the features as the
     products read them, scores, the saved states, y, the output and D, the feature gradients), as in
