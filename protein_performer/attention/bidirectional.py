@@ -49,7 +49,7 @@ class BidirectionalFavor(torch.autograd.Function):
         half_sq = q.new_empty(b, h, length, dtype=acc) if feats.softmax else None  # |k'|^2 / 2, for backward
         v1 = with_ones(v)  # (B, H, L, d_v + 1), one concatenation for every block
         for s, e in blocks(length, block):
-            real_c = None if real is None else real[:, :, s:e]
+            real_c = _rows_of(real, s, e)
             phi = rows(buf, e - s)
             r, half_sq_norm = feats.key_logits(k[:, :, s:e], phi, real_c, _rows_of(half_sq, s, e))
             if r is not None:  # softmax: raise the shared maximum, rescale what kv holds
@@ -94,7 +94,7 @@ class BidirectionalFavor(torch.autograd.Function):
         v1 = with_ones(v)
         offset = None if half_sq is None else feats.key_offset(half_sq, g, real)  # every key's shift, g final here
         for s, e in blocks(length, ctx.block):  # keys: dk, dv
-            real_c = None if real is None else real[:, :, s:e]
+            real_c = _rows_of(real, s, e)
             phi = as_low(feats.keys_at_(k[:, :, s:e], rows(buf, e - s), _rows_of(offset, s, e), real_c), low)
             v1c = v1[:, :, s:e]
             p = mm(phi, dkv.transpose(-1, -2), low)  # (B, H, C, d_v + 1)
@@ -107,4 +107,5 @@ class BidirectionalFavor(torch.autograd.Function):
 
 
 def _rows_of(x: torch.Tensor | None, s: int, e: int) -> torch.Tensor | None:
+    """Rows s:e of a (B, H or 1, L, ...) array that may be absent (no padding mask; relu has no key norms)."""
     return None if x is None else x[:, :, s:e]

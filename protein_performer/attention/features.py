@@ -166,14 +166,14 @@ class BlockFeatures:
             return self._logits(x, out).sub_(shift[..., None]).exp2_()
         return mm(torch.cat([x, -shift[..., None]], -1), self.w_shift_t, out=out).exp2_()
 
-    def key_logits(self, x: torch.Tensor, out: torch.Tensor, real: torch.Tensor | None, half_sq_norm=None):
+    def key_logits(self, x: torch.Tensor, out: torch.Tensor, real: torch.Tensor | None, norm_out=None):
         """out <- W x' (base 2 for softmax); returns (r, half_sq_norm) (B, H, C): r = max (W x') - |x'|^2/2
-        (PAD_LOG_SCALE for padded keys), or (None, None) for relu (nothing to stabilise). half_sq_norm: where to
+        (PAD_LOG_SCALE for padded keys), or (None, None) for relu (nothing to stabilise). norm_out: where to
         write |x'|^2/2 (a slice of the caller's (B, H, L) array, which backward reads again), or None."""
         self._logits(x, out)
         if not self.softmax:
             return None, None
-        half_sq_norm = self._half_sq_norm(x, half_sq_norm)
+        half_sq_norm = self._half_sq_norm(x, norm_out)
         r = out.amax(-1).div_(LOG2E).sub_(half_sq_norm)
         if real is not None:
             r.masked_fill_(~real, PAD_LOG_SCALE)
