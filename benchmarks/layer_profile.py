@@ -37,7 +37,8 @@ NO_KERNEL = {  # operators that launch nothing: views, allocation, metadata
 
 
 def kernel_ops(events) -> int:
-    """Profiler events that launch a kernel: aten operators none of whose aten descendants does."""
+    """Profiler events that launch a kernel: operators (aten, and mkldnn's fused products) none of whose
+    descendants does."""
     launches = {}
 
     def launches_below(e) -> bool:
@@ -46,7 +47,8 @@ def kernel_ops(events) -> int:
         return launches[id(e)]
 
     def is_kernel(e) -> bool:
-        return e.name.startswith("aten::") and e.name.removeprefix("aten::") not in NO_KERNEL
+        namespace, _, op = e.name.partition("::")
+        return namespace in ("aten", "mkldnn") and op not in NO_KERNEL
 
     return sum(1 for e in events if is_kernel(e) and not launches_below(e))
 

@@ -26,7 +26,8 @@ from protein_performer.machine import machine_line
 from protein_performer.model import Config, ProteinLM
 
 CATEGORIES = {  # first match wins, on the operator's name
-    "matrix products": ("mm", "bmm", "addmm", "baddbmm", "matmul", "linear", "einsum", "gelu_backward_mm"),
+    "matrix products": ("mm", "bmm", "addmm", "baddbmm", "matmul", "linear", "einsum",
+                        "_linear_pointwise"),
     "dtype casts": ("to", "_to_copy", "copy_", "_copy_from", "clone", "contiguous"),
     "optimizer": ("_foreach", "adamw", "lerp", "addcdiv", "addcmul", "sqrt"),
     "norms and activations": ("layer_norm", "native_layer_norm", "gelu", "softmax", "log_softmax", "dropout",
@@ -40,7 +41,7 @@ CATEGORIES = {  # first match wins, on the operator's name
 
 
 def category(name: str) -> str:
-    op = name.removeprefix("aten::").lower()
+    op = name.split("::")[-1].lower()  # aten::mm, mkldnn::_linear_pointwise
     for cat, ops in CATEGORIES.items():
         if op in ops or op.rstrip("_") in ops or any(op.startswith(o + "_") for o in ops if o.startswith("_")):
             return cat

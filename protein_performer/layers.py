@@ -1,6 +1,7 @@
-"""The model's two hand-written layers, each an autograd Function for what torch's own layer does at a cost on the
-CPU: GeluLinear (GELU then a Linear, saving one activation instead of two) and Dropout (a mask without bool
-tensors). Plain torch, no framework."""
+"""The model's hand-written layers, each an autograd Function for what torch's own layers do at a cost: FeedForward
+(the MLP, saving one (N, d_ff) activation instead of two), SplitHeads (q, k, v from the packed projection, one
+copy of their gradients instead of two) and Dropout (a mask without bool tensors on the CPU). Plain torch, no
+framework."""
 
 from __future__ import annotations
 
@@ -9,29 +10,69 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class GeluLinear(torch.autograd.Function):
-    """linear(gelu(h), weight, bias) that saves h only and recomputes gelu(h) in backward.
+class FeedForward(torch.autograd.Function):
+    """linear(gelu(linear(x, w1, b1)), w2, b2) for x (N, D), w1 (F, D), b1 (F), w2 (D, F), b2 (D), all one dtype.
 
-    Autograd would keep both h (for GELU) and gelu(h) (for the Linear): the two (B, L, d_ff) tensors are the
-    largest activations of a block (400 MB of the 6-layer model at L = 8192). The recomputation is one
-    elementwise pass; torch.utils.checkpoint would recompute the d_ff x d_model product as well.
+    Saves x and h = x w1^T + b1 only, and recomputes gelu(h) in backward: autograd would also keep gelu(h), and
+    the two (N, F) tensors are the largest activations of a block (400 MB of the 6-layer model at L = 8192); the
+    recomputation is one elementwise pass, where torch.utils.checkpoint would recompute the product as well. The
+    bias gradients are products with a ones row, which on the CPU take half the time of a sum over the rows.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias=None):
-        ctx.save_for_backward(h, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(F.gelu(h), weight, bias)
+    def forward(ctx, x, w1, b1, w2, b2):
+        h = linear(x, w1, b1)  # (N, F)
+        ctx.save_for_backward(x, h, w1, w2)
+        return linear(F.gelu(h), w2, b2)  # (N, D)
 
     @staticmethod
-    def backward(ctx, dout):
-        h, weight = ctx.saved_tensors  # under autocast h and dout are bf16, weight float32: cast explicitly
-        a = F.gelu(h).to(dout.dtype)
-        d_weight = dout.flatten(0, -2).T @ a.flatten(0, -2)  # (d_model, d_ff)
-        del a
-        dh = torch.ops.aten.gelu_backward(dout @ weight.to(dout.dtype), h.to(dout.dtype))
-        d_bias = dout.flatten(0, -2).sum(0).to(weight.dtype) if ctx.has_bias else None
-        return dh.to(h.dtype), d_weight.to(weight.dtype), d_bias
+    def backward(ctx, dy):  # dy (N, D)
+        x, h, w1, w2 = ctx.saved_tensors
+        ones = dy.new_ones(1, dy.shape[0])
+        d_b2 = (ones @ dy)[0]
+        d_w2 = dy.T @ F.gelu(h)  # (D, F)
+        dh = torch.ops.aten.gelu_backward(dy @ w2, h)  # (N, F)
+        d_b1 = (ones @ dh)[0]
+        return dh @ w1, dh.T @ x, d_b1, d_w2, d_b2
+
+
+def linear(x, w, b):
+    """x w^T + b (x 2-D). On the CPU, oneDNN's product with the bias fused: torch's addmm there first copies the
+    broadcast bias into the output, a pass over it that costs 5-12% of a product of the MLP's shapes (float32 and
+    bf16: benchmarks/layer_profile.py)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _ONEDNN_LINEAR is not None:
+        return _ONEDNN_LINEAR(x, w, b, "none", [], "")
+    return F.linear(x, w, b)
+
+
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast gives a product of x here: its lower precision where it is on (float64 stays), else x's."""
+    device = x.device.type
+    if x.dtype != torch.float64 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class SplitHeads(torch.autograd.Function):
+    """(B, L, 3 H d) -> q, k, v, each a contiguous (B, H, L, d). Backward writes dq, dk, dv straight into the
+    (B, L, 3 H d) gradient: autograd's own (view, permute, unbind) would stack them and then copy the stack into
+    that layout, two passes instead of one."""
+
+    @staticmethod
+    def forward(ctx, qkv, n_heads):
+        b, length, _ = qkv.shape
+        return tuple(x.contiguous() for x in qkv.view(b, length, 3, n_heads, -1).permute(2, 0, 3, 1, 4))
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):  # each (B, H, L, d); autograd gives zeros for an unused one
+        b, n_heads, length, d = dq.shape
+        grad = dq.new_empty(b, length, 3, n_heads, d)
+        for i, g in enumerate((dq, dk, dv)):
+            grad[:, :, i] = g.transpose(1, 2)
+        return grad.view(b, length, -1), None
 
 
 class Dropout(nn.Module):

@@ -18,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from . import vocab
 from .attention import DEFAULT_CHUNK, ExactAttention, FavorAttention, attention_matrix
-from .layers import Dropout, GeluLinear
+from .attention.features import no_autocast
+from .layers import Dropout, FeedForward, SplitHeads, autocast_dtype
 
 AttentionKind = Literal["exact", "favor-softmax", "favor-relu"]
 ATTENTION_KINDS: tuple[str, ...] = ("exact", "favor-softmax", "favor-relu")
@@ -136,8 +137,7 @@ class SelfAttention(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, L, D) -> q, k, v, each (B, H, L, d_head)."""
-        b, length, _ = x.shape
-        return self.qkv(x).view(b, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return SplitHeads.apply(self.qkv(x), self.n_heads)
 
     def forward(self, x, padding_mask=None):
         q, k, v = self.project(x)
@@ -160,8 +160,12 @@ class MLP(nn.Module):
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x):
-        return self.drop(GeluLinear.apply(self.fc(x), self.proj.weight, self.proj.bias))
+    def forward(self, x):  # (B, L, D), one Function in the dtype autocast would give its products
+        dtype = autocast_dtype(x)
+        params = (p.to(dtype) for p in (self.fc.weight, self.fc.bias, self.proj.weight, self.proj.bias))
+        with no_autocast(x.device):
+            y = FeedForward.apply(x.to(dtype).flatten(0, -2), *params)  # (B L, D)
+        return self.drop(y.view(x.shape))
 
 
 class Block(nn.Module):

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from protein_performer import vocab
 from protein_performer.attention import FavorAttention
 from protein_performer.attention.naive import linear_attention, naive_softmax_attention, plain_softmax_features
-from protein_performer.layers import Dropout, GeluLinear
+from protein_performer.layers import Dropout, FeedForward
 from protein_performer.model import ATTENTION_KINDS, PRESETS, Config, ProteinLM
 
 VARIANTS = [(a, c) for a in ATTENTION_KINDS for c in (False, True)]
@@ -150,25 +151,61 @@ def test_decode_with_cache_equals_full_forward(attention):
         model.decode(batch(b=1, length=10), type(cache)([None] * 2, 505))
 
 
-def test_gelu_linear_matches_autograd_and_stores_one_activation():
-    # values and gradients against nn.Linear(GELU(h)) in float64 (round-off only), and finite-difference check
+def test_feed_forward_matches_autograd_and_stores_one_hidden_activation():
+    # values and gradients against linear(gelu(linear(x))) in plain autograd, float64 (round-off only); 13 rows and
+    # odd widths, then a finite-difference check
     gen = torch.Generator().manual_seed(0)
-    h = torch.randn(2, 7, 12, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, 12, generator=gen, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
-    dy = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64)
-    out = GeluLinear.apply(h, w, b)
-    ref = torch.nn.functional.linear(torch.nn.functional.gelu(h), w, b)
+    x, w1, b1, w2, b2 = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+                         for shape in ((13, 6), (11, 6), (11,), (6, 11), (6,)))
+    dy = torch.randn(13, 6, generator=gen, dtype=torch.float64)
+    args = (x, w1, b1, w2, b2)
+    out = FeedForward.apply(*args)
+    ref = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    for g, r in zip(torch.autograd.grad(out, (h, w, b), dy), torch.autograd.grad(ref, (h, w, b), dy)):
+    for g, r in zip(torch.autograd.grad(out, args, dy), torch.autograd.grad(ref, args, dy)):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(GeluLinear.apply, (h[:1, :3], w, b))
-    assert torch.autograd.gradcheck(GeluLinear.apply, (h[:1, :3], w, None))  # no bias
-    # autograd keeps only h from the block's hidden layer (the GELU output is recomputed)
+    assert torch.autograd.gradcheck(FeedForward.apply, (x[:3], w1, b1, w2, b2))
+    # autograd keeps x and the hidden layer before GELU only (the GELU output is recomputed)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        GeluLinear.apply(h, w, b)
-    assert saved.count(h.shape) == 1
+        FeedForward.apply(*args)
+    assert sorted(saved) == sorted([x.shape, (13, 11), w1.shape, w2.shape])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_mlp_and_attention_projection_match_torch_layers(precision):
+    # The MLP (one FeedForward) and the split of the packed q, k, v (SplitHeads) against torch's own layers, the
+    # way the model used them before: values and gradients equal to float32 round-off; under bf16 autocast to
+    # within bf16 rounding of the same products (products of 2^-8-rounded operands: a few 1e-2 after ~40 sums)
+    torch.manual_seed(0)
+    model = tiny("favor-relu", False)
+    block = model.blocks[0]
+    x = torch.randn(3, 37, 64, requires_grad=True)
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16")
+
+    def reference(x):
+        mlp, attn = block.mlp, block.attn
+        h = F.linear(F.gelu(F.linear(x, mlp.fc.weight, mlp.fc.bias)), mlp.proj.weight, mlp.proj.bias)
+        q, k, v = attn.qkv(x).view(3, 37, 3, 4, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return h, q, k, v
+
+    def ours(x):
+        return (block.mlp(x), *block.attn.project(x))
+
+    tol = dict(rtol=1e-5, atol=1e-5) if precision == "fp32" else dict(rtol=3e-2, atol=3e-2)
+    block.eval()  # no dropout
+    with autocast:
+        got, want = ours(x), reference(x)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g.float(), w.float(), **tol)
+    params = [x, *block.mlp.parameters(), block.attn.qkv.weight]
+    grads = [torch.randn(3, 37, 64)] + [torch.randn(3, 4, 37, 16) for _ in range(3)]
+    dg = torch.autograd.grad([t.float() for t in got], params, grads)
+    dw = torch.autograd.grad([t.float() for t in want], params, grads)
+    for g, w in zip(dg, dw):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
