@@ -32,7 +32,7 @@ NO_KERNEL = {  # operators that launch nothing: views, allocation, metadata
     "_reshape_alias", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "resize_", "permute",
     "t", "unflatten", "flatten", "unbind", "split", "chunk", "narrow", "diagonal", "detach", "detach_", "alias",
     "_unsafe_view", "lift_fresh", "resolve_conj", "resolve_neg", "result_type", "promote_types", "to", "item",
-    "_local_scalar_dense", "is_nonzero", "contiguous",
+    "_local_scalar_dense", "is_nonzero", "contiguous", "numpy_T",
 }
 
 

@@ -30,10 +30,10 @@ class FeedForward(torch.autograd.Function):
         x, h, w1, w2 = ctx.saved_tensors
         ones = dy.new_ones(1, dy.shape[0])
         d_b2 = (ones @ dy)[0]
-        d_w2 = dy.T @ F.gelu(h)  # (D, F)
+        d_w2 = dy.t() @ F.gelu(h)  # (D, F)
         dh = torch.ops.aten.gelu_backward(dy @ w2, h)  # (N, F)
         d_b1 = (ones @ dh)[0]
-        return dh @ w1, dh.T @ x, d_b1, d_w2, d_b2
+        return dh @ w1, dh.t() @ x, d_b1, d_w2, d_b2
 
 
 def linear(x, w, b):
@@ -57,22 +57,19 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class SplitHeads(torch.autograd.Function):
-    """(B, L, 3 H d) -> q, k, v, each a contiguous (B, H, L, d). Backward writes dq, dk, dv straight into the
-    (B, L, 3 H d) gradient: autograd's own (view, permute, unbind) would stack them and then copy the stack into
-    that layout, two passes instead of one."""
+    """(B, L, 3 H d) -> the views q, k, v, each (B, H, L, d). Backward stacks dq, dk, dv straight into the
+    (B, L, 3 H d) layout of the gradient: autograd's own (view, permute, unbind) would stack them in theirs and
+    then copy the stack into that layout, two passes instead of one."""
 
     @staticmethod
     def forward(ctx, qkv, n_heads):
         b, length, _ = qkv.shape
-        return tuple(x.contiguous() for x in qkv.view(b, length, 3, n_heads, -1).permute(2, 0, 3, 1, 4))
+        return qkv.view(b, length, 3, n_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):  # each (B, H, L, d); autograd gives zeros for an unused one
-        b, n_heads, length, d = dq.shape
-        grad = dq.new_empty(b, length, 3, n_heads, d)
-        for i, g in enumerate((dq, dk, dv)):
-            grad[:, :, i] = g.transpose(1, 2)
-        return grad.view(b, length, -1), None
+        grad = torch.stack([g.transpose(1, 2) for g in (dq, dk, dv)], 2)  # (B, L, 3, H, d), one operator
+        return grad.flatten(2), None
 
 
 class Dropout(nn.Module):
