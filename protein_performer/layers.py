@@ -36,16 +36,24 @@ class FeedForward(torch.autograd.Function):
         return dh @ w1, dh.t() @ x, d_b1, d_w2, d_b2
 
 
+def _onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes oneDNN runs natively on this CPU: float32, and bf16 where the CPU has bf16 instructions (torch's
+    own bf16 products use oneDNN only there too)."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return ()
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+
+
+_ONEDNN_DTYPES = _onednn_dtypes()
+
+
 def linear(x, w, b):
     """x w^T + b (x 2-D). On the CPU, oneDNN's product with the bias fused: torch's addmm there first copies the
-    broadcast bias into the output, a pass over it that costs 5-12% of a product of the MLP's shapes (float32 and
-    bf16: benchmarks/layer_profile.py)."""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _ONEDNN_LINEAR is not None:
-        return _ONEDNN_LINEAR(x, w, b, "none", [], "")
+    broadcast bias into the output, a pass that costs 3-20% of a product of the MLP's shapes (float32 and bf16;
+    docs/performance.md)."""
+    if x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return F.linear(x, w, b)
-
-
-_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype:
@@ -58,8 +66,8 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
 
 class SplitHeads(torch.autograd.Function):
     """(B, L, 3 H d) -> the views q, k, v, each (B, H, L, d). Backward stacks dq, dk, dv straight into the
-    (B, L, 3 H d) layout of the gradient: autograd's own (view, permute, unbind) would stack them in theirs and
-    then copy the stack into that layout, two passes instead of one."""
+    (B, L, 3 H d) layout of the gradient: autograd's backward of (view, permute, unbind) would stack them as
+    (3, B, H, L, d) and then copy that into the projection's layout, two passes instead of one."""
 
     @staticmethod
     def forward(ctx, qkv, n_heads):
