@@ -150,6 +150,28 @@ def test_causal_against_naive(kernel, projected, length, chunk, span, scan, padd
     assert_same_grads(out, ref, (q, k, v), 1e-9)
 
 
+@pytest.mark.parametrize("kernel,projected", FAST_KINDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_views_of_the_packed_projection_get_gradients_in_its_layout(kernel, projected, causal):
+    # q, k, v as the model passes them: views into one (B, L, 3, H, d) projection. Their gradients equal the naive
+    # twin's and lie in memory as (B, L, H, d), so that stacking them back into the projection's layout is one
+    # contiguous copy; contiguous inputs keep contiguous gradients (no copy when a leaf accumulates its .grad)
+    w = projection(32, 16) if projected else None
+    packed = rand(2, 37, 3, 3, 16, scale=0.5, requires_grad=True)
+    q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, d)
+    blocking = Blocking(span=12) if causal else Blocking(block=8)
+    out = favor_attention(q, k, v, w, kernel=kernel, causal=causal, chunk_size=4, blocking=blocking)
+    ref = naive_favor(q, k, v, w, kernel, causal=causal)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    dy = rand(*out.shape, seed=9)
+    for grad, want in zip(torch.autograd.grad(out, (q, k, v), dy), torch.autograd.grad(ref, (q, k, v), dy)):
+        torch.testing.assert_close(grad, want, rtol=1e-9, atol=1e-9)  # float64 round-off, as above
+        assert grad.transpose(1, 2).is_contiguous()  # (B, L, H, d) in memory
+    q, k, v = qkv(length=37, requires_grad=True)
+    out = favor_attention(q, k, v, w, kernel=kernel, causal=causal, chunk_size=4, blocking=blocking)
+    assert all(grad.is_contiguous() for grad in torch.autograd.grad(out, (q, k, v), dy))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_blocking_on_the_cpu_equals_the_cpu_blocking(causal):
     # the CUDA plan (one block for the whole sequence, spans of 4096 rows, the matmul scan) run on the CPU: two

@@ -10,6 +10,7 @@ from .features import (
     add_mm_,
     as_low,
     blocks,
+    empty_in_layout_of,
     grad_denominators,
     grad_y,
     mm,
@@ -81,7 +82,7 @@ class BidirectionalFavor(torch.autograd.Function):
         buf = q.new_empty(b, h, ctx.block, feats.m, dtype=acc)
         grad = None if low else torch.empty_like(buf)  # bf16 products' results come fresh
         dy_buf = q.new_empty(b, h, ctx.block, v.shape[-1] + 1)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq, dk, dv = (empty_in_layout_of(x) for x in (q, k, v))
         dkv = torch.zeros_like(kv, dtype=acc)
         den = grad_denominators(den, d_out.dtype)
         for s, e in blocks(length, ctx.block):  # queries: dq, and dkv = sum_i phi(q_i) dy_i^T

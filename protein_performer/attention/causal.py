@@ -23,6 +23,7 @@ from .features import (
     as_low,
     blocks,
     causal_mask,
+    empty_in_layout_of,
     grad_denominators,
     grad_y,
     mm,
@@ -115,7 +116,7 @@ class CausalFavor(torch.autograd.Function):
         else:
             d_fq = d_pk = None
             into = lambda *_: None
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq, dk, dv = (empty_in_layout_of(x) for x in (q, k, v))
         den = grad_denominators(den, d_out.dtype)
         v1 = with_ones(v)
         offset = None if half_sq is None else feats.key_offset(half_sq, g, real)  # every key's shift, g known
