@@ -180,7 +180,9 @@ def _safe_denominator(den, kernel):
 
 def _work(q, k, v, projection, low=None):
     """q, k, v (or None) and the projection in float32 (float64 if q is); with bf16 products (low), q, k, v in
-    contiguous bf16 instead: they only feed products and the Functions slice them into operands."""
+    bf16 instead: they only feed products and the Functions slice them into operands. A conversion writes them
+    contiguous; q, k, v already in bf16 (the model's views of its projection) pass as they are, since torch's `to`
+    does not copy a permuted view for a memory format, and the Functions copy each block of rows anyway."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     if low is None:
         convert = lambda x: x.to(work)
