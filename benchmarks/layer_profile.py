@@ -37,8 +37,8 @@ NO_KERNEL = {  # operators that launch nothing: views, allocation, metadata
 
 
 def kernel_ops(events) -> int:
-    """Profiler events that launch a kernel: operators (aten, and mkldnn's fused products) none of whose
-    descendants does."""
+    """Profiler events that launch a kernel: operators (aten, mkldnn's fused products, the project's fused CPU
+    kernels) none of whose descendants does."""
     launches = {}
 
     def launches_below(e) -> bool:
@@ -48,7 +48,7 @@ def kernel_ops(events) -> int:
 
     def is_kernel(e) -> bool:
         namespace, _, op = e.name.partition("::")
-        return namespace in ("aten", "mkldnn") and op not in NO_KERNEL
+        return namespace in ("aten", "mkldnn", "protein_performer") and op not in NO_KERNEL
 
     return sum(1 for e in events if is_kernel(e) and not launches_below(e))
 

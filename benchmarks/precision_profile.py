@@ -33,10 +33,11 @@ CATEGORIES = {  # first match wins, on the operator's name
     "norms and activations": ("layer_norm", "native_layer_norm", "gelu", "softmax", "log_softmax", "dropout",
                               "native_dropout", "bernoulli", "random", "bitwise_and", "ge", "where", "nll_loss",
                               "cross_entropy", "gelu_backward", "native_layer_norm_backward",
-                              "nll_loss_backward", "log_softmax_backward_data"),
+                              "nll_loss_backward", "log_softmax_backward_data", "gelu_and_grad"),
     # layers.Dropout: random and bitwise_and above; its rsub and shift fall to the rest, its product to "mul"
     "FAVOR maps and sums": ("exp", "relu", "threshold", "threshold_backward", "sum", "cumsum", "cummax", "amax",
-                            "max", "div", "mul", "add", "sub", "clamp", "masked_fill", "neg", "pow"),
+                            "max", "div", "mul", "add", "sub", "clamp", "masked_fill", "neg", "pow", "exp2",
+                            "exp2_rows", "max_rows", "relu_eps"),  # the last three: cpu_kernels.cpp's
 }
 
 

@@ -9,13 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_kernels import gelu_and_grad
+
 
 class FeedForward(torch.autograd.Function):
     """linear(gelu(linear(x, w1, b1)), w2, b2) for x (N, D), w1 (F, D), b1 (F), w2 (D, F), b2 (D), all one dtype.
 
     Saves x and h = x w1^T + b1 only, and recomputes gelu(h) in backward: autograd would also keep gelu(h), and
     the two (N, F) tensors are the largest activations of a block (400 MB of the 6-layer model at L = 8192); the
-    recomputation is one elementwise pass, where torch.utils.checkpoint would recompute the product as well. The
+    recomputation is one elementwise pass, where torch.utils.checkpoint would recompute the product as well. In
+    bf16 on the CPU that pass is the fused kernel's, which also applies gelu' (cpu_kernels.gelu_and_grad). The
     bias gradients are products with a ones row, which on the CPU take half the time of a sum over the rows.
     """
 
@@ -30,8 +33,8 @@ class FeedForward(torch.autograd.Function):
         x, h, w1, w2 = ctx.saved_tensors
         ones = dy.new_ones(1, dy.shape[0])
         d_b2 = (ones @ dy)[0]
-        d_w2 = dy.t() @ F.gelu(h)  # (D, F)
-        dh = torch.ops.aten.gelu_backward(dy @ w2, h)  # (N, F)
+        a, dh = gelu_and_grad(h, dy @ w2)  # gelu(h), d loss / dh: (N, F)
+        d_w2 = dy.t() @ a  # (D, F)
         d_b1 = (ones @ dh)[0]
         return dh @ w1, dh.t() @ x, d_b1, d_w2, d_b2
 

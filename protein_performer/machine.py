@@ -102,7 +102,9 @@ def cpu_bf16(flags: set[str] | None = None) -> tuple[bool, str]:
 
 
 def machine_info() -> dict:
-    """CPU model, cores, the bf16 instructions, torch version and threads, CUDA device."""
+    """CPU model, cores, the bf16 instructions, torch version and threads, CUDA device, the fused CPU kernels."""
+    from . import cpu_kernels  # it reads cpu() from here
+
     name, flags = cpu()
     return {
         "cpu": name,
@@ -115,6 +117,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpu_kernels": cpu_kernels.state(),  # the fused bf16 CPU kernels: on, off or unavailable
     }
 
 
@@ -127,4 +130,4 @@ def machine_line(info: dict | None = None) -> str:
         bf16 += f" (taken as {'fast' if info['bf16_fast'] else 'slow'}: forced by {BF16_ENV})"
     return (f"machine: {info['cpu']}, {info['cores']} cores, AMX-BF16 {yes[info['amx_bf16']]}, AVX512-BF16 "
             f"{yes[info['avx512_bf16']]}, {bf16}; torch {info['torch']} ({info['torch_threads']} threads); "
-            f"CUDA {info['cuda'] or 'none'}")
+            f"CUDA {info['cuda'] or 'none'}; fused CPU kernels {info.get('cpu_kernels', 'not recorded')}")

@@ -44,7 +44,7 @@ class BidirectionalFavor(torch.autograd.Function):
         b, h, length, _ = q.shape
         block = min(block, length)
         acc = acc_dtype(q)
-        buf = q.new_empty(b, h, block, feats.m, dtype=acc)  # one (B, H, C, m) buffer serves every block
+        buf = q.new_empty(b, h, block, feats.m, dtype=feats.buffer_dtype(q))  # one (B, H, C, m) buffer for all
         kv = q.new_zeros(b, h, v.shape[-1] + 1, feats.m, dtype=acc)  # kv^T (B, H, d_v + 1, m), referenced at g
         g = None  # (B, H, 1): the largest key log-scale so far (softmax only)
         half_sq = q.new_empty(b, h, length, dtype=acc) if feats.softmax else None  # |k'|^2 / 2, for backward
@@ -79,7 +79,7 @@ class BidirectionalFavor(torch.autograd.Function):
         feats = BlockFeatures(w, ctx.kernel, q.shape[-1], low)
         b, h, length, _ = q.shape
         acc = acc_dtype(q)
-        buf = q.new_empty(b, h, ctx.block, feats.m, dtype=acc)
+        buf = q.new_empty(b, h, ctx.block, feats.m, dtype=feats.buffer_dtype(q))
         grad = None if low else torch.empty_like(buf)  # bf16 products' results come fresh
         dy_buf = q.new_empty(b, h, ctx.block, v.shape[-1] + 1)
         dq, dk, dv = (empty_in_layout_of(x) for x in (q, k, v))

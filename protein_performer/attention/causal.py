@@ -56,7 +56,7 @@ class CausalFavor(torch.autograd.Function):
         chunk = min(chunk, length)
         span = chunk * max(1, span // chunk)
         acc = acc_dtype(q)
-        f_q, phi_k = (q.new_empty(b, h, span, feats.m, dtype=acc) for _ in range(2))
+        f_q, phi_k = (q.new_empty(b, h, span, feats.m, dtype=feats.buffer_dtype(q)) for _ in range(2))
         g = q.new_zeros(b, h, length, dtype=acc)  # stays 0 for relu
         half_sq = q.new_empty(b, h, length, dtype=acc) if feats.softmax else None  # |k'|^2 / 2, for backward
         shift = q.new_zeros(b, h, length + (-length % chunk), dtype=acc)  # query rows' maxima, for backward
@@ -109,7 +109,7 @@ class CausalFavor(torch.autograd.Function):
         chunk, span, low = ctx.chunk, ctx.span, ctx.low
         feats = BlockFeatures(w, ctx.kernel, q.shape[-1], low)
         b, h, length, _ = q.shape
-        f_q, phi_k = (q.new_empty(b, h, span, feats.m, dtype=acc_dtype(q)) for _ in range(2))
+        f_q, phi_k = (q.new_empty(b, h, span, feats.m, dtype=feats.buffer_dtype(q)) for _ in range(2))
         if low is None:  # float32 feature gradients in reused buffers; bf16 ones come fresh from their products
             d_fq, d_pk = torch.empty_like(f_q), torch.empty_like(phi_k)
             into = lambda buffer, n, shape: rows(buffer, n).view(shape)

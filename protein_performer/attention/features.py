@@ -14,6 +14,8 @@ from typing import Literal
 
 import torch
 
+from .. import cpu_kernels
+
 Kernel = Literal["softmax", "relu", "trig"]
 KERNELS: tuple[str, ...] = ("softmax", "relu", "trig")
 RELU_EPS = 1e-3  # part of the authors' generalized ReLU kernel phi(x) = relu(x) + 1e-3, not a stabiliser
@@ -96,6 +98,8 @@ def mm(a: torch.Tensor, b: torch.Tensor, low: torch.dtype | None = None, out: to
     if low is None:
         return torch.matmul(a, b, out=out)
     a, b = a.to(low), b.to(low)
+    if out is not None and out.dtype == low:
+        return torch.matmul(a, b, out=out)
     y = torch.matmul(a, b)
     return y if out is None else out.copy_(y)
 
@@ -112,9 +116,12 @@ class BlockFeatures:
     g (B, H, C) or (B, H, 1) chosen by the caller. w=None (relu only): the deterministic relu(x) + eps, m = d.
     The *_backward_ methods take G = d loss / d phi and overwrite it.
 
-    `low`: the dtype of the products (mm). The buffers stay float32 (or float64) whatever x's dtype: on the CPU an
+    `low`: the dtype of the products (mm). The buffers are float32 (or float64) whatever x's dtype: on the CPU an
     elementwise op or a reduction over bf16 or mixed dtypes runs several times slower than over float32, a
-    conversion does not. With low = bf16 the projection is converted once here, not in every product.
+    conversion does not. The exception is bf16 products on the CPU with the fused kernels (cpu_kernels.py): the
+    buffers are bf16 (buffer_dtype), the products write their logits into them, and one kernel pass turns those
+    into features in place, where the float32 route takes five passes. Each method follows its buffer's dtype.
+    With low = bf16 the projection is converted once here, not in every product.
     """
 
     def __init__(self, w: torch.Tensor | None, kernel: Kernel, d: int, low: torch.dtype | None = None):
@@ -129,6 +136,12 @@ class BlockFeatures:
         self.w_exp_t = None if w is None else as_low(w * (self.scale * (LOG2E if self.softmax else 1.0)), low).T
         self.log_sqrt_m = 0.5 * math.log(self.m)
         self.low = low
+
+    def buffer_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype of feature buffers for operands like x: bf16 for bf16 products where the fused CPU kernels run,
+        else float32 (float64 for float64 x)."""
+        fused = self.low == torch.bfloat16 and x.device.type == "cpu" and cpu_kernels.load() is not None
+        return torch.bfloat16 if fused else acc_dtype(x)
 
     @functools.cached_property
     def w_shift_t(self) -> torch.Tensor:
@@ -148,10 +161,10 @@ class BlockFeatures:
         """out <- f(x): exp(W x' - row max) (the base-2 row maxima also into shift (B, H, C)), or m^-1/2 relu(W x) +
         eps."""
         self._logits(x, out)
-        if self.softmax:
-            top = out.amax(-1, keepdim=True) if shift is None else torch.amax(out, -1, out=shift)[..., None]
-            return out.sub_(top).exp2_()
-        return out.relu_().add_(RELU_EPS)
+        if not self.softmax:
+            return _relu_features_(out)
+        shift = out.new_empty(out.shape[:-1], dtype=acc_dtype(out)) if shift is None else shift
+        return _exp2_rows_(out, shift, find_max=True)
 
     def queries_at_(self, x: torch.Tensor, out: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """out <- queries_'s features again from its row maxima: one product and exp, no pass for the maximum."""
@@ -163,7 +176,7 @@ class BlockFeatures:
         """out <- exp2(x W_exp^T - shift) for x (B, H, C, d) and a base-2 shift (B, H, C): the shift folded into the
         product, except for bf16 products, where it would be rounded to bf16 (subtracted in float32 instead)."""
         if self.low is not None:
-            return self._logits(x, out).sub_(shift[..., None]).exp2_()
+            return _exp2_rows_(self._logits(x, out), shift, find_max=False)
         return mm(torch.cat([x, -shift[..., None]], -1), self.w_shift_t, out=out).exp2_()
 
     def key_logits(self, x: torch.Tensor, out: torch.Tensor, real: torch.Tensor | None, norm_out=None):
@@ -174,7 +187,12 @@ class BlockFeatures:
         if not self.softmax:
             return None, None
         half_sq_norm = self._half_sq_norm(x, norm_out)
-        r = out.amax(-1).div_(LOG2E).sub_(half_sq_norm)
+        if out.dtype == torch.bfloat16:  # the fused kernel: torch's maximum over bf16 is 6x slower than over float32
+            top = half_sq_norm.new_empty(half_sq_norm.shape)
+            cpu_kernels.load().max_rows(out, top.view(-1, top.shape[-1]))
+        else:
+            top = out.amax(-1)
+        r = top.div_(LOG2E).sub_(half_sq_norm)
         if real is not None:
             r.masked_fill_(~real, PAD_LOG_SCALE)
         return r, half_sq_norm
@@ -187,8 +205,8 @@ class BlockFeatures:
     def keys_(self, logits: torch.Tensor, half_sq_norm, g, real: torch.Tensor | None) -> torch.Tensor:
         """logits (from key_logits) <- phi(k) exp(-g), in place; padded keys get 0."""
         if self.softmax:
-            return logits.sub_(self.key_offset(half_sq_norm, g, real)[..., None]).exp2_()
-        logits.relu_().add_(RELU_EPS)
+            return _exp2_rows_(logits, self.key_offset(half_sq_norm, g, real), find_max=False)
+        _relu_features_(logits)
         return logits if real is None else logits.mul_(real[..., None])
 
     def key_offset(self, half_sq_norm, g, real):
@@ -222,6 +240,26 @@ class BlockFeatures:
         total = grad.sum(-1, keepdim=True, dtype=acc_dtype(grad)) if total is None else total
         return torch.addcmul(mm(grad, self.w, self.low).to(total.dtype), total, x.to(total.dtype),
                              value=-self.scale**2)
+
+
+def _exp2_rows_(out: torch.Tensor, shift: torch.Tensor, find_max: bool) -> torch.Tensor:
+    """out (B, H, C, F) <- exp2(out - shift) per row; with find_max, shift (B, H, C) <- the row maxima first (written
+    in place). bf16 buffers (BlockFeatures.buffer_dtype): one pass of the fused CPU kernel; float32: torch's
+    operators, its reference."""
+    if out.dtype == torch.bfloat16:
+        cpu_kernels.load().exp2_rows(out, shift.view(-1, shift.shape[-1]), find_max)
+        return out
+    if find_max:
+        torch.amax(out, -1, out=shift)
+    return out.sub_(shift[..., None]).exp2_()
+
+
+def _relu_features_(out: torch.Tensor) -> torch.Tensor:
+    """out <- relu(out) + eps: the fused CPU kernel for bf16 buffers, else torch's operators."""
+    if out.dtype == torch.bfloat16:
+        cpu_kernels.load().relu_eps(out, RELU_EPS)
+        return out
+    return out.relu_().add_(RELU_EPS)
 
 
 @functools.cache
