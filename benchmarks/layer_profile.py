@@ -5,7 +5,8 @@ Operators: the kernels one Block of the concatenated-task model (d_model 512, 8 
 0.1) runs in forward + backward at L = 8192, counted by torch.profiler on the CPU: every aten operator that does
 work itself (the leaves of the profiler's tree, less the ones that only make views, empty tensors or no-op
 conversions). On a GPU each is a kernel launch. Counted for the CPU's blocking (blocks of 512 rows) and for the
-plan a CUDA device gets (one block, spans of 4096 rows), which the CPU can run too.
+plan a CUDA device gets (one block, spans of 4096 rows, torch's operators where the CPU has fused kernels), which
+the CPU can run too.
 
 Op time: favor_attention alone (B 1, H 8, d 64, m 256, fwd + bwd), one thread, CPU clock, fastest of --rounds
 processes interleaved with the baseline's; the profiler's share of matrix products (benchmarks/precision_profile.py's
@@ -65,9 +66,15 @@ def worker(args) -> dict:
         from protein_performer.attention import blocking
         from protein_performer.model import Block, Config
 
-        if args.plan == "cuda":  # what blocking_for gives a CUDA device, on the CPU
+        if args.plan == "cuda":  # what blocking_for gives a CUDA device, on the CPU, and no CPU kernels
             blocking.CPU_BLOCKING = blocking.CPU_BF16_BLOCKING = Blocking(
                 block=args.length, span=blocking.CUDA_SPAN, scan="matmul")
+            try:  # a GPU runs torch's operators; checkouts from before the kernels have none
+                from protein_performer import cpu_kernels
+
+                cpu_kernels.load = lambda: None
+            except ImportError:
+                pass
         cfg = Config(d_model=512, n_heads=8, d_ff=2048, max_len=args.length, attention=args.attention,
                      causal=args.causal, dropout=0.1)
         layer = Block(cfg, 0).train()

@@ -37,9 +37,10 @@ inline void store(uint16_t* p, vf x) {  // round to nearest even (the kernels pr
 
 inline vf splat(float x) { return (vf){} + x; }
 
-// 2^x for x <= 0, relative error 2.3e-7; 0 below -126 (no subnormals). x = n + f with n = round(x), f in
-// [-0.5, 0.5]: a degree-5 fit of 2^f times 2^n built in the exponent bits.
-inline vf exp2_nonpositive(vf x) {
+// 2^x for x < 128 (the kernels' x are at most 0, up to rounding), relative error 2.3e-7; 0 below -126 (no
+// subnormals); NaN stays NaN. x = n + f with n = round(x), f in [-0.5, 0.5]: a degree-5 fit of 2^f (least
+// relative error) times 2^n built in the exponent bits.
+inline vf exp2_below_128(vf x) {
   x = x < -127.f ? splat(-127.f) : x;
   const float round = 12582912.f;  // 1.5 * 2^23: x + round holds round(x) in its low mantissa bits
   vf t = x + round;
@@ -60,7 +61,7 @@ inline void gelu_and_derivative(vf h, vf* gelu, vf* derivative) {
   vf x = (h < 0.f ? -h : h) * inv_sqrt2;
   vf t = 1.f / (x * 0.3275911f + 1.f);
   vf poly = ((((t * 1.061405429f - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
-  vf e = exp2_nonpositive(h * h * (-0.5f * log2e));  // exp(-h^2 / 2)
+  vf e = exp2_below_128(h * h * (-0.5f * log2e));  // exp(-h^2 / 2)
   vf lower = 0.5f * poly * e;                         // Phi(-|h|)
   vf cdf = h < 0.f ? lower : 1.f - lower;             // Phi(h)
   *gelu = h * cdf;
@@ -127,7 +128,7 @@ void exp2_rows(at::Tensor logits, at::Tensor shift, bool find_max) {
   for_each_row(logits, shift, [&](uint16_t* row, int64_t m, float* s) {
     if (find_max) *s = row_max(row, m);
     const float by = *s;
-    for_each_vector(row, m, 0, [&](uint16_t* p) { store(p, exp2_nonpositive(load(p) - by)); });
+    for_each_vector(row, m, 0, [&](uint16_t* p) { store(p, exp2_below_128(load(p) - by)); });
   });
 }
 

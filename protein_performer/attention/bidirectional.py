@@ -47,7 +47,7 @@ class BidirectionalFavor(torch.autograd.Function):
         buf = q.new_empty(b, h, block, feats.m, dtype=feats.buffer_dtype(q))  # one (B, H, C, m) buffer for all
         kv = q.new_zeros(b, h, v.shape[-1] + 1, feats.m, dtype=acc)  # kv^T (B, H, d_v + 1, m), referenced at g
         g = None  # (B, H, 1): the largest key log-scale so far (softmax only)
-        half_sq = q.new_empty(b, h, length, dtype=acc) if feats.softmax else None  # |k'|^2 / 2, for backward
+        half_sq = feats.half_sq_norm(k) if feats.softmax else None  # |k'|^2 / 2 (B, H, L), for backward too
         v1 = with_ones(v)  # (B, H, L, d_v + 1), one concatenation for every block
         for s, e in blocks(length, block):
             real_c = _rows_of(real, s, e)

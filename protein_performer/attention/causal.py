@@ -58,7 +58,7 @@ class CausalFavor(torch.autograd.Function):
         acc = acc_dtype(q)
         f_q, phi_k = (q.new_empty(b, h, span, feats.m, dtype=feats.buffer_dtype(q)) for _ in range(2))
         g = q.new_zeros(b, h, length, dtype=acc)  # stays 0 for relu
-        half_sq = q.new_empty(b, h, length, dtype=acc) if feats.softmax else None  # |k'|^2 / 2, for backward
+        half_sq = feats.half_sq_norm(k) if feats.softmax else None  # |k'|^2 / 2 (B, H, L), for backward too
         shift = q.new_zeros(b, h, length + (-length % chunk), dtype=acc)  # query rows' maxima, for backward
         out, den = new_output(q, v.shape[-1])
         state, g_in = kv0, g0  # the state entering the span (B, H, m, D), referenced at g_in (B, H)
@@ -71,7 +71,7 @@ class CausalFavor(torch.autograd.Function):
             vs = _span_rows(v1, s, e, pad)  # (B, H, n, D)
             n = qs.shape[2]
             fq, pk = feats.queries_(qs, rows(f_q, n), shift[:, :, s:s + n]), rows(phi_k, n)
-            r, half_sq_norm = feats.key_logits(ks, pk, real_s)
+            r, half_sq_norm = feats.key_logits(ks, pk, real_s, _span_rows(half_sq, s, e, pad))
             if r is None:
                 g_s = q.new_zeros(b, h, n, dtype=acc)
             else:  # running maximum, joined with the previous span's
@@ -79,7 +79,6 @@ class CausalFavor(torch.autograd.Function):
                 if g_in is not None:
                     g_s = torch.maximum(g_s, g_in[..., None])
                 g[:, :, s:e] = g_s[..., : e - s]
-                half_sq[:, :, s:e] = half_sq_norm[..., : e - s]
             feats.keys_(pk, half_sq_norm, g_s, real_s)  # phi(k_j) exp(-g_j)
             gc, fqc, pkc, vc = _split(chunk, g_s, fq, pk, vs)  # (B, H, nc, C[, ...])
             refs = _references(gc, g_in)  # (B, H, nc + 1)

@@ -11,8 +11,9 @@ runs in plain autograd over the whole sequence (causal: an O(L^2) masked matrix)
 Precision: float32 (float64 when given float64), also under autocast. Under bf16 autocast the big products
 (features x projection, phi(K)^T [V, 1], phi(Q) x state, the intra-chunk products) take bf16 operands, and what
 only feeds them or comes out of them (q, k, v, the output and D, the gradients) is bf16; the exponents, maxima and
-the carried sums (kv, chunk states) stay in float32. No elementwise operator mixes the two: on the CPU one that
-does runs several times slower than a conversion and the same operator in one dtype.
+the carried sums (kv, chunk states) stay in float32. Elementwise operators mix the two only where measured no
+slower (a bf16 product added in place into a float32 sum): on the CPU most that do run several times slower than
+a conversion and the same operator in one dtype.
 """
 
 from __future__ import annotations

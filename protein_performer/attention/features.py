@@ -179,14 +179,14 @@ class BlockFeatures:
             return _exp2_rows_(self._logits(x, out), shift, find_max=False)
         return mm(torch.cat([x, -shift[..., None]], -1), self.w_shift_t, out=out).exp2_()
 
-    def key_logits(self, x: torch.Tensor, out: torch.Tensor, real: torch.Tensor | None, norm_out=None):
+    def key_logits(self, x: torch.Tensor, out: torch.Tensor, real: torch.Tensor | None, half_sq_norm=None):
         """out <- W x' (base 2 for softmax); returns (r, half_sq_norm) (B, H, C): r = max (W x') - |x'|^2/2
-        (PAD_LOG_SCALE for padded keys), or (None, None) for relu (nothing to stabilise). norm_out: where to
-        write |x'|^2/2 (a slice of the caller's (B, H, L) array, which backward reads again), or None."""
+        (PAD_LOG_SCALE for padded keys), or (None, None) for relu (nothing to stabilise). half_sq_norm: the rows'
+        |x'|^2/2 where the caller has them (half_sq_norm of the whole sequence, once), else computed here."""
         self._logits(x, out)
         if not self.softmax:
             return None, None
-        half_sq_norm = self._half_sq_norm(x, norm_out)
+        half_sq_norm = self.half_sq_norm(x) if half_sq_norm is None else half_sq_norm
         if out.dtype == torch.bfloat16:  # the fused kernel: torch's maximum over bf16 is 6x slower than over float32
             top = half_sq_norm.new_empty(half_sq_norm.shape)
             cpu_kernels.load().max_rows(out, top.view(-1, top.shape[-1]))
@@ -197,10 +197,12 @@ class BlockFeatures:
             r.masked_fill_(~real, PAD_LOG_SCALE)
         return r, half_sq_norm
 
-    def _half_sq_norm(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """|x'|^2 / 2 (B, H, C), summed in float32 (bf16 x: its products are exact in float32), into out if given."""
+    def half_sq_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """|x'|^2 / 2 (B, H, L) for softmax keys x (B, H, L, d), summed in float32 (bf16 x: its products are exact in
+        float32). The Functions compute it for the whole sequence at once (four operators, not four per block)
+        and keep it for backward."""
         x = x.to(acc_dtype(x))
-        return torch.sum(x * x, -1, out=out).mul_(0.5 * self.scale**2)
+        return torch.sum(x * x, -1).mul_(0.5 * self.scale**2)
 
     def keys_(self, logits: torch.Tensor, half_sq_norm, g, real: torch.Tensor | None) -> torch.Tensor:
         """logits (from key_logits) <- phi(k) exp(-g), in place; padded keys get 0."""
@@ -238,8 +240,8 @@ class BlockFeatures:
             return self.queries_backward_(grad, phi)  # padded keys: phi = 0, so no gradient
         grad.mul_(phi)
         total = grad.sum(-1, keepdim=True, dtype=acc_dtype(grad)) if total is None else total
-        return torch.addcmul(mm(grad, self.w, self.low).to(total.dtype), total, x.to(total.dtype),
-                             value=-self.scale**2)
+        # float32 from bf16 operands in one operator, no slower than after converting both (measured)
+        return torch.addcmul(mm(grad, self.w, self.low), total, x, value=-self.scale**2)
 
 
 def _exp2_rows_(out: torch.Tensor, shift: torch.Tensor, find_max: bool) -> torch.Tensor:
@@ -273,8 +275,8 @@ def _relu_floor(dtype: torch.dtype) -> float:
 def add_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, low: torch.dtype | None = None) -> torch.Tensor:
     """acc += a @ b for (..., ., .) operands with the same batch dimensions, in place (no temporary product in full
     precision)."""
-    if low is not None:  # the bf16 product, converted to acc's dtype first (no mixed-dtype add)
-        return acc.add_(torch.matmul(a.to(low), b.to(low)).to(acc.dtype))
+    if low is not None:  # the bf16 product added into a float32 acc in place: as fast as converting it first
+        return acc.add_(torch.matmul(a.to(low), b.to(low)))
     acc.view(-1, *acc.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
     return acc
 
