@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from protein_performer import cpu_kernels
 from protein_performer.attention import (
     Blocking,
     DecodeState,
@@ -501,14 +502,18 @@ def test_bf16_autocast_is_finite_and_close(causal):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("kernel,projected", [("softmax", True), ("relu", True), ("relu", False)])
-def test_bf16_products_against_float32(causal, padded, kernel, projected):
+@pytest.mark.parametrize("cpu_kernels_on", [True, False])
+def test_bf16_products_against_float32(causal, padded, kernel, projected, cpu_kernels_on, monkeypatch):
     # The bf16 path (autocast: bf16 operands in the big products, float32 exponents, maxima and carried sums)
     # against the float32 path on the same float32 inputs, at the measured scale: d = 64, m = 256,
     # q, k ~ N(0, 0.5^2). Measured (L = 300, 1000 and 4099, both directions): relative norm error of the output
     # <= 6.0e-3, of dq, dk, dv <= 1.3e-2 (softmax, relu without projection) and <= 3.0e-2 (relu with projection:
     # its derivative is a step, and logits within bf16 round-off of 0 flip it); largest element error <= 2.3e-2
     # of the largest element (softmax), <= 0.16 for relu's gradients (the same flips). Bounds: about 3x (outputs)
-    # and 2-2.5x (gradients) the measurement; L = 300 is not a multiple of 512 or 64.
+    # and 2-2.5x (gradients) the measurement; L = 300 is not a multiple of 512 or 64. With and without the fused CPU
+    # kernels (bf16 feature buffers, or float32 ones and torch's operators, as where they cannot be built).
+    if not cpu_kernels_on:
+        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
     w = projection(256, 64, dtype=F32) if projected else None
     q, k = (rand(1, 2, 300, 64, seed=s, scale=0.5, dtype=F32, requires_grad=True) for s in (1, 2))
     v = rand(1, 2, 300, 64, seed=3, dtype=F32, requires_grad=True)

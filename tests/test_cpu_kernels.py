@@ -85,15 +85,16 @@ def test_max_rows_and_relu_eps_equal_torch(kernels):
 @pytest.mark.parametrize("n", [1, 15, 16, 1000, 4099])
 def test_gelu_and_grad_against_float64(kernels, n):
     # gelu(h) and g * gelu'(h) from bf16 h and g, against float64 on the same inputs: within bf16's rounding
-    # (half an ulp, relative) plus the kernel's own error (1.5e-7 absolute in erfc, 2.3e-7 relative in exp), where
-    # torch's bf16 gelu loses up to 17% of tiny negative values to 1 - erf(x) (measured over h in [-12, 12]).
+    # (half an ulp, relative) plus the kernel's own error, absolute where values are tiny (erfc's tail) or cross
+    # zero (gelu' at h = -0.75): at most 3.5e-10 beyond the rounding over 2 M samples, so atol = 1e-8. torch's bf16
+    # gelu loses up to 17% of tiny negative values to 1 - erf(x) (measured over h in [-12, 12]); this does not.
     h, g = bf16_randn(n, seed=n, scale=4.0), bf16_randn(n, seed=n + 1)
     out, grad = torch.empty_like(h), g.clone()
     kernels.gelu_and_grad(h, out, grad)
     gelu64 = F.gelu(h.double())
     grad64 = torch.ops.aten.gelu_backward(g.double(), h.double())
-    torch.testing.assert_close(out.double(), gelu64, rtol=HALF_ULP * 1.01, atol=1e-30)
-    torch.testing.assert_close(grad.double(), grad64, rtol=HALF_ULP * 1.01 + 1e-6, atol=1e-30)
+    torch.testing.assert_close(out.double(), gelu64, rtol=HALF_ULP * 1.01, atol=1e-8)
+    torch.testing.assert_close(grad.double(), grad64, rtol=HALF_ULP * 1.01, atol=1e-8)
 
 
 def test_cpu_kernels_reject_what_they_cannot_read(kernels):
@@ -125,19 +126,20 @@ def favor_bf16(causal, kernel, padded):
 def test_favor_with_kernels_against_its_torch_reference(kernels, monkeypatch, causal, kernel, padded):
     # The bf16 Functions with bf16 feature buffers (the kernels) against float32 buffers (torch's operators): the
     # same bf16 logits, and features that differ by at most one bf16 ulp in rare elements (above), so outputs and
-    # gradients agree to bf16 rounding of the sums they enter: relative norm error measured <= 1e-3 (outputs)
-    # and <= 3e-3 (gradients); the bounds are about 3x that.
+    # gradients agree to bf16 rounding of the sums they enter. Relative norm error measured: softmax <= 1.1e-4
+    # (outputs) and <= 1.8e-4 (gradients); relu 0 (its kernel rounds as torch does). Bounds: about 5x.
     fused = favor_bf16(causal, kernel, padded)
     monkeypatch.setattr(cpu_kernels, "load", lambda: None)
     reference = favor_bf16(causal, kernel, padded)
     for i, (a, b) in enumerate(zip(fused, reference)):
-        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < (3e-3 if i == 0 else 1e-2)
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < (5e-4 if i == 0 else 1e-3)
 
 
 def test_feed_forward_with_the_kernel_against_torch_gelu(kernels):
     # FeedForward in bf16 with the fused GELU backward against torch's gelu and gelu_backward: values equal (the
-    # forward is torch's either way), gradients within bf16 rounding of the products the GELU values enter
-    # (measured relative norm error <= 2e-3; bound 3x)
+    # forward is torch's either way), gradients within bf16 rounding of the products the GELU values enter. The two
+    # GELUs differ by an ulp in a fifth of the elements here, almost all tiny negative values where torch loses
+    # digits (above), and the gradients measured equal; the bound allows an ulp in the sums (2^-8 relative).
     gen = torch.Generator().manual_seed(0)
     args = [torch.randn(*shape, generator=gen).to(BF16).requires_grad_()
             for shape in ((67, 24), (70, 24), (70,), (24, 70), (24,))]
@@ -150,4 +152,4 @@ def test_feed_forward_with_the_kernel_against_torch_gelu(kernels):
             out = FeedForward.apply(*args)
             results.append((out, *torch.autograd.grad(out, args, dy)))
     for i, (a, b) in enumerate(zip(*results)):
-        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < (1e-12 if i == 0 else 6e-3)
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < (1e-12 if i == 0 else 2**-8)
