@@ -30,6 +30,13 @@ def kernels():
     return built
 
 
+def operators_run(fn):
+    """fn's result and the names of the operators it ran (the kernels are torch operators: the profiler sees them)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return result, {e.name for e in prof.events()}
+
+
 def bf16_randn(*shape, seed=0, scale=1.0):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=gen) * scale).to(BF16)
@@ -128,9 +135,12 @@ def test_favor_with_kernels_against_its_torch_reference(kernels, monkeypatch, ca
     # same bf16 logits, and features that differ by at most one bf16 ulp in rare elements (above), so outputs and
     # gradients agree to bf16 rounding of the sums they enter. Relative norm error measured: softmax <= 1.1e-4
     # (outputs) and <= 1.8e-4 (gradients); relu 0 (its kernel rounds as torch does). Bounds: about 5x.
-    fused = favor_bf16(causal, kernel, padded)
+    fused, ran = operators_run(lambda: favor_bf16(causal, kernel, padded))
+    expected = {"exp2_rows", "max_rows"} if kernel == "softmax" else {"relu_eps"}
+    assert {f"protein_performer::{op}" for op in expected} <= ran
     monkeypatch.setattr(cpu_kernels, "load", lambda: None)
-    reference = favor_bf16(causal, kernel, padded)
+    reference, ran = operators_run(lambda: favor_bf16(causal, kernel, padded))
+    assert not any(name.startswith("protein_performer::") for name in ran)
     for i, (a, b) in enumerate(zip(fused, reference)):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < (5e-4 if i == 0 else 1e-3)
 
@@ -150,6 +160,8 @@ def test_feed_forward_with_the_kernel_against_torch_gelu(kernels):
             if not use:
                 patch.setattr(cpu_kernels, "load", lambda: None)
             out = FeedForward.apply(*args)
-            results.append((out, *torch.autograd.grad(out, args, dy)))
+            grads, ran = operators_run(lambda out=out: torch.autograd.grad(out, args, dy))
+            assert ("protein_performer::gelu_and_grad" in ran) == use
+            results.append((out, *grads))
     for i, (a, b) in enumerate(zip(*results)):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < (1e-12 if i == 0 else 2**-8)
