@@ -47,8 +47,11 @@ def load():
         cpp_extension.load(name=build, sources=[str(SOURCE)], extra_cflags=FLAGS, is_python_module=False)
         return torch.ops.protein_performer
     except Exception as err:  # no compiler, no ninja, no Python headers: torch's operators instead
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
+        # from a build log, the compiler's or the shell's complaint rather than the command line
+        detail = next((line for line in lines if "error:" in line or "not found" in line), lines[-1])[:300]
         warnings.warn(f"protein_performer's fused CPU kernels could not be built, so bf16 training on the CPU uses "
-                      f"torch's slower operators ({type(err).__name__}: {err}); set {ENV}=0 to skip the attempt",
+                      f"torch's slower operators ({type(err).__name__}: {detail}); set {ENV}=0 to skip the attempt",
                       stacklevel=2)
         return None
 

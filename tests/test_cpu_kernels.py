@@ -4,6 +4,8 @@ the MLP with and without them."""
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -165,3 +167,22 @@ def test_feed_forward_with_the_kernel_against_torch_gelu(kernels):
             results.append((out, *grads))
     for i, (a, b) in enumerate(zip(*results)):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < (1e-12 if i == 0 else 2**-8)
+
+
+def test_without_a_compiler_a_warning_says_why_and_torch_runs(tmp_path):
+    # a machine without a working C++ compiler (CXX pointing nowhere, an empty extension cache): one warning with
+    # the cause and the switch, load() gives None, and bf16 FAVOR runs on torch's operators
+    script = ("import torch\n"
+              "from protein_performer import cpu_kernels\n"
+              "from protein_performer.attention import favor_attention\n"
+              "assert cpu_kernels.load() is None and cpu_kernels.state() == 'unavailable'\n"
+              "q = torch.randn(1, 2, 50, 16)\n"
+              "with torch.autocast('cpu', torch.bfloat16):\n"
+              "    assert favor_attention(q, q, q, None, kernel='relu').isfinite().all()\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    env.pop(cpu_kernels.ENV, None)
+    done = subprocess.run([sys.executable, "-W", "always", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    warning = [line for line in done.stderr.splitlines() if "fused CPU kernels could not be built" in line]
+    assert len(warning) == 1 and "RuntimeError" in warning[0] and cpu_kernels.ENV in warning[0]
