@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 def load():
     """The compiled kernels (torch.ops.protein_performer), or None where they are switched off or cannot be built
     (with a warning saying why)."""
-    if os.environ.get(ENV, "1") == "0":
+    if _switched_off():
         return None
     from torch.utils import cpp_extension
 
@@ -59,9 +59,13 @@ def load():
 def state() -> str:
     """For machine_info: "on", "off" (switched off by PROTEIN_PERFORMER_CPU_KERNELS=0) or "unavailable" (they cannot
     be built here)."""
-    if os.environ.get(ENV, "1") == "0":
+    if _switched_off():
         return "off"
     return "on" if load() is not None else "unavailable"
+
+
+def _switched_off() -> bool:
+    return os.environ.get(ENV, "1") == "0"
 
 
 def fused_for(x: torch.Tensor):

@@ -140,7 +140,7 @@ class BlockFeatures:
     def buffer_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype of feature buffers for operands like x: bf16 for bf16 products where the fused CPU kernels run,
         else float32 (float64 for float64 x)."""
-        fused = self.low == torch.bfloat16 and x.device.type == "cpu" and cpu_kernels.load() is not None
+        fused = self.low == torch.bfloat16 and cpu_kernels.fused_for(x) is not None  # the Functions' x: bf16 then
         return torch.bfloat16 if fused else acc_dtype(x)
 
     @functools.cached_property
@@ -187,12 +187,7 @@ class BlockFeatures:
         if not self.softmax:
             return None, None
         half_sq_norm = self.half_sq_norm(x) if half_sq_norm is None else half_sq_norm
-        if out.dtype == torch.bfloat16:  # the fused kernel: torch's maximum over bf16 is 6x slower than over float32
-            top = half_sq_norm.new_empty(half_sq_norm.shape)
-            cpu_kernels.load().max_rows(out, top.view(-1, top.shape[-1]))
-        else:
-            top = out.amax(-1)
-        r = top.div_(LOG2E).sub_(half_sq_norm)
+        r = _row_maxima(out).div_(LOG2E).sub_(half_sq_norm)
         if real is not None:
             r.masked_fill_(~real, PAD_LOG_SCALE)
         return r, half_sq_norm
@@ -254,6 +249,16 @@ def _exp2_rows_(out: torch.Tensor, shift: torch.Tensor, find_max: bool) -> torch
     if find_max:
         torch.amax(out, -1, out=shift)
     return out.sub_(shift[..., None]).exp2_()
+
+
+def _row_maxima(out: torch.Tensor) -> torch.Tensor:
+    """The row maxima (B, H, C) of out (B, H, C, F) in float32 (or float64): the fused CPU kernel for bf16 buffers
+    (torch's maximum over bf16 runs 6x slower than over float32), else torch's."""
+    if out.dtype == torch.bfloat16:
+        top = out.new_empty(out.shape[:-1], dtype=torch.float32)
+        cpu_kernels.load().max_rows(out, top.view(-1, top.shape[-1]))
+        return top
+    return out.amax(-1)
 
 
 def _relu_features_(out: torch.Tensor) -> torch.Tensor:
